@@ -1,0 +1,150 @@
+//! Validated identifiers, so a store id, a SKU or an actor id is never a bare string that
+//! might be empty, too long, or carry characters that break a topic, a path or a CSV.
+
+use core::fmt;
+use core::str::FromStr;
+use serde::{Deserialize, Serialize};
+
+/// Why an identifier was refused; names the kind of id and the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {reason}")]
+pub struct IdError {
+    pub what: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn validate(what: &'static str, value: &str, max_len: usize, extra: &[char]) -> Result<(), IdError> {
+    let refuse = |reason: String| IdError { what, value: value.chars().take(80).collect(), reason };
+    if value.is_empty() {
+        return Err(refuse("must not be empty".into()));
+    }
+    if value.len() > max_len {
+        return Err(refuse(format!("longer than {max_len} bytes")));
+    }
+    if let Some((pos, c)) = value
+        .char_indices()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || extra.contains(&c)))
+    {
+        return Err(refuse(format!(
+            "character {c:?} at byte {pos} is not allowed (use ASCII letters, digits, '-', '_', '.'{})",
+            extra.iter().map(|c| format!(", '{c}'")).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $extra:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub const MAX_LEN: usize = $max;
+
+            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                validate($what, &value, $max, $extra)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, IdError> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A store of the chain, e.g. `s0042`. Also a segment of MQTT topics, hence the tight charset.
+    StoreId, "store id", 32, &[]
+);
+id_type!(
+    /// A stock keeping unit: the chain's own product key (GTINs are attributes of a SKU).
+    Sku, "SKU", 64, &[]
+);
+id_type!(
+    /// A device of a store (label, scanner, scale, RFID reader, lane).
+    DeviceId, "device id", 64, &[]
+);
+id_type!(
+    /// A writer of replicated state: owns its stock slots and stamps its HLC writes.
+    /// Stores are `store:{store_id}`; the cloud is `cloud`.
+    ActorId, "actor id", 72, &[':']
+);
+
+impl ActorId {
+    /// The actor id a store's edge node writes with.
+    pub fn for_store(store: &StoreId) -> ActorId {
+        ActorId(format!("store:{store}"))
+    }
+
+    /// The cloud's own actor (transfers, HQ corrections, online orders).
+    pub fn cloud() -> ActorId {
+        ActorId("cloud".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_ids() {
+        assert_eq!(StoreId::new("s0042").unwrap().as_str(), "s0042");
+        assert_eq!(ActorId::for_store(&StoreId::new("s1").unwrap()).as_str(), "store:s1");
+        assert!(ActorId::new("store:s1").is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_ids_naming_what_and_why() {
+        let e = StoreId::new("").unwrap_err();
+        assert_eq!(e.to_string(), "invalid store id \"\": must not be empty");
+        let e = Sku::new("ab/c").unwrap_err();
+        assert!(e.to_string().contains("'/'") && e.to_string().contains("byte 2"), "{e}");
+        assert!(StoreId::new("x".repeat(33)).is_err());
+        assert!(StoreId::new("a:b").is_err(), "':' is only for actor ids");
+    }
+
+    #[test]
+    fn serde_validates() {
+        let ok: Sku = postcard::from_bytes(&postcard::to_allocvec("A-1").unwrap()).unwrap();
+        assert_eq!(ok.as_str(), "A-1");
+        let bad = postcard::to_allocvec("bad sku").unwrap();
+        assert!(postcard::from_bytes::<Sku>(&bad).is_err());
+    }
+}

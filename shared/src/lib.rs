@@ -1,0 +1,28 @@
+//! Domain and replicated-state types shared by the store daemon and the cloud.
+//!
+//! Everything here is pure: no SQLite, no sockets, no tokio, no wall clock (callers pass the
+//! time in). That keeps the CRDT laws testable as plain functions and lets both sides of a
+//! sync run the very same merge code.
+
+pub mod catalog;
+pub mod gtin;
+pub mod hlc;
+pub mod ids;
+pub mod lww;
+pub mod money;
+pub mod price;
+pub mod stock;
+pub mod wire;
+
+pub use catalog::{CatalogField, CatalogItem, CatalogUpdate, TaxClass, Unit};
+pub use gtin::{Gtin, GtinError};
+pub use hlc::{ClockJump, Hlc, HlcStamp, SkewError};
+pub use ids::{ActorId, DeviceId, IdError, Sku, StoreId};
+pub use lww::Lww;
+pub use money::{Currency, Money, MoneyError};
+pub use price::{
+    effective_price, PriceBook, PriceEntry, PriceError, PriceKey, PriceScope, PriceSlot,
+    PriceValue, ValidityWindow,
+};
+pub use stock::{Slot, SlotKey, SlotRow, StockError, StockState};
+pub use wire::{WireError, SYNC_PROTOCOL_VERSION};
