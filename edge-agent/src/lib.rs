@@ -1,1 +1,7 @@
-//! placeholder
+//! The store daemon's library: the ledger, configuration, logging and the daemon loop, shared
+//! by the `edge-agent` and `storectl` binaries, the benchmarks and the end-to-end tests.
+
+pub mod config;
+pub mod daemon;
+pub mod ledger;
+pub mod telemetry;

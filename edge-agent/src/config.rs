@@ -1,0 +1,175 @@
+//! The daemon's configuration file: TOML, every key known (an unknown key is an error, not a
+//! silent typo), every error naming the file, the key and what was expected. The commented
+//! default lives in `default-config.toml` and is what `print-default-config` prints.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use shared::{Currency, StoreId};
+
+/// The commented default configuration (`edge-agent print-default-config`).
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub store: StoreSection,
+    #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
+    pub clock: ClockSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub id: StoreId,
+    pub currency: Currency,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    pub data_dir: PathBuf,
+    pub batch_max: usize,
+    pub queue_capacity: usize,
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            data_dir: PathBuf::from("/var/lib/edge-agent"),
+            batch_max: 1024,
+            queue_capacity: 8192,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockSection {
+    pub max_skew_ms: u64,
+    pub jump_warn_ms: u64,
+}
+
+impl Default for ClockSection {
+    fn default() -> Self {
+        ClockSection { max_skew_ms: 300_000, jump_warn_ms: 60_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A tracing filter: `info`, `debug`, `edge_agent=debug,warn`...
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { level: "info".into() }
+    }
+}
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}{message}", file.display(), key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: None,
+            message: format!("cannot read the configuration file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates; `file` only names the source in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError { file: file.to_owned(), key, message };
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_owned();
+            let location = inner
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            // serde_path_to_error's path already ends with an unknown key's own name.
+            let key = path;
+            err((key != ".").then_some(key), format!("{message}{location}"))
+        })?;
+        config.validate().map_err(|(key, message)| err(Some(key.into()), message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let l = &self.ledger;
+        if l.data_dir.as_os_str().is_empty() {
+            return Err(("ledger.data_dir", "must not be empty".into()));
+        }
+        if !(1..=65_536).contains(&l.batch_max) {
+            return Err(("ledger.batch_max", format!("must be between 1 and 65536, got {}", l.batch_max)));
+        }
+        if !(1..=1_048_576).contains(&l.queue_capacity) {
+            return Err(("ledger.queue_capacity", format!("must be between 1 and 1048576, got {}", l.queue_capacity)));
+        }
+        if self.clock.max_skew_ms == 0 {
+            return Err(("clock.max_skew_ms", "must be positive".into()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(("log.level", format!("not a valid filter ({e}); use error, warn, info, debug or trace")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_default_config_is_accepted() {
+        let c = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.ledger.batch_max, 1024);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_mx = 3\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("ledger.batch_mx"), "{e}");
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = \"many\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("ledger.batch_max"), "{e}");
+        assert!(e.to_string().contains("line 5"), "{e}");
+        let e = parse("[store]\nid = \"s 1\"\ncurrency = \"EUR\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("store.id"), "{e}");
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"euro\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("store.currency"), "{e}");
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("ledger.batch_max"), "{e}");
+        let e = parse("bogus = 1\n[store]\nid = \"s1\"\ncurrency = \"EUR\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("bogus"), "{e}");
+        let e = parse("[ledger]\n").unwrap_err();
+        assert!(e.message.contains("store"), "{e}");
+        let e = parse("[store\n").unwrap_err();
+        assert!(e.to_string().starts_with("test.toml: "), "{e}");
+    }
+}

@@ -1,0 +1,70 @@
+//! The daemon's life: open the ledger, start the writer, wait for SIGTERM or SIGINT, then shut
+//! down in order (stop intake, drain the writer, close SQLite) within a deadline. A second
+//! signal during shutdown forces an immediate exit.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::ledger::{Ledger, LedgerError, LedgerHandle, LedgerOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("the ledger writer did not drain within {0:?}; exiting anyway (SQLite's WAL keeps committed data)")]
+    ShutdownTimeout(Duration),
+}
+
+pub fn ledger_options(config: &Config) -> LedgerOptions {
+    let mut opts = LedgerOptions::new(config.store.id.clone(), config.store.currency);
+    opts.max_skew_ms = config.clock.max_skew_ms;
+    opts.jump_warn_ms = config.clock.jump_warn_ms;
+    opts.batch_max = config.ledger.batch_max;
+    opts.queue_capacity = config.ledger.queue_capacity;
+    opts
+}
+
+/// Runs until a signal; returns after a clean shutdown.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let opts = ledger_options(&config);
+    let ledger = Ledger::open(&config.ledger.data_dir, &opts)?;
+    let (handle, writer) = ledger.start_writer(opts.queue_capacity)?;
+    tracing::info!(store_id = %config.store.id, data_dir = %config.ledger.data_dir.display(), "edge-agent ready");
+
+    let stopping = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = stopping, "Shutting down: draining the ledger writer (send the signal again to force exit)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("Second signal: exiting now without waiting for the ledger writer");
+        std::process::exit(130);
+    });
+
+    shutdown(handle, writer, Duration::from_millis(config.ledger.shutdown_timeout_ms)).await
+}
+
+/// Stops intake by dropping the daemon's handle, then waits for the writer to finish the
+/// queued commands and close SQLite.
+async fn shutdown(handle: LedgerHandle, writer: crate::ledger::WriterThread, deadline: Duration) -> Result<(), DaemonError> {
+    drop(handle);
+    let join = tokio::task::spawn_blocking(move || writer.join());
+    match tokio::time::timeout(deadline, join).await {
+        Ok(_) => {
+            tracing::info!("edge-agent stopped cleanly");
+            Ok(())
+        }
+        Err(_) => Err(DaemonError::ShutdownTimeout(deadline)),
+    }
+}

@@ -1,0 +1,218 @@
+//! The store's durable truth: an append-only, hash-chained event log in SQLite (WAL,
+//! `synchronous=FULL`) with projections (stock slots, price registers, catalog fields, and the
+//! outbox view over them) updated in the same transaction as each event.
+//!
+//! [`Ledger::open`] opens and migrates the file; [`Ledger::start_writer`] hands the connection
+//! to the single writer thread ([`writer`]); [`LedgerReader`] reads on separate connections
+//! without blocking the writer, and also serves `storectl` read-only with the daemon down.
+
+pub mod chain;
+pub mod command;
+pub mod projection;
+pub mod schema;
+pub mod verify;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension};
+use shared::{ActorId, CatalogItem, Currency, Gtin, Hlc, PriceEntry, Sku, Slot, StoreId};
+
+pub use command::{Command, EventBody, IdempotencyKey, Rejection, SaleLine, StoreContext, Tender};
+pub use verify::{ChainBreak, VerifyReport};
+pub use writer::{Applied, LedgerHandle, SubmitError, WriterThread};
+
+/// File name of the ledger inside the data folder.
+pub const LEDGER_FILE: &str = "ledger.db";
+
+/// Source of wall-clock milliseconds (injectable so tests can boot "in 1970").
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot open {path}: {source}; check that the folder exists and the service user may write to it")]
+    CannotOpen { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a readable SQLite database ({detail}); restore it from a backup or move it aside")]
+    NotADatabase { path: PathBuf, detail: String },
+    #[error("{path} is a SQLite database of another application (application_id {found:#x}), not a store-edge ledger; refusing to touch it")]
+    Foreign { path: PathBuf, found: i32 },
+    #[error("{path} has ledger schema version {found}, newer than this build knows ({known}); upgrade edge-agent")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("{path} has ledger schema version {found}, older than this build reads ({known}); start edge-agent once to migrate it")]
+    TooOld { path: PathBuf, found: i64, known: i64 },
+    #[error("{path} is the ledger of store {found}, but this agent is configured as store {expected}")]
+    WrongStore { path: PathBuf, found: String, expected: String },
+    #[error("ledger data is corrupt{}: {detail}", seq.map(|s| format!(" at event {s}")).unwrap_or_default())]
+    Corrupt { seq: Option<u64>, detail: String },
+    #[error("ledger SQLite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl LedgerError {
+    /// Whether the file itself is unusable (as opposed to a passing I/O failure).
+    pub fn is_bad_file(&self) -> bool {
+        matches!(self, LedgerError::NotADatabase { .. } | LedgerError::Foreign { .. } | LedgerError::TooNew { .. } | LedgerError::WrongStore { .. } | LedgerError::Corrupt { .. })
+    }
+}
+
+/// How to open a store's ledger.
+#[derive(Clone)]
+pub struct LedgerOptions {
+    pub store: StoreId,
+    pub currency: Currency,
+    pub max_skew_ms: u64,
+    pub jump_warn_ms: u64,
+    pub batch_max: usize,
+    pub queue_capacity: usize,
+    pub clock: WallClock,
+}
+
+impl LedgerOptions {
+    pub fn new(store: StoreId, currency: Currency) -> LedgerOptions {
+        LedgerOptions {
+            store,
+            currency,
+            max_skew_ms: 300_000,
+            jump_warn_ms: 60_000,
+            batch_max: 1024,
+            queue_capacity: 8192,
+            clock: writer::shared_clock(),
+        }
+    }
+}
+
+/// An opened, migrated ledger, not yet writing.
+pub struct Ledger {
+    path: PathBuf,
+    writer: writer::Writer,
+}
+
+impl Ledger {
+    pub fn path_in(data_dir: &Path) -> PathBuf {
+        data_dir.join(LEDGER_FILE)
+    }
+
+    /// Opens (or creates) the ledger in `data_dir` and restores the chain head and the HLC, so
+    /// no sequence number or stamp is ever issued twice.
+    pub fn open(data_dir: &Path, opts: &LedgerOptions) -> Result<Ledger, LedgerError> {
+        let path = Self::path_in(data_dir);
+        let actor = ActorId::for_store(&opts.store);
+        let conn = schema::open_for_writing(&path, opts.store.as_str(), actor.as_str())?;
+        let meta_i64 = |key: &str| -> Result<i64, LedgerError> {
+            Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0)).optional()?.unwrap_or(0))
+        };
+        let last: Option<(i64, Vec<u8>)> =
+            conn.query_row("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let (next_seq, hash) = match last {
+            Some((seq, hash)) => {
+                let hash: chain::Hash = hash.try_into().map_err(|_| LedgerError::Corrupt { seq: Some(seq as u64), detail: "hash is not 32 bytes".into() })?;
+                (seq as u64 + 1, hash)
+            }
+            None => (1, chain::GENESIS),
+        };
+        let head = writer::Head { next_seq, hash, change_version: meta_i64("change_version")? as u64 };
+        let hlc = Hlc::resume(actor, opts.max_skew_ms, meta_i64("hlc_wall")? as u64, meta_i64("hlc_logical")? as u32)
+            .with_jump_threshold(opts.jump_warn_ms);
+        tracing::info!(path = %path.display(), next_seq, "Ledger opened");
+        Ok(Ledger {
+            path,
+            writer: writer::Writer {
+                conn,
+                head,
+                hlc,
+                ctx: StoreContext { store: opts.store.clone(), currency: opts.currency },
+                clock: opts.clock.clone(),
+                batch_max: opts.batch_max.max(1),
+            },
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands the connection to the writer thread.
+    pub fn start_writer(self, queue_capacity: usize) -> Result<(LedgerHandle, WriterThread), LedgerError> {
+        writer::spawn(self.writer, queue_capacity)
+    }
+}
+
+/// Stock of one SKU as the ledger sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StockView {
+    pub store: String,
+    pub sku: String,
+    pub on_hand: i64,
+    pub slots: Vec<(String, Slot)>,
+}
+
+/// A read-only connection to a ledger: for projections beside the writer, and for storectl.
+pub struct LedgerReader {
+    conn: Connection,
+    store: StoreId,
+}
+
+impl LedgerReader {
+    pub fn open(data_dir: &Path) -> Result<LedgerReader, LedgerError> {
+        let path = Ledger::path_in(data_dir);
+        let conn = schema::open_read_only(&path)?;
+        let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
+        let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+        Ok(LedgerReader { conn, store })
+    }
+
+    pub fn store(&self) -> &StoreId {
+        &self.store
+    }
+
+    pub fn stock(&self, sku: &Sku) -> Result<StockView, LedgerError> {
+        let slots = projection::slots_of(&self.conn, &self.store, sku)?;
+        let on_hand = projection::on_hand(&self.conn, &self.store, sku)?;
+        Ok(StockView {
+            store: self.store.to_string(),
+            sku: sku.to_string(),
+            on_hand,
+            slots: slots.into_iter().map(|(a, s)| (a.to_string(), s)).collect(),
+        })
+    }
+
+    pub fn prices(&self, sku: &Sku) -> Result<Vec<PriceEntry>, LedgerError> {
+        projection::prices_of(&self.conn, sku)
+    }
+
+    pub fn catalog_item(&self, sku: &Sku) -> Result<Option<CatalogItem>, LedgerError> {
+        projection::catalog_item(&self.conn, sku)
+    }
+
+    pub fn skus_by_gtin(&self, gtin: &Gtin) -> Result<Vec<Sku>, LedgerError> {
+        projection::skus_by_gtin(&self.conn, gtin)
+    }
+
+    pub fn event_count(&self) -> Result<u64, LedgerError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Rows of this store's own writes not yet acknowledged by the cloud.
+    pub fn outbox_depth(&self) -> Result<u64, LedgerError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// The event with this idempotency key, if any: `(seq, kind)`.
+    pub fn event_by_key(&self, key: &str) -> Result<Option<(u64, EventBody)>, LedgerError> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn
+            .query_row("SELECT seq, body FROM events WHERE idem_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(seq, body)| {
+            EventBody::decode(&body).map(|b| (seq as u64, b)).map_err(|detail| LedgerError::Corrupt { seq: Some(seq as u64), detail })
+        })
+        .transpose()
+    }
+
+    /// Verifies one consistent snapshot, even while the writer appends.
+    pub fn verify(&self) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        verify::verify(&snapshot)
+    }
+}

@@ -1,0 +1,214 @@
+//! Opening the ledger file: refuse what is not ours (a corrupt file, another application's
+//! database, a newer schema, another store's ledger) with an error that says which, then apply
+//! pending migrations in one transaction. Migrations only ever append to [`MIGRATIONS`].
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::LedgerError;
+
+/// `PRAGMA application_id` of a store-edge ledger: "SEDG".
+pub const APPLICATION_ID: i32 = 0x5345_4447;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: the event log and the first projections.
+    "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) STRICT, WITHOUT ROWID;
+
+    -- Append-only: sequence, HLC, idempotency key, versioned postcard body, hash chain.
+    CREATE TABLE events (
+        seq         INTEGER PRIMARY KEY,
+        hlc_wall    INTEGER NOT NULL,
+        hlc_logical INTEGER NOT NULL,
+        actor       TEXT    NOT NULL,
+        kind        TEXT    NOT NULL,
+        idem_key    TEXT    NOT NULL UNIQUE,
+        body        BLOB    NOT NULL,
+        prev_hash   BLOB    NOT NULL,
+        hash        BLOB    NOT NULL
+    ) STRICT;
+
+    -- PN-counter slots; version = local change version of the last change (delta cursor).
+    CREATE TABLE stock_slots (
+        store   TEXT    NOT NULL,
+        sku     TEXT    NOT NULL,
+        actor   TEXT    NOT NULL,
+        inc     INTEGER NOT NULL CHECK (inc >= 0),
+        dec     INTEGER NOT NULL CHECK (dec >= 0),
+        version INTEGER NOT NULL,
+        PRIMARY KEY (store, sku, actor)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX stock_slots_by_version ON stock_slots (version);
+
+    -- LWW price registers; amount NULL = price withdrawn.
+    CREATE TABLE prices (
+        sku         TEXT    NOT NULL,
+        scope       TEXT    NOT NULL,
+        slot        TEXT    NOT NULL,
+        amount      INTEGER,
+        currency    TEXT,
+        win_from    INTEGER,
+        win_until   INTEGER,
+        hlc_wall    INTEGER NOT NULL,
+        hlc_logical INTEGER NOT NULL,
+        actor       TEXT    NOT NULL,
+        version     INTEGER NOT NULL,
+        PRIMARY KEY (sku, scope, slot)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX prices_by_version ON prices (version);
+
+    -- Per-field LWW catalog; value is the postcard CatalogField.
+    CREATE TABLE catalog (
+        sku         TEXT    NOT NULL,
+        field       TEXT    NOT NULL,
+        value       BLOB    NOT NULL,
+        hlc_wall    INTEGER NOT NULL,
+        hlc_logical INTEGER NOT NULL,
+        actor       TEXT    NOT NULL,
+        version     INTEGER NOT NULL,
+        PRIMARY KEY (sku, field)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX catalog_by_version ON catalog (version);
+
+    -- Derived from the catalog's gtins field, for scanner lookups.
+    CREATE TABLE gtin_index (gtin TEXT NOT NULL, sku TEXT NOT NULL, PRIMARY KEY (gtin, sku)) STRICT, WITHOUT ROWID;
+
+    -- The outbox: this store's own writes not yet acknowledged by the cloud. A view over the
+    -- projections' change versions, so recording a change costs no extra write.
+    CREATE VIEW outbox AS
+        SELECT 'stock' AS entity, store || '/' || sku || '/' || actor AS entity_key, version
+          FROM stock_slots
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'price', sku || '/' || scope || '/' || slot, version
+          FROM prices
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'catalog', sku || '/' || field, version
+          FROM catalog
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
+    ",
+];
+
+pub fn latest_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Maps SQLite's "this is not a database" family to a clear error about the file.
+fn classify(path: &Path, err: rusqlite::Error) -> LedgerError {
+    use rusqlite::ErrorCode::*;
+    match err.sqlite_error_code() {
+        Some(NotADatabase) | Some(DatabaseCorrupt) => LedgerError::NotADatabase { path: path.to_owned(), detail: err.to_string() },
+        Some(CannotOpen) | Some(ReadOnly) | Some(PermissionDenied) => LedgerError::CannotOpen {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, err.to_string()),
+        },
+        _ => LedgerError::Sqlite(err),
+    }
+}
+
+fn check_identity(conn: &Connection, path: &Path) -> Result<i64, LedgerError> {
+    let app_id: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0)).map_err(|e| classify(path, e))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| classify(path, e))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| classify(path, e))?;
+    if app_id != APPLICATION_ID && !(app_id == 0 && version == 0 && tables == 0) {
+        return Err(LedgerError::Foreign { path: path.to_owned(), found: app_id });
+    }
+    if version > latest_version() {
+        return Err(LedgerError::TooNew { path: path.to_owned(), found: version, known: latest_version() });
+    }
+    Ok(version)
+}
+
+/// Opens (creating if needed) the ledger for writing, migrated to the latest schema and
+/// bound to `store`/`actor`.
+pub fn open_for_writing(path: &Path, store: &str, actor: &str) -> Result<Connection, LedgerError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| LedgerError::CannotOpen { path: dir.to_owned(), source })?;
+    }
+    // Probe with plain file I/O first: SQLite's "unable to open database file" hides the cause.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| LedgerError::CannotOpen { path: path.to_owned(), source })?;
+    let mut conn = Connection::open(path).map_err(|e| classify(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version = check_identity(&conn, path)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(|e| classify(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(LedgerError::CannotOpen {
+            path: path.to_owned(),
+            source: std::io::Error::other(format!("the file system refused WAL mode (got {mode})")),
+        });
+    }
+    // Money and stock: every commit reaches the disk before the caller hears "done".
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    migrate(&mut conn, version)?;
+    bind_store(&conn, path, store, actor)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, from: i64) -> Result<(), LedgerError> {
+    if from == latest_version() {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        tx.execute_batch(sql)?;
+        tracing::info!(schema_version = i + 1, "Ledger schema migrated");
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.pragma_update(None, "user_version", latest_version())?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// A ledger belongs to one store for life: refuse to open another store's file.
+fn bind_store(conn: &Connection, path: &Path, store: &str, actor: &str) -> Result<(), LedgerError> {
+    let bound: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0)).optional()?;
+    match bound {
+        Some(found) if found != store => {
+            Err(LedgerError::WrongStore { path: path.to_owned(), found, expected: store.to_owned() })
+        }
+        Some(_) => Ok(()),
+        None => {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('store', ?1), ('actor', ?2), ('pushed_version', 0)",
+                [store, actor],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// Opens an existing ledger read-only (storectl with the daemon down, or a reader beside the
+/// writer). Never creates or migrates anything.
+pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
+    if !path.exists() {
+        return Err(LedgerError::CannotOpen {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no ledger file here (has the daemon ever run with this data folder?)"),
+        });
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| classify(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version = check_identity(&conn, path)?;
+    if version < latest_version() {
+        return Err(LedgerError::TooOld { path: path.to_owned(), found: version, known: latest_version() });
+    }
+    Ok(conn)
+}

@@ -1,0 +1,129 @@
+//! `ledger verify`: re-walks the whole event log and checks that it is the log the writer
+//! wrote: sequence numbers contiguous from 1, each event's `prev_hash` equal to its
+//! predecessor's hash, each hash recomputed from the stored columns, bodies decodable and of
+//! the kind recorded, the head recorded in `meta` equal to the last event (so a deleted tail is
+//! caught), and the store's own stock slots equal to the replay of the events' movements.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+use shared::{ActorId, Sku, Slot, StoreId};
+
+use super::chain::{event_hash, hex, Hash, GENESIS};
+use super::command::EventBody;
+use super::{projection, LedgerError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub skus_checked: u64,
+}
+
+/// The first thing found wrong. `seq` is the first event that does not check out, when the
+/// problem is in the log; `None` when it is in a projection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{}{detail}", seq.map(|s| format!("event {s}: ")).unwrap_or_default())]
+pub struct ChainBreak {
+    pub seq: Option<u64>,
+    pub detail: String,
+}
+
+fn broken(seq: u64, detail: impl Into<String>) -> ChainBreak {
+    ChainBreak { seq: Some(seq), detail: detail.into() }
+}
+
+pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
+    let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
+    let actor: String = conn.query_row("SELECT value FROM meta WHERE key = 'actor'", [], |r| r.get(0))?;
+    let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+    let actor = ActorId::new(actor).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+
+    let mut stmt = conn.prepare(
+        "SELECT seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, prev_hash, hash FROM events ORDER BY seq",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut expected_seq = 1u64;
+    let mut prev: Hash = GENESIS;
+    let mut replayed: BTreeMap<Sku, Slot> = BTreeMap::new();
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        if seq != expected_seq as i64 {
+            return Ok(Err(broken(
+                expected_seq,
+                format!("missing or moved: expected sequence number {expected_seq}, found {seq}"),
+            )));
+        }
+        let Ok(stamp) = projection::stamp_from(row, 1) else {
+            return Ok(Err(broken(expected_seq, "unreadable HLC stamp")));
+        };
+        let kind: String = row.get(4)?;
+        let key: String = row.get(5)?;
+        let body: Vec<u8> = row.get(6)?;
+        let prev_hash: Vec<u8> = row.get(7)?;
+        let hash: Vec<u8> = row.get(8)?;
+        if prev_hash != prev {
+            return Ok(Err(broken(expected_seq, format!("prev_hash {} does not match the hash of event {}", hex(&prev_hash), expected_seq - 1))));
+        }
+        let recomputed = event_hash(&prev, expected_seq, &stamp, &kind, &key, &body);
+        if hash != recomputed {
+            return Ok(Err(broken(expected_seq, "content does not match its hash (the row was changed)")));
+        }
+        let decoded = match EventBody::decode(&body) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(broken(expected_seq, e))),
+        };
+        if decoded.kind() != kind {
+            return Ok(Err(broken(expected_seq, format!("kind {kind:?} does not match its body ({})", decoded.kind()))));
+        }
+        if stamp.actor == actor {
+            for (sku, movement) in decoded.stock_movements() {
+                let slot = replayed.entry(sku.clone()).or_default();
+                match slot.apply(movement) {
+                    Some(next) => *slot = next,
+                    None => return Ok(Err(broken(expected_seq, format!("stock of {sku} overflows on replay")))),
+                }
+            }
+        }
+        prev = recomputed;
+        expected_seq += 1;
+    }
+    let events = expected_seq - 1;
+
+    let head_seq: Option<i64> = conn.query_row("SELECT value FROM meta WHERE key = 'head_seq'", [], |r| r.get(0)).optional()?;
+    let head_hash: Option<Vec<u8>> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'head_hash'", [], |r| r.get(0)).optional()?;
+    let recorded = head_seq.unwrap_or(0) as u64;
+    if recorded != events {
+        return Ok(Err(broken(
+            events + 1,
+            format!("the log ends at event {events} but the ledger recorded {recorded} events (events were removed from the end)"),
+        )));
+    }
+    if events > 0 && head_hash.as_deref() != Some(&prev[..]) {
+        return Ok(Err(broken(events, "the last event's hash does not match the head the ledger recorded")));
+    }
+
+    let mut stmt = conn.prepare("SELECT DISTINCT sku FROM stock_slots WHERE store = ?1 AND actor = ?2")?;
+    let skus: Vec<String> = stmt.query_map([store.as_str(), actor.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    for sku in &skus {
+        let sku = Sku::new(sku.clone()).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+        replayed.entry(sku).or_default();
+    }
+    for (sku, expected) in &replayed {
+        let key = shared::SlotKey { store: store.clone(), sku: sku.clone(), actor: actor.clone() };
+        let stored = projection::slot(conn, &key)?;
+        if stored != *expected {
+            return Ok(Err(ChainBreak {
+                seq: None,
+                detail: format!(
+                    "stock projection of {sku} is (in {}, out {}) but the events add up to (in {}, out {})",
+                    stored.inc, stored.dec, expected.inc, expected.dec
+                ),
+            }));
+        }
+    }
+    Ok(Ok(VerifyReport { events, head_seq: events, head_hash: hex(&prev), skus_checked: replayed.len() as u64 }))
+}
