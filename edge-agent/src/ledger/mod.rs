@@ -21,7 +21,7 @@ use shared::{ActorId, CatalogItem, Currency, Gtin, Hlc, PriceEntry, Sku, Slot, S
 
 pub use command::{Command, EventBody, IdempotencyKey, Rejection, SaleLine, StoreContext, Tender};
 pub use verify::{ChainBreak, VerifyReport};
-pub use writer::{Applied, LedgerHandle, SubmitError, WriterThread};
+pub use writer::{Applied, LedgerHandle, SubmitError, WriterStats, WriterThread};
 
 /// File name of the ledger inside the data folder.
 pub const LEDGER_FILE: &str = "ledger.db";
@@ -124,6 +124,7 @@ impl Ledger {
                 ctx: StoreContext { store: opts.store.clone(), currency: opts.currency },
                 clock: opts.clock.clone(),
                 batch_max: opts.batch_max.max(1),
+                own_slots: writer::OwnSlots::default(),
             },
         })
     }

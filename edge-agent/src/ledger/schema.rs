@@ -155,9 +155,20 @@ pub fn open_for_writing(path: &Path, store: &str, actor: &str) -> Result<Connect
     }
     // Money and stock: every commit reaches the disk before the caller hears "done".
     conn.pragma_update(None, "synchronous", "FULL")?;
+    tune(&conn)?;
     migrate(&mut conn, version)?;
     bind_store(&conn, path, store, actor)?;
     Ok(conn)
+}
+
+/// Page cache and checkpoint sizes for the writer (the benchmark applies the same to its bare
+/// reference loop). A bigger cache keeps index pages of the hot tables in memory; a longer WAL
+/// before the automatic checkpoint means fewer checkpoint stalls inside commits, at the cost of
+/// a WAL of up to ~16 MiB that readers scan.
+pub fn tune(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "cache_size", -16_384)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 4_000)?;
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection, from: i64) -> Result<(), LedgerError> {

@@ -7,11 +7,12 @@
 //! It runs on a dedicated OS thread because rusqlite is blocking; the channel is tokio's, so
 //! async callers await without blocking a runtime worker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use shared::{CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, Slot, SlotKey};
+use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, Sku, Slot, SlotKey};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{event_hash, Hash};
@@ -50,6 +51,31 @@ struct Request {
 #[derive(Clone)]
 pub struct LedgerHandle {
     tx: mpsc::Sender<Request>,
+    stats: Arc<Counters>,
+}
+
+/// Running totals of the writer, for metrics and benchmarks.
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    commands: AtomicU64,
+    events: AtomicU64,
+    failed_batches: AtomicU64,
+    busy_micros: AtomicU64,
+}
+
+/// A snapshot of the writer's totals since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriterStats {
+    /// Transactions committed (one fsync each).
+    pub batches: u64,
+    /// Commands answered from committed batches (new events, replays and refusals).
+    pub commands: u64,
+    /// New events appended.
+    pub events: u64,
+    pub failed_batches: u64,
+    /// Time spent applying and committing batches (the rest is waiting for work).
+    pub busy_micros: u64,
 }
 
 impl LedgerHandle {
@@ -66,6 +92,17 @@ impl LedgerHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.blocking_send(Request { key, command, reply }).map_err(|_| SubmitError::Closed)?;
         rx.blocking_recv().map_err(|_| SubmitError::Closed)?
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.stats;
+        WriterStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            commands: c.commands.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+            failed_batches: c.failed_batches.load(Ordering::Relaxed),
+            busy_micros: c.busy_micros.load(Ordering::Relaxed),
+        }
     }
 
     /// Commands waiting for the writer.
@@ -104,26 +141,22 @@ pub(super) struct Writer {
     pub ctx: StoreContext,
     pub clock: WallClock,
     pub batch_max: usize,
+    pub own_slots: OwnSlots,
 }
 
 pub(super) fn spawn(writer: Writer, queue_capacity: usize) -> Result<(LedgerHandle, WriterThread), LedgerError> {
     let (tx, rx) = mpsc::channel(queue_capacity.max(1));
+    let stats = Arc::new(Counters::default());
+    let counters = stats.clone();
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || writer.run(rx))
+        .spawn(move || writer.run(rx, &counters))
         .map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("cannot start the writer thread: {e}") })?;
-    Ok((LedgerHandle { tx }, WriterThread(thread)))
-}
-
-/// A write planned by a command, applied after its event row is in.
-enum Effect {
-    Slot(SlotKey, Slot),
-    Price(PriceEntry),
-    Catalog(CatalogUpdate),
+    Ok((LedgerHandle { tx, stats }, WriterThread(thread)))
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>, counters: &Counters) {
         let mut batch = Vec::with_capacity(self.batch_max);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -134,15 +167,22 @@ impl Writer {
                 }
             }
             let started = std::time::Instant::now();
-            match self.apply_batch(&batch) {
+            let outcome = self.apply_batch(&batch);
+            counters.busy_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            match outcome {
                 Ok(results) => {
                     tracing::trace!(batch = batch.len(), micros = started.elapsed().as_micros() as u64, "Ledger batch committed");
+                    let new_events = results.iter().filter(|r| matches!(r, Ok(a) if !a.replayed)).count();
+                    counters.batches.fetch_add(1, Ordering::Relaxed);
+                    counters.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    counters.events.fetch_add(new_events as u64, Ordering::Relaxed);
                     for (req, result) in batch.drain(..).zip(results) {
                         let _ = req.reply.send(result.map_err(SubmitError::Rejected));
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, batch = batch.len(), "Ledger batch failed; nothing of it was applied");
+                    counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
                     for req in batch.drain(..) {
                         let _ = req.reply.send(Err(SubmitError::Failed(msg.clone())));
@@ -157,19 +197,53 @@ impl Writer {
         let mut head = self.head.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
-        for req in batch {
-            let outcome = match req.command.validate(&self.ctx) {
-                Err(rejection) => Err(rejection),
-                Ok(body) => match plan(&tx, &self.ctx, body, self.hlc.actor())? {
+        let batch_slots;
+        {
+            let mut slots = BatchSlots::default();
+            let cache = &self.own_slots;
+            let mut insert_event = tx.prepare_cached(
+                "INSERT INTO events (seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, prev_hash, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (idem_key) DO NOTHING",
+            )?;
+            for req in batch {
+                let outcome = match req.command.validate(&self.ctx) {
                     Err(rejection) => Err(rejection),
-                    Ok((body, effects)) => {
-                        let (stamp, jump) = self.hlc.stamp((self.clock)());
-                        report_jump(jump);
-                        Ok(append(&tx, &mut head, &req.key, body, effects, stamp)?)
-                    }
-                },
-            };
-            results.push(outcome);
+                    Ok(body) => match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body)? {
+                        Err(rejection) => Err(rejection),
+                        Ok((body, planned)) => {
+                            let (stamp, jump) = self.hlc.stamp((self.clock)());
+                            report_jump(jump);
+                            let encoded = body.encode();
+                            let seq = head.next_seq;
+                            let hash = event_hash(&head.hash, seq, &stamp, body.kind(), req.key.as_str(), &encoded);
+                            let inserted = insert_event.execute(params![
+                                seq as i64,
+                                stamp.wall_ms as i64,
+                                i64::from(stamp.logical),
+                                stamp.actor.as_str(),
+                                body.kind(),
+                                req.key.as_str(),
+                                encoded,
+                                head.hash.to_vec(),
+                                hash.to_vec()
+                            ])?;
+                            if inserted == 0 {
+                                // Seen before (in an earlier batch or earlier in this one).
+                                Ok(replay(&tx, &req.key)?)
+                            } else {
+                                head.next_seq += 1;
+                                head.hash = hash;
+                                slots.commit(planned);
+                                apply_registers(&tx, &mut head, &body, &stamp)?;
+                                Ok(Applied { seq, stamp, body, replayed: false })
+                            }
+                        }
+                    },
+                };
+                results.push(outcome);
+            }
+            slots.flush(&tx, &self.ctx, self.hlc.actor(), &mut head)?;
+            batch_slots = slots;
         }
         let (wall, logical) = self.hlc.last();
         let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
@@ -181,6 +255,7 @@ impl Writer {
         drop(meta);
         tx.commit()?;
         self.head = head;
+        batch_slots.into_cache(&mut self.own_slots);
         Ok(results)
     }
 }
@@ -199,17 +274,85 @@ fn report_jump(jump: Option<ClockJump>) {
     }
 }
 
-/// Reads what the command needs (a count's observed stock, current slots) and plans its
-/// writes, refusing it if a write would overflow. Nothing is written here.
+/// Most own slots the writer keeps in memory; past it the cache is emptied and refills from
+/// SQLite on demand (about 100 bytes an entry: 200k entries stay near 20 MiB).
+pub const OWN_SLOT_CACHE_MAX: usize = 200_000;
+
+/// The store's own stock slots as committed. Only the writer changes them, so this copy is
+/// exact, and a sale needs no SELECT to find the slot it moves.
+#[derive(Default)]
+pub(super) struct OwnSlots {
+    slots: HashMap<Sku, Slot>,
+}
+
+/// The store's own slots touched by the current batch: read once, written once at the end of
+/// the batch however many of its events move them (a popular SKU sold on every lane costs one
+/// slot write per fsync, not one per sale). Dropped unapplied if the batch fails.
+#[derive(Default)]
+struct BatchSlots {
+    slots: BTreeMap<Sku, (Slot, bool)>,
+}
+
+impl BatchSlots {
+    fn get(&mut self, conn: &Connection, cache: &OwnSlots, key: &SlotKey) -> Result<Slot, LedgerError> {
+        if let Some((slot, _)) = self.slots.get(&key.sku) {
+            return Ok(*slot);
+        }
+        let slot = match cache.slots.get(&key.sku) {
+            Some(slot) => *slot,
+            None => projection::slot(conn, key)?,
+        };
+        self.slots.insert(key.sku.clone(), (slot, false));
+        Ok(slot)
+    }
+
+    fn commit(&mut self, planned: Vec<(SlotKey, Slot)>) {
+        for (key, slot) in planned {
+            self.slots.insert(key.sku, (slot, true));
+        }
+    }
+
+    fn flush(&self, conn: &Connection, ctx: &StoreContext, actor: &ActorId, head: &mut Head) -> Result<(), LedgerError> {
+        for (sku, (slot, dirty)) in &self.slots {
+            if *dirty {
+                head.change_version += 1;
+                let key = SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
+                projection::write_slot(conn, &key, *slot, head.change_version)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the commit: what this batch read or wrote is now the committed state.
+    fn into_cache(self, cache: &mut OwnSlots) {
+        if cache.slots.len() + self.slots.len() > OWN_SLOT_CACHE_MAX {
+            cache.slots.clear();
+        }
+        cache.slots.extend(self.slots.into_iter().map(|(sku, (slot, _))| (sku, slot)));
+    }
+}
+
+/// Reads what the command needs (a count's observed stock, current slots) and plans its slot
+/// writes, refusing it if one would overflow. Nothing is written here.
 fn plan(
     conn: &Connection,
     ctx: &StoreContext,
+    actor: &ActorId,
+    cache: &OwnSlots,
+    slots: &mut BatchSlots,
     body: EventBody,
-    actor: &shared::ActorId,
-) -> Result<Result<(EventBody, Vec<Effect>), Rejection>, LedgerError> {
+) -> Result<Result<(EventBody, Vec<(SlotKey, Slot)>), Rejection>, LedgerError> {
+    let own = |sku: &Sku| SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
     let body = match body {
         EventBody::Count { sku, counted, .. } => {
-            let seen = projection::on_hand(conn, &ctx.store, &sku)?;
+            // Every actor's slot as stored, with our own slot as this batch left it.
+            let key = own(&sku);
+            let others: i128 = projection::slots_of(conn, &ctx.store, &sku)?
+                .iter()
+                .filter(|(a, _)| a != actor)
+                .map(|(_, s)| s.value())
+                .sum();
+            let seen = (others + slots.get(conn, cache, &key)?.value()).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
             let Some(movement) = counted.checked_sub(seen) else {
                 return Ok(Err(Rejection::new(format!("count of {sku}: movement from {seen} to {counted} overflows"))));
             };
@@ -217,76 +360,40 @@ fn plan(
         }
         other => other,
     };
-    let mut slots: BTreeMap<SlotKey, Slot> = BTreeMap::new();
+    let mut planned: Vec<(SlotKey, Slot)> = Vec::new();
     for (sku, movement) in body.stock_movements() {
-        let key = SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
-        let current = match slots.get(&key) {
-            Some(s) => *s,
-            None => projection::slot(conn, &key)?,
+        let key = own(sku);
+        let current = match planned.iter().find(|(k, _)| *k == key) {
+            Some((_, s)) => *s,
+            None => slots.get(conn, cache, &key)?,
         };
-        match current.apply(movement) {
-            Some(next) => slots.insert(key, next),
-            None => return Ok(Err(Rejection::new(format!("stock of {sku} would overflow with a movement of {movement}")))),
+        let Some(next) = current.apply(movement) else {
+            return Ok(Err(Rejection::new(format!("stock of {sku} would overflow with a movement of {movement}"))));
         };
+        match planned.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = next,
+            None => planned.push((key, next)),
+        }
     }
-    let effects = slots.into_iter().map(|(k, s)| Effect::Slot(k, s)).collect();
-    Ok(Ok((body, effects)))
+    Ok(Ok((body, planned)))
 }
 
-/// Appends the event (or finds the first one with this key) and applies its effects.
-fn append(
-    conn: &Connection,
-    head: &mut Head,
-    key: &IdempotencyKey,
-    body: EventBody,
-    mut effects: Vec<Effect>,
-    stamp: HlcStamp,
-) -> Result<Applied, LedgerError> {
-    let encoded = body.encode();
-    let seq = head.next_seq;
-    let hash = event_hash(&head.hash, seq, &stamp, body.kind(), key.as_str(), &encoded);
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO events (seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (idem_key) DO NOTHING",
-        )?
-        .execute(params![
-            seq as i64,
-            stamp.wall_ms as i64,
-            i64::from(stamp.logical),
-            stamp.actor.as_str(),
-            body.kind(),
-            key.as_str(),
-            encoded,
-            head.hash.to_vec(),
-            hash.to_vec()
-        ])?;
-    if inserted == 0 {
-        return replay(conn, key);
-    }
-    head.next_seq += 1;
-    head.hash = hash;
-    match &body {
+/// Price and catalog registers take the event's stamp and merge at once (they are rare).
+fn apply_registers(conn: &Connection, head: &mut Head, body: &EventBody, stamp: &HlcStamp) -> Result<(), LedgerError> {
+    let version = head.change_version + 1;
+    let changed = match body {
         EventBody::PriceChange { key, value } => {
-            effects.push(Effect::Price(PriceEntry { key: key.clone(), value: value.clone(), stamp: stamp.clone() }))
+            projection::merge_price(conn, &PriceEntry { key: key.clone(), value: value.clone(), stamp: stamp.clone() }, version)?
         }
         EventBody::CatalogChange { sku, field } => {
-            effects.push(Effect::Catalog(CatalogUpdate { sku: sku.clone(), field: field.clone(), stamp: stamp.clone() }))
+            projection::merge_catalog(conn, &CatalogUpdate { sku: sku.clone(), field: field.clone(), stamp: stamp.clone() }, version)?
         }
-        _ => {}
+        _ => false,
+    };
+    if changed {
+        head.change_version = version;
     }
-    for effect in effects {
-        let version = head.change_version + 1;
-        let changed = match effect {
-            Effect::Slot(key, slot) => projection::write_slot(conn, &key, slot, version).map(|_| true)?,
-            Effect::Price(entry) => projection::merge_price(conn, &entry, version)?,
-            Effect::Catalog(update) => projection::merge_catalog(conn, &update, version)?,
-        };
-        if changed {
-            head.change_version = version;
-        }
-    }
-    Ok(Applied { seq, stamp, body, replayed: false })
+    Ok(())
 }
 
 fn replay(conn: &Connection, key: &IdempotencyKey) -> Result<Applied, LedgerError> {
