@@ -42,7 +42,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = stopping, "Shutting down: draining the ledger writer (send the signal again to force exit)");
+    tracing::info!(
+        signal = stopping,
+        "Shutting down: draining the ledger writer (send the signal again to force exit)"
+    );
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {},
@@ -52,12 +55,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::process::exit(130);
     });
 
-    shutdown(handle, writer, Duration::from_millis(config.ledger.shutdown_timeout_ms)).await
+    shutdown(
+        handle,
+        writer,
+        Duration::from_millis(config.ledger.shutdown_timeout_ms),
+    )
+    .await
 }
 
 /// Stops intake by dropping the daemon's handle, then waits for the writer to finish the
 /// queued commands and close SQLite.
-async fn shutdown(handle: LedgerHandle, writer: crate::ledger::WriterThread, deadline: Duration) -> Result<(), DaemonError> {
+async fn shutdown(
+    handle: LedgerHandle,
+    writer: crate::ledger::WriterThread,
+    deadline: Duration,
+) -> Result<(), DaemonError> {
     drop(handle);
     let join = tokio::task::spawn_blocking(move || writer.join());
     match tokio::time::timeout(deadline, join).await {

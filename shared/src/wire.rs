@@ -44,9 +44,13 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     }
     let version = u16::from_le_bytes([bytes[2], bytes[3]]);
     if version != SYNC_PROTOCOL_VERSION {
-        return Err(WireError::UnsupportedVersion { found: version, supported: SYNC_PROTOCOL_VERSION });
+        return Err(WireError::UnsupportedVersion {
+            found: version,
+            supported: SYNC_PROTOCOL_VERSION,
+        });
     }
-    let (message, rest) = postcard::take_from_bytes(&bytes[HEADER_LEN..]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let (message, rest) = postcard::take_from_bytes(&bytes[HEADER_LEN..])
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(WireError::TrailingBytes(rest.len()));
     }
@@ -62,7 +66,11 @@ mod tests {
 
     fn row() -> SlotRow {
         SlotRow {
-            key: SlotKey { store: StoreId::new("s1").unwrap(), sku: Sku::new("A").unwrap(), actor: ActorId::new("store:s1").unwrap() },
+            key: SlotKey {
+                store: StoreId::new("s1").unwrap(),
+                sku: Sku::new("A").unwrap(),
+                actor: ActorId::new("store:s1").unwrap(),
+            },
             slot: Slot { inc: 12, dec: 3 },
         }
     }
@@ -72,7 +80,18 @@ mod tests {
         let bytes = encode(&row()).unwrap();
         assert_eq!(
             bytes,
-            [b"SE".as_slice(), &[1, 0], &[2], b"s1", &[1], b"A", &[8], b"store:s1", &[12, 3]].concat()
+            [
+                b"SE".as_slice(),
+                &[1, 0],
+                &[2],
+                b"s1",
+                &[1],
+                b"A",
+                &[8],
+                b"store:s1",
+                &[12, 3]
+            ]
+            .concat()
         );
         assert_eq!(decode::<SlotRow>(&bytes).unwrap(), row());
     }
@@ -85,8 +104,14 @@ mod tests {
             decode::<SlotRow>(&bytes).unwrap_err().to_string(),
             "unsupported sync protocol version 2; this build speaks version 1: upgrade the older side"
         );
-        assert!(matches!(decode::<SlotRow>(b"XX\x01\x00"), Err(WireError::BadMagic { .. })));
-        assert!(matches!(decode::<SlotRow>(b"SE"), Err(WireError::TooShort { len: 2 })));
+        assert!(matches!(
+            decode::<SlotRow>(b"XX\x01\x00"),
+            Err(WireError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            decode::<SlotRow>(b"SE"),
+            Err(WireError::TooShort { len: 2 })
+        ));
         let mut long = encode(&row()).unwrap();
         long.push(0);
         assert_eq!(decode::<SlotRow>(&long), Err(WireError::TrailingBytes(1)));

@@ -65,17 +65,34 @@ pub struct SaleLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Goods leave with a customer: stock goes down by each line.
-    Sale { lines: Vec<SaleLine>, tender: Tender },
+    Sale {
+        lines: Vec<SaleLine>,
+        tender: Tender,
+    },
     /// Goods come back from a customer: stock goes up by each line.
-    Return { lines: Vec<SaleLine>, reference: String },
+    Return {
+        lines: Vec<SaleLine>,
+        reference: String,
+    },
     /// Goods received from a delivery.
-    Receipt { sku: Sku, quantity: i64, reference: String },
+    Receipt {
+        sku: Sku,
+        quantity: i64,
+        reference: String,
+    },
     /// A count observed `counted` units on hand: an observation, not an overwrite (DESIGN 13.2).
     Count { sku: Sku, counted: i64 },
     /// A correction (breakage, theft found, ...), positive or negative.
-    Adjustment { sku: Sku, movement: i64, reason: String },
+    Adjustment {
+        sku: Sku,
+        movement: i64,
+        reason: String,
+    },
     /// Sets (or with `value: None` withdraws) one price register.
-    PriceChange { key: PriceKey, value: Option<PriceValue> },
+    PriceChange {
+        key: PriceKey,
+        value: Option<PriceValue>,
+    },
     /// Sets one catalog field.
     CatalogChange { sku: Sku, field: CatalogField },
 }
@@ -83,13 +100,40 @@ pub enum Command {
 /// The resolved, replayable record of a command, as hashed and stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
-    Sale { lines: Vec<SaleLine>, tender: Tender, total: Money },
-    Return { lines: Vec<SaleLine>, reference: String, total: Money },
-    Receipt { sku: Sku, quantity: i64, reference: String },
-    Count { sku: Sku, counted: i64, seen: i64, movement: i64 },
-    Adjustment { sku: Sku, movement: i64, reason: String },
-    PriceChange { key: PriceKey, value: Option<PriceValue> },
-    CatalogChange { sku: Sku, field: CatalogField },
+    Sale {
+        lines: Vec<SaleLine>,
+        tender: Tender,
+        total: Money,
+    },
+    Return {
+        lines: Vec<SaleLine>,
+        reference: String,
+        total: Money,
+    },
+    Receipt {
+        sku: Sku,
+        quantity: i64,
+        reference: String,
+    },
+    Count {
+        sku: Sku,
+        counted: i64,
+        seen: i64,
+        movement: i64,
+    },
+    Adjustment {
+        sku: Sku,
+        movement: i64,
+        reason: String,
+    },
+    PriceChange {
+        key: PriceKey,
+        value: Option<PriceValue>,
+    },
+    CatalogChange {
+        sku: Sku,
+        field: CatalogField,
+    },
 }
 
 /// Version byte in front of every stored body, so a later format can be told apart.
@@ -115,7 +159,8 @@ impl EventBody {
             EventBody::Sale { lines, .. } => lines.iter().map(|l| (&l.sku, -l.quantity)).collect(),
             EventBody::Return { lines, .. } => lines.iter().map(|l| (&l.sku, l.quantity)).collect(),
             EventBody::Receipt { sku, quantity, .. } => vec![(sku, *quantity)],
-            EventBody::Count { sku, movement, .. } | EventBody::Adjustment { sku, movement, .. } => vec![(sku, *movement)],
+            EventBody::Count { sku, movement, .. }
+            | EventBody::Adjustment { sku, movement, .. } => vec![(sku, *movement)],
             EventBody::PriceChange { .. } | EventBody::CatalogChange { .. } => Vec::new(),
         }
     }
@@ -128,8 +173,12 @@ impl EventBody {
 
     pub fn decode(bytes: &[u8]) -> Result<EventBody, String> {
         match bytes.split_first() {
-            Some((&BODY_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| format!("undecodable body: {e}")),
-            Some((v, _)) => Err(format!("unknown body version {v} (this build reads {BODY_VERSION})")),
+            Some((&BODY_VERSION, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| format!("undecodable body: {e}"))
+            }
+            Some((v, _)) => Err(format!(
+                "unknown body version {v} (this build reads {BODY_VERSION})"
+            )),
             None => Err("empty body".into()),
         }
     }
@@ -144,28 +193,38 @@ pub struct StoreContext {
 
 fn check_text(what: &str, text: &str) -> Result<(), Rejection> {
     if text.len() > MAX_TEXT_LEN || text.chars().any(char::is_control) {
-        return Err(Rejection::new(format!("{what} must be at most {MAX_TEXT_LEN} bytes without control characters")));
+        return Err(Rejection::new(format!(
+            "{what} must be at most {MAX_TEXT_LEN} bytes without control characters"
+        )));
     }
     Ok(())
 }
 
 fn check_quantity(what: &str, sku: &Sku, quantity: i64) -> Result<(), Rejection> {
     if quantity <= 0 {
-        return Err(Rejection::new(format!("{what} of {sku}: quantity must be positive, got {quantity}")));
+        return Err(Rejection::new(format!(
+            "{what} of {sku}: quantity must be positive, got {quantity}"
+        )));
     }
     Ok(())
 }
 
 fn check_money(ctx: &StoreContext, sku: &Sku, amount: &Money) -> Result<(), Rejection> {
     if amount.currency != ctx.currency {
-        return Err(Rejection::new(format!("{sku}: amount {amount} is not in the store currency {}", ctx.currency)));
+        return Err(Rejection::new(format!(
+            "{sku}: amount {amount} is not in the store currency {}",
+            ctx.currency
+        )));
     }
     Ok(())
 }
 
 fn total_of(ctx: &StoreContext, what: &str, lines: &[SaleLine]) -> Result<Money, Rejection> {
     if lines.is_empty() || lines.len() > MAX_LINES {
-        return Err(Rejection::new(format!("{what} must have 1 to {MAX_LINES} lines, got {}", lines.len())));
+        return Err(Rejection::new(format!(
+            "{what} must have 1 to {MAX_LINES} lines, got {}",
+            lines.len()
+        )));
     }
     let mut total = Money::new(0, ctx.currency);
     for (i, line) in lines.iter().enumerate() {
@@ -184,42 +243,80 @@ impl Command {
     /// stock it observes (`seen`), so here it carries `seen: 0, movement: 0`.
     pub fn validate(&self, ctx: &StoreContext) -> Result<EventBody, Rejection> {
         Ok(match self {
-            Command::Sale { lines, tender } => {
-                EventBody::Sale { total: total_of(ctx, "sale", lines)?, lines: lines.clone(), tender: *tender }
-            }
+            Command::Sale { lines, tender } => EventBody::Sale {
+                total: total_of(ctx, "sale", lines)?,
+                lines: lines.clone(),
+                tender: *tender,
+            },
             Command::Return { lines, reference } => {
                 check_text("return reference", reference)?;
-                EventBody::Return { total: total_of(ctx, "return", lines)?, lines: lines.clone(), reference: reference.clone() }
+                EventBody::Return {
+                    total: total_of(ctx, "return", lines)?,
+                    lines: lines.clone(),
+                    reference: reference.clone(),
+                }
             }
-            Command::Receipt { sku, quantity, reference } => {
+            Command::Receipt {
+                sku,
+                quantity,
+                reference,
+            } => {
                 check_quantity("receipt", sku, *quantity)?;
                 check_text("receipt reference", reference)?;
-                EventBody::Receipt { sku: sku.clone(), quantity: *quantity, reference: reference.clone() }
+                EventBody::Receipt {
+                    sku: sku.clone(),
+                    quantity: *quantity,
+                    reference: reference.clone(),
+                }
             }
             Command::Count { sku, counted } => {
                 if *counted < 0 {
-                    return Err(Rejection::new(format!("count of {sku}: counted units must not be negative, got {counted}")));
+                    return Err(Rejection::new(format!(
+                        "count of {sku}: counted units must not be negative, got {counted}"
+                    )));
                 }
-                EventBody::Count { sku: sku.clone(), counted: *counted, seen: 0, movement: 0 }
+                EventBody::Count {
+                    sku: sku.clone(),
+                    counted: *counted,
+                    seen: 0,
+                    movement: 0,
+                }
             }
-            Command::Adjustment { sku, movement, reason } => {
+            Command::Adjustment {
+                sku,
+                movement,
+                reason,
+            } => {
                 if *movement == 0 {
-                    return Err(Rejection::new(format!("adjustment of {sku}: movement must not be zero")));
+                    return Err(Rejection::new(format!(
+                        "adjustment of {sku}: movement must not be zero"
+                    )));
                 }
                 check_text("adjustment reason", reason)?;
-                EventBody::Adjustment { sku: sku.clone(), movement: *movement, reason: reason.clone() }
+                EventBody::Adjustment {
+                    sku: sku.clone(),
+                    movement: *movement,
+                    reason: reason.clone(),
+                }
             }
             Command::PriceChange { key, value } => {
                 if let PriceScope::Store(s) = &key.scope {
                     if s != &ctx.store {
-                        return Err(Rejection::new(format!("price of {}: store {s} is not this store ({})", key.sku, ctx.store)));
+                        return Err(Rejection::new(format!(
+                            "price of {}: store {s} is not this store ({})",
+                            key.sku, ctx.store
+                        )));
                     }
                 }
                 if let Some(v) = value {
-                    v.validate(&key.sku).map_err(|e| Rejection::new(e.to_string()))?;
+                    v.validate(&key.sku)
+                        .map_err(|e| Rejection::new(e.to_string()))?;
                     check_money(ctx, &key.sku, &v.amount)?;
                 }
-                EventBody::PriceChange { key: key.clone(), value: value.clone() }
+                EventBody::PriceChange {
+                    key: key.clone(),
+                    value: value.clone(),
+                }
             }
             Command::CatalogChange { sku, field } => {
                 if let CatalogField::Name(name) = field {
@@ -228,7 +325,10 @@ impl Command {
                 if let CatalogField::TaxClass(t) = field {
                     check_text("tax class", &t.0)?;
                 }
-                EventBody::CatalogChange { sku: sku.clone(), field: field.clone() }
+                EventBody::CatalogChange {
+                    sku: sku.clone(),
+                    field: field.clone(),
+                }
             }
         })
     }
@@ -240,7 +340,10 @@ mod tests {
     use shared::{PriceSlot, ValidityWindow};
 
     fn ctx() -> StoreContext {
-        StoreContext { store: StoreId::new("s1").unwrap(), currency: Currency::new("EUR").unwrap() }
+        StoreContext {
+            store: StoreId::new("s1").unwrap(),
+            currency: Currency::new("EUR").unwrap(),
+        }
     }
     fn eur(c: i64) -> Money {
         Money::new(c, Currency::new("EUR").unwrap())
@@ -253,37 +356,92 @@ mod tests {
     fn sale_total_is_the_sum_of_its_lines() {
         let cmd = Command::Sale {
             lines: vec![
-                SaleLine { sku: sku("A"), quantity: 2, line_total: eur(398) },
-                SaleLine { sku: sku("B"), quantity: 1, line_total: eur(100) },
+                SaleLine {
+                    sku: sku("A"),
+                    quantity: 2,
+                    line_total: eur(398),
+                },
+                SaleLine {
+                    sku: sku("B"),
+                    quantity: 1,
+                    line_total: eur(100),
+                },
             ],
             tender: Tender::Card,
         };
         let body = cmd.validate(&ctx()).unwrap();
         assert!(matches!(&body, EventBody::Sale { total, .. } if total.minor == 498));
-        assert_eq!(body.stock_movements(), vec![(&sku("A"), -2), (&sku("B"), -1)]);
+        assert_eq!(
+            body.stock_movements(),
+            vec![(&sku("A"), -2), (&sku("B"), -1)]
+        );
         assert_eq!(EventBody::decode(&body.encode()).unwrap(), body);
     }
 
     #[test]
     fn refuses_bad_commands_saying_what_is_wrong() {
         let neg_price = Command::PriceChange {
-            key: PriceKey { sku: sku("A"), scope: PriceScope::Chain, slot: PriceSlot::Regular },
-            value: Some(PriceValue { amount: eur(-5), window: None }),
+            key: PriceKey {
+                sku: sku("A"),
+                scope: PriceScope::Chain,
+                slot: PriceSlot::Regular,
+            },
+            value: Some(PriceValue {
+                amount: eur(-5),
+                window: None,
+            }),
         };
-        assert_eq!(neg_price.validate(&ctx()).unwrap_err().0, "price of A must not be negative: -0.05 EUR");
+        assert_eq!(
+            neg_price.validate(&ctx()).unwrap_err().0,
+            "price of A must not be negative: -0.05 EUR"
+        );
         let usd = Command::PriceChange {
-            key: PriceKey { sku: sku("A"), scope: PriceScope::Chain, slot: PriceSlot::Promotion },
-            value: Some(PriceValue { amount: Money::new(5, Currency::new("USD").unwrap()), window: Some(ValidityWindow { from_ms: 1, until_ms: 2 }) }),
+            key: PriceKey {
+                sku: sku("A"),
+                scope: PriceScope::Chain,
+                slot: PriceSlot::Promotion,
+            },
+            value: Some(PriceValue {
+                amount: Money::new(5, Currency::new("USD").unwrap()),
+                window: Some(ValidityWindow {
+                    from_ms: 1,
+                    until_ms: 2,
+                }),
+            }),
         };
-        assert!(usd.validate(&ctx()).unwrap_err().0.contains("store currency EUR"));
+        assert!(usd
+            .validate(&ctx())
+            .unwrap_err()
+            .0
+            .contains("store currency EUR"));
         let other_store = Command::PriceChange {
-            key: PriceKey { sku: sku("A"), scope: PriceScope::Store(StoreId::new("s2").unwrap()), slot: PriceSlot::Regular },
+            key: PriceKey {
+                sku: sku("A"),
+                scope: PriceScope::Store(StoreId::new("s2").unwrap()),
+                slot: PriceSlot::Regular,
+            },
             value: None,
         };
         assert!(other_store.validate(&ctx()).is_err());
-        assert!(Command::Sale { lines: vec![], tender: Tender::Cash }.validate(&ctx()).is_err());
-        assert!(Command::Receipt { sku: sku("A"), quantity: 0, reference: "x".into() }.validate(&ctx()).is_err());
-        assert!(Command::Count { sku: sku("A"), counted: -1 }.validate(&ctx()).is_err());
+        assert!(Command::Sale {
+            lines: vec![],
+            tender: Tender::Cash
+        }
+        .validate(&ctx())
+        .is_err());
+        assert!(Command::Receipt {
+            sku: sku("A"),
+            quantity: 0,
+            reference: "x".into()
+        }
+        .validate(&ctx())
+        .is_err());
+        assert!(Command::Count {
+            sku: sku("A"),
+            counted: -1
+        }
+        .validate(&ctx())
+        .is_err());
         assert!(IdempotencyKey::new("").is_err());
         assert!(IdempotencyKey::new("a\nb").is_err());
     }
@@ -291,7 +449,9 @@ mod tests {
     #[test]
     fn bodies_of_unknown_versions_are_refused() {
         assert!(EventBody::decode(&[]).is_err());
-        assert!(EventBody::decode(&[9, 0]).unwrap_err().contains("unknown body version 9"));
+        assert!(EventBody::decode(&[9, 0])
+            .unwrap_err()
+            .contains("unknown body version 9"));
         assert!(EventBody::decode(&[BODY_VERSION, 0xff, 0xff]).is_err());
     }
 }
