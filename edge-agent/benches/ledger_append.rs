@@ -9,9 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use edge_agent::ledger::{
-    Command, EventBody, IdempotencyKey, Ledger, LedgerOptions, SaleLine, Tender, WriterStats,
-};
+use edge_agent::ledger::{Command, EventBody, IdempotencyKey, Ledger, LedgerOptions, SaleLine, Tender, WriterStats};
 use rusqlite::{params, Connection};
 use shared::{Currency, Money, Sku, StoreId};
 
@@ -24,6 +22,7 @@ fn sale(i: usize, eur: Currency) -> Command {
             sku: Sku::new(format!("SKU-{:06}", i % SKUS)).unwrap(),
             quantity: 1,
             line_total: Money::new(199, eur),
+            price: None,
         }],
         tender: Tender::Card,
     }
@@ -40,8 +39,7 @@ fn key(i: usize) -> String {
 fn bare_loop(events: usize, batch: usize, body_len: usize, unique_key: bool) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let conn = Connection::open(dir.path().join("bare.db")).unwrap();
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
-        .unwrap();
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(())).unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
     edge_agent::ledger::schema::tune(&conn).unwrap();
     conn.execute_batch(
@@ -50,8 +48,7 @@ fn bare_loop(events: usize, batch: usize, body_len: usize, unique_key: bool) -> 
     )
     .unwrap();
     if unique_key {
-        conn.execute_batch("CREATE UNIQUE INDEX bare_key ON bare (idem_key)")
-            .unwrap();
+        conn.execute_batch("CREATE UNIQUE INDEX bare_key ON bare (idem_key)").unwrap();
     }
     let body = vec![7u8; body_len];
     let hash = [9u8; 32];
@@ -60,9 +57,7 @@ fn bare_loop(events: usize, batch: usize, body_len: usize, unique_key: bool) -> 
     while i < events {
         let tx = conn.unchecked_transaction().unwrap();
         {
-            let mut stmt = tx
-                .prepare_cached("INSERT INTO bare VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
-                .unwrap();
+            let mut stmt = tx.prepare_cached("INSERT INTO bare VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)").unwrap();
             for _ in 0..batch.min(events - i) {
                 i += 1;
                 stmt.execute(params![
@@ -91,14 +86,8 @@ fn ledger(events: usize, batch_max: usize, callers: usize) -> (Duration, WriterS
     let eur = Currency::new("EUR").unwrap();
     let mut opts = LedgerOptions::new(StoreId::new("bench").unwrap(), eur);
     opts.batch_max = batch_max;
-    let (handle, writer) = Ledger::open(dir.path(), &opts)
-        .unwrap()
-        .start_writer(8192)
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .build()
-        .unwrap();
+    let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(8192).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
     let started = Instant::now();
     rt.block_on(async {
         let mut tasks = Vec::new();
@@ -107,10 +96,7 @@ fn ledger(events: usize, batch_max: usize, callers: usize) -> (Duration, WriterS
             tasks.push(tokio::spawn(async move {
                 let mut i = c;
                 while i < events {
-                    handle
-                        .submit(IdempotencyKey::new(key(i)).unwrap(), sale(i, eur))
-                        .await
-                        .unwrap();
+                    handle.submit(IdempotencyKey::new(key(i)).unwrap(), sale(i, eur)).await.unwrap();
                     i += callers;
                 }
             }));
@@ -127,34 +113,22 @@ fn ledger(events: usize, batch_max: usize, callers: usize) -> (Duration, WriterS
 }
 
 fn main() {
-    let events: usize = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let events: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let eur = Currency::new("EUR").unwrap();
     let body_len = match sale(0, eur) {
-        Command::Sale { lines, tender } => EventBody::Sale {
-            lines,
-            tender,
-            total: Money::new(199, eur),
+        Command::Sale { lines, tender } => {
+            EventBody::Sale { lines, tender, total: Money::new(199, eur) }.encode().len()
         }
-        .encode()
-        .len(),
         _ => unreachable!("sale() builds a sale"),
     };
     let rate = |d: Duration| events as f64 / d.as_secs_f64();
 
-    println!("durable appends, WAL, synchronous=FULL, {events} events per row, event body {body_len} bytes, {SKUS} SKUs");
+    println!(
+        "durable appends, WAL, synchronous=FULL, {events} events per row, event body {body_len} bytes, {SKUS} SKUs"
+    );
     println!(
         "{:>6} {:>12} {:>12} {:>9} {:>12} {:>9} {:>10} {:>9}",
-        "batch",
-        "bare ev/s",
-        "+uniq ev/s",
-        "+uniq x",
-        "ledger ev/s",
-        "ledger x",
-        "mean batch",
-        "target"
+        "batch", "bare ev/s", "+uniq ev/s", "+uniq x", "ledger ev/s", "ledger x", "mean batch", "target"
     );
     for batch in BATCH_SIZES {
         // Two rounds each, alternating, best kept: the disk's mood affects both sides alike.

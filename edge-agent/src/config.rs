@@ -58,10 +58,7 @@ pub struct ClockSection {
 
 impl Default for ClockSection {
     fn default() -> Self {
-        ClockSection {
-            max_skew_ms: 300_000,
-            jump_warn_ms: 60_000,
-        }
+        ClockSection { max_skew_ms: 300_000, jump_warn_ms: 60_000 }
     }
 }
 
@@ -74,9 +71,7 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection {
-            level: "info".into(),
-        }
+        LogSection { level: "info".into() }
     }
 }
 
@@ -101,11 +96,7 @@ impl Config {
 
     /// Parses and validates; `file` only names the source in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |key: Option<String>, message: String| ConfigError {
-            file: file.to_owned(),
-            key,
-            message,
-        };
+        let err = |key: Option<String>, message: String| ConfigError { file: file.to_owned(), key, message };
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -122,9 +113,7 @@ impl Config {
             let key = path;
             err((key != ".").then_some(key), format!("{message}{location}"))
         })?;
-        config
-            .validate()
-            .map_err(|(key, message)| err(Some(key.into()), message))?;
+        config.validate().map_err(|(key, message)| err(Some(key.into()), message))?;
         Ok(config)
     }
 
@@ -134,25 +123,16 @@ impl Config {
             return Err(("ledger.data_dir", "must not be empty".into()));
         }
         if !(1..=65_536).contains(&l.batch_max) {
-            return Err((
-                "ledger.batch_max",
-                format!("must be between 1 and 65536, got {}", l.batch_max),
-            ));
+            return Err(("ledger.batch_max", format!("must be between 1 and 65536, got {}", l.batch_max)));
         }
         if !(1..=1_048_576).contains(&l.queue_capacity) {
-            return Err((
-                "ledger.queue_capacity",
-                format!("must be between 1 and 1048576, got {}", l.queue_capacity),
-            ));
+            return Err(("ledger.queue_capacity", format!("must be between 1 and 1048576, got {}", l.queue_capacity)));
         }
         if self.clock.max_skew_ms == 0 {
             return Err(("clock.max_skew_ms", "must be positive".into()));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err((
-                "log.level",
-                format!("not a valid filter ({e}); use error, warn, info, debug or trace"),
-            ));
+            return Err(("log.level", format!("not a valid filter ({e}); use error, warn, info, debug or trace")));
         }
         Ok(())
     }
@@ -174,19 +154,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_mx = 3\n")
-            .unwrap_err();
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_mx = 3\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("ledger.batch_mx"), "{e}");
-        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = \"many\"\n")
-            .unwrap_err();
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = \"many\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("ledger.batch_max"), "{e}");
         assert!(e.to_string().contains("line 5"), "{e}");
         let e = parse("[store]\nid = \"s 1\"\ncurrency = \"EUR\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("store.id"), "{e}");
         let e = parse("[store]\nid = \"s1\"\ncurrency = \"euro\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("store.currency"), "{e}");
-        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = 0\n")
-            .unwrap_err();
+        let e = parse("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = 0\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("ledger.batch_max"), "{e}");
         let e = parse("bogus = 1\n[store]\nid = \"s1\"\ncurrency = \"EUR\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("bogus"), "{e}");

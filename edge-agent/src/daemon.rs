@@ -55,12 +55,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::process::exit(130);
     });
 
-    shutdown(
-        handle,
-        writer,
-        Duration::from_millis(config.ledger.shutdown_timeout_ms),
-    )
-    .await
+    shutdown(handle, writer, Duration::from_millis(config.ledger.shutdown_timeout_ms)).await
 }
 
 /// Stops intake by dropping the daemon's handle, then waits for the writer to finish the

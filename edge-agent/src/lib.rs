@@ -3,5 +3,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod devices;
+pub mod lane;
 pub mod ledger;
 pub mod telemetry;

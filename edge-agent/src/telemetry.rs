@@ -20,20 +20,13 @@ pub fn init(level: &str) -> LogSink {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         // No prefix: a field `store_id` becomes the journal field STORE_ID.
         if let Ok(journald) = tracing_journald::layer().map(|l| l.with_field_prefix(None)) {
-            let _ = tracing_subscriber::registry()
-                .with(filter)
-                .with(journald)
-                .try_init();
+            let _ = tracing_subscriber::registry().with(filter).with(journald).try_init();
             return LogSink::Journald;
         }
     }
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false),
-        )
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
         .try_init();
     LogSink::Stderr
 }

@@ -31,9 +31,7 @@ impl std::str::FromStr for Unit {
         match s {
             "piece" => Ok(Unit::Piece),
             "gram" => Ok(Unit::Gram),
-            other => Err(format!(
-                "unknown unit {other:?}: expected \"piece\" or \"gram\""
-            )),
+            other => Err(format!("unknown unit {other:?}: expected \"piece\" or \"gram\"")),
         }
     }
 }
@@ -84,14 +82,7 @@ pub struct CatalogItem {
 
 impl CatalogItem {
     pub fn new(sku: Sku) -> CatalogItem {
-        CatalogItem {
-            sku,
-            name: None,
-            gtins: None,
-            unit: None,
-            tax_class: None,
-            discontinued: None,
-        }
+        CatalogItem { sku, name: None, gtins: None, unit: None, tax_class: None, discontinued: None }
     }
 
     /// Merges one field write (updates for other SKUs are ignored); returns whether it won.
@@ -104,12 +95,8 @@ impl CatalogItem {
             CatalogField::Name(v) => merge_opt(&mut self.name, &Lww::new(v.clone(), stamp)),
             CatalogField::Gtins(v) => merge_opt(&mut self.gtins, &Lww::new(v.clone(), stamp)),
             CatalogField::Unit(v) => merge_opt(&mut self.unit, &Lww::new(*v, stamp)),
-            CatalogField::TaxClass(v) => {
-                merge_opt(&mut self.tax_class, &Lww::new(v.clone(), stamp))
-            }
-            CatalogField::Discontinued(v) => {
-                merge_opt(&mut self.discontinued, &Lww::new(*v, stamp))
-            }
+            CatalogField::TaxClass(v) => merge_opt(&mut self.tax_class, &Lww::new(v.clone(), stamp)),
+            CatalogField::Discontinued(v) => merge_opt(&mut self.discontinued, &Lww::new(*v, stamp)),
         }
     }
 
@@ -126,21 +113,11 @@ mod tests {
     #[test]
     fn concurrent_field_writes_both_survive() {
         let sku = Sku::new("A").unwrap();
-        let st = |w, a: &str| HlcStamp {
-            wall_ms: w,
-            logical: 0,
-            actor: ActorId::new(a).unwrap(),
-        };
-        let rename = CatalogUpdate {
-            sku: sku.clone(),
-            field: CatalogField::Name("Milk 1 l".into()),
-            stamp: st(10, "cloud"),
-        };
-        let disc = CatalogUpdate {
-            sku: sku.clone(),
-            field: CatalogField::Discontinued(true),
-            stamp: st(9, "store:s1"),
-        };
+        let st = |w, a: &str| HlcStamp { wall_ms: w, logical: 0, actor: ActorId::new(a).unwrap() };
+        let rename =
+            CatalogUpdate { sku: sku.clone(), field: CatalogField::Name("Milk 1 l".into()), stamp: st(10, "cloud") };
+        let disc =
+            CatalogUpdate { sku: sku.clone(), field: CatalogField::Discontinued(true), stamp: st(9, "store:s1") };
         let mut a = CatalogItem::new(sku.clone());
         let mut b = CatalogItem::new(sku);
         a.merge(&rename);

@@ -10,17 +10,9 @@ pub enum GtinError {
     #[error("invalid GTIN {text:?}: {len} digits, expected 8, 12, 13 or 14")]
     Length { text: String, len: usize },
     #[error("invalid GTIN {text:?}: character {found:?} at position {position} is not a digit")]
-    NotADigit {
-        text: String,
-        position: usize,
-        found: char,
-    },
+    NotADigit { text: String, position: usize, found: char },
     #[error("invalid GTIN {text:?}: check digit is {found}, expected {expected}")]
-    CheckDigit {
-        text: String,
-        expected: u8,
-        found: u8,
-    },
+    CheckDigit { text: String, expected: u8, found: u8 },
 }
 
 /// A GTIN normalised to 14 digits (left-padded with zeros).
@@ -30,12 +22,7 @@ pub struct Gtin([u8; 14]);
 
 /// GS1 mod-10 check digit over the digits before it (weights 3,1,3,... from the right).
 pub fn check_digit(body: &[u8]) -> u8 {
-    let sum: u32 = body
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| u32::from(d) * if i % 2 == 0 { 3 } else { 1 })
-        .sum();
+    let sum: u32 = body.iter().rev().enumerate().map(|(i, &d)| u32::from(d) * if i % 2 == 0 { 3 } else { 1 }).sum();
     ((10 - sum % 10) % 10) as u8
 }
 
@@ -43,13 +30,8 @@ impl Gtin {
     pub fn parse(text: &str) -> Result<Gtin, GtinError> {
         let shown: String = text.chars().take(32).collect();
         let len = text.chars().count();
-        if let Some((position, found)) = text.chars().enumerate().find(|(_, c)| !c.is_ascii_digit())
-        {
-            return Err(GtinError::NotADigit {
-                text: shown,
-                position,
-                found,
-            });
+        if let Some((position, found)) = text.chars().enumerate().find(|(_, c)| !c.is_ascii_digit()) {
+            return Err(GtinError::NotADigit { text: shown, position, found });
         }
         if ![8, 12, 13, 14].contains(&len) {
             return Err(GtinError::Length { text: shown, len });
@@ -60,11 +42,7 @@ impl Gtin {
         }
         let expected = check_digit(&digits[..13]);
         if digits[13] != expected {
-            return Err(GtinError::CheckDigit {
-                text: shown,
-                expected,
-                found: digits[13],
-            });
+            return Err(GtinError::CheckDigit { text: shown, expected, found: digits[13] });
         }
         Ok(Gtin(digits))
     }
@@ -125,22 +103,10 @@ mod tests {
     #[test]
     fn normalises_every_length_to_gtin14() {
         // GS1 examples: EAN-13, UPC-A, EAN-8 and a GTIN-14.
-        assert_eq!(
-            Gtin::parse("4006381333931").unwrap().to_string(),
-            "04006381333931"
-        );
-        assert_eq!(
-            Gtin::parse("036000291452").unwrap().to_string(),
-            "00036000291452"
-        );
-        assert_eq!(
-            Gtin::parse("96385074").unwrap().to_string(),
-            "00000096385074"
-        );
-        assert_eq!(
-            Gtin::parse("10614141000415").unwrap().to_string(),
-            "10614141000415"
-        );
+        assert_eq!(Gtin::parse("4006381333931").unwrap().to_string(), "04006381333931");
+        assert_eq!(Gtin::parse("036000291452").unwrap().to_string(), "00036000291452");
+        assert_eq!(Gtin::parse("96385074").unwrap().to_string(), "00000096385074");
+        assert_eq!(Gtin::parse("10614141000415").unwrap().to_string(), "10614141000415");
         assert_eq!(Gtin::parse("4006381333931"), Gtin::parse("04006381333931"));
     }
 
@@ -150,18 +116,8 @@ mod tests {
             Gtin::parse("4006381333932").unwrap_err().to_string(),
             "invalid GTIN \"4006381333932\": check digit is 2, expected 1"
         );
-        assert!(matches!(
-            Gtin::parse("40063813339"),
-            Err(GtinError::Length { len: 11, .. })
-        ));
-        assert!(matches!(
-            Gtin::parse("40063a1333931"),
-            Err(GtinError::NotADigit {
-                position: 5,
-                found: 'a',
-                ..
-            })
-        ));
+        assert!(matches!(Gtin::parse("40063813339"), Err(GtinError::Length { len: 11, .. })));
+        assert!(matches!(Gtin::parse("40063a1333931"), Err(GtinError::NotADigit { position: 5, found: 'a', .. })));
         assert!(Gtin::parse("").is_err());
         assert!(Gtin::parse("٤٠٠٦٣٨١٣٣٣٩٣").is_err(), "non-ASCII digits");
     }

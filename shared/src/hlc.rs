@@ -60,22 +60,12 @@ pub struct Hlc {
 impl Hlc {
     /// A fresh clock for `actor`, refusing remote stamps more than `max_skew_ms` ahead.
     pub fn new(actor: ActorId, max_skew_ms: u64) -> Hlc {
-        Hlc {
-            actor,
-            wall_ms: 0,
-            logical: 0,
-            max_skew_ms,
-            jump_threshold_ms: 60_000,
-        }
+        Hlc { actor, wall_ms: 0, logical: 0, max_skew_ms, jump_threshold_ms: 60_000 }
     }
 
     /// Resumes after a restart from the last stamp persisted, so no stamp is ever reissued.
     pub fn resume(actor: ActorId, max_skew_ms: u64, last_wall_ms: u64, last_logical: u32) -> Hlc {
-        Hlc {
-            wall_ms: last_wall_ms,
-            logical: last_logical,
-            ..Hlc::new(actor, max_skew_ms)
-        }
+        Hlc { wall_ms: last_wall_ms, logical: last_logical, ..Hlc::new(actor, max_skew_ms) }
     }
 
     /// Jumps of wall time larger than this are reported by [`Hlc::stamp`]. Default one minute.
@@ -100,13 +90,9 @@ impl Hlc {
     /// Issues a new stamp strictly above every stamp issued or observed so far.
     pub fn stamp(&mut self, now_wall_ms: u64) -> (HlcStamp, Option<ClockJump>) {
         let jump = if self.wall_ms != 0 && now_wall_ms + self.jump_threshold_ms < self.wall_ms {
-            Some(ClockJump::Backwards {
-                by_ms: self.wall_ms - now_wall_ms,
-            })
+            Some(ClockJump::Backwards { by_ms: self.wall_ms - now_wall_ms })
         } else if self.wall_ms != 0 && now_wall_ms > self.wall_ms + self.jump_threshold_ms {
-            Some(ClockJump::Forwards {
-                by_ms: now_wall_ms - self.wall_ms,
-            })
+            Some(ClockJump::Forwards { by_ms: now_wall_ms - self.wall_ms })
         } else {
             None
         };
@@ -156,11 +142,7 @@ impl Hlc {
     }
 
     fn current(&self) -> HlcStamp {
-        HlcStamp {
-            wall_ms: self.wall_ms,
-            logical: self.logical,
-            actor: self.actor.clone(),
-        }
+        HlcStamp { wall_ms: self.wall_ms, logical: self.logical, actor: self.actor.clone() }
     }
 }
 
@@ -181,12 +163,7 @@ mod tests {
         let mut clock = Hlc::resume(actor("store:a"), 5_000, clock.last().0, clock.last().1);
         let (b, jump) = clock.stamp(3_000);
         assert!(b > a);
-        assert_eq!(
-            jump,
-            Some(ClockJump::Backwards {
-                by_ms: 1_700_000_000_000 - 3_000
-            })
-        );
+        assert_eq!(jump, Some(ClockJump::Backwards { by_ms: 1_700_000_000_000 - 3_000 }));
         let (c, jump) = clock.stamp(1_700_000_500_000);
         assert!(c > b);
         assert_eq!(jump, Some(ClockJump::Forwards { by_ms: 500_000 }));
@@ -195,23 +172,12 @@ mod tests {
     #[test]
     fn refuses_remote_stamps_beyond_the_fence_and_names_the_skew() {
         let mut clock = Hlc::new(actor("cloud"), 5_000);
-        let far = HlcStamp {
-            wall_ms: 1_000_000 + 60_000,
-            logical: 0,
-            actor: actor("store:b"),
-        };
+        let far = HlcStamp { wall_ms: 1_000_000 + 60_000, logical: 0, actor: actor("store:b") };
         let err = clock.observe(&far, 1_000_000).unwrap_err();
         assert_eq!(err.ahead_ms, 60_000);
-        assert!(
-            err.to_string().contains("60000 ms ahead") && err.to_string().contains("store:b"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("60000 ms ahead") && err.to_string().contains("store:b"), "{err}");
         assert_eq!(clock.last(), (0, 0), "a refused stamp is not adopted");
-        let near = HlcStamp {
-            wall_ms: 1_004_000,
-            logical: 7,
-            actor: actor("store:b"),
-        };
+        let near = HlcStamp { wall_ms: 1_004_000, logical: 7, actor: actor("store:b") };
         clock.observe(&near, 1_000_000).unwrap();
         let (next, _) = clock.stamp(1_000_000);
         assert!(next > near);

@@ -14,26 +14,18 @@ pub struct IdError {
     pub reason: String,
 }
 
-fn validate(
-    what: &'static str,
-    value: &str,
-    max_len: usize,
-    extra: &[char],
-) -> Result<(), IdError> {
-    let refuse = |reason: String| IdError {
-        what,
-        value: value.chars().take(80).collect(),
-        reason,
-    };
+fn validate(what: &'static str, value: &str, max_len: usize, extra: &[char]) -> Result<(), IdError> {
+    let refuse = |reason: String| IdError { what, value: value.chars().take(80).collect(), reason };
     if value.is_empty() {
         return Err(refuse("must not be empty".into()));
     }
     if value.len() > max_len {
         return Err(refuse(format!("longer than {max_len} bytes")));
     }
-    if let Some((pos, c)) = value.char_indices().find(|&(_, c)| {
-        !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || extra.contains(&c))
-    }) {
+    if let Some((pos, c)) = value
+        .char_indices()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' || extra.contains(&c)))
+    {
         return Err(refuse(format!(
             "character {c:?} at byte {pos} is not allowed (use ASCII letters, digits, '-', '_', '.'{})",
             extra.iter().map(|c| format!(", '{c}'")).collect::<String>()
@@ -134,10 +126,7 @@ mod tests {
     #[test]
     fn accepts_ordinary_ids() {
         assert_eq!(StoreId::new("s0042").unwrap().as_str(), "s0042");
-        assert_eq!(
-            ActorId::for_store(&StoreId::new("s1").unwrap()).as_str(),
-            "store:s1"
-        );
+        assert_eq!(ActorId::for_store(&StoreId::new("s1").unwrap()).as_str(), "store:s1");
         assert!(ActorId::new("store:s1").is_ok());
     }
 
@@ -146,10 +135,7 @@ mod tests {
         let e = StoreId::new("").unwrap_err();
         assert_eq!(e.to_string(), "invalid store id \"\": must not be empty");
         let e = Sku::new("ab/c").unwrap_err();
-        assert!(
-            e.to_string().contains("'/'") && e.to_string().contains("byte 2"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("'/'") && e.to_string().contains("byte 2"), "{e}");
         assert!(StoreId::new("x".repeat(33)).is_err());
         assert!(StoreId::new("a:b").is_err(), "':' is only for actor ids");
     }

@@ -21,8 +21,8 @@ pub use ids::{ActorId, DeviceId, IdError, Sku, StoreId};
 pub use lww::Lww;
 pub use money::{Currency, Money, MoneyError};
 pub use price::{
-    effective_price, PriceBook, PriceEntry, PriceError, PriceKey, PriceScope, PriceSlot,
-    PriceValue, ValidityWindow,
+    effective_price, PriceBook, PriceEntry, PriceError, PriceKey, PriceScope, PriceSlot, PriceValue, PriceVersion,
+    ValidityWindow,
 };
 pub use stock::{Slot, SlotKey, SlotRow, StockError, StockState};
 pub use wire::{WireError, SYNC_PROTOCOL_VERSION};

@@ -39,8 +39,8 @@ impl Currency {
     /// Digits after the decimal point (ISO 4217 minor unit). Two unless listed.
     pub fn minor_digits(&self) -> u32 {
         match self.code() {
-            "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF"
-            | "UGX" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
+            "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF" | "UGX" | "VND" | "VUV"
+            | "XAF" | "XOF" | "XPF" => 0,
             "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
             _ => 2,
         }
@@ -90,10 +90,8 @@ impl Money {
     /// Parses a decimal amount like `12.34` or `-0.5` in the given currency. More decimals than
     /// the currency has are refused rather than rounded: a price is never silently changed.
     pub fn parse(text: &str, currency: Currency) -> Result<Money, MoneyError> {
-        let bad = |reason: &str| MoneyError::InvalidAmount {
-            text: text.chars().take(40).collect(),
-            reason: reason.into(),
-        };
+        let bad =
+            |reason: &str| MoneyError::InvalidAmount { text: text.chars().take(40).collect(), reason: reason.into() };
         let digits = currency.minor_digits();
         let (neg, body) = match text.strip_prefix('-') {
             Some(rest) => (true, rest),
@@ -104,13 +102,9 @@ impl Money {
             None => (body, ""),
         };
         if int_part.is_empty() || !int_part.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad(
-                "expected digits, optionally with a decimal point, e.g. 12.34",
-            ));
+            return Err(bad("expected digits, optionally with a decimal point, e.g. 12.34"));
         }
-        if !frac_part.bytes().all(|b| b.is_ascii_digit())
-            || (body.contains('.') && frac_part.is_empty())
-        {
+        if !frac_part.bytes().all(|b| b.is_ascii_digit()) || (body.contains('.') && frac_part.is_empty()) {
             return Err(bad("expected digits after the decimal point"));
         }
         if frac_part.len() as u32 > digits {
@@ -118,45 +112,23 @@ impl Money {
         }
         let scale = 10i64.pow(digits);
         let whole: i64 = int_part.parse().map_err(|_| bad("too large"))?;
-        let mut frac: i64 = if frac_part.is_empty() {
-            0
-        } else {
-            frac_part.parse().map_err(|_| bad("too large"))?
-        };
+        let mut frac: i64 = if frac_part.is_empty() { 0 } else { frac_part.parse().map_err(|_| bad("too large"))? };
         frac *= 10i64.pow(digits - frac_part.len() as u32);
-        let minor = whole
-            .checked_mul(scale)
-            .and_then(|w| w.checked_add(frac))
-            .ok_or_else(|| bad("too large"))?;
-        Ok(Money {
-            minor: if neg { -minor } else { minor },
-            currency,
-        })
+        let minor = whole.checked_mul(scale).and_then(|w| w.checked_add(frac)).ok_or_else(|| bad("too large"))?;
+        Ok(Money { minor: if neg { -minor } else { minor }, currency })
     }
 
     pub fn checked_add(self, other: Money) -> Result<Money, MoneyError> {
         if self.currency != other.currency {
-            return Err(MoneyError::CurrencyMismatch {
-                left: self.currency,
-                right: other.currency,
-            });
+            return Err(MoneyError::CurrencyMismatch { left: self.currency, right: other.currency });
         }
-        let minor = self
-            .minor
-            .checked_add(other.minor)
-            .ok_or(MoneyError::Overflow)?;
-        Ok(Money {
-            minor,
-            currency: self.currency,
-        })
+        let minor = self.minor.checked_add(other.minor).ok_or(MoneyError::Overflow)?;
+        Ok(Money { minor, currency: self.currency })
     }
 
     pub fn checked_mul(self, factor: i64) -> Result<Money, MoneyError> {
         let minor = self.minor.checked_mul(factor).ok_or(MoneyError::Overflow)?;
-        Ok(Money {
-            minor,
-            currency: self.currency,
-        })
+        Ok(Money { minor, currency: self.currency })
     }
 
     pub fn is_negative(&self) -> bool {
@@ -173,14 +145,7 @@ impl fmt::Display for Money {
             return write!(f, "{sign}{abs} {}", self.currency);
         }
         let scale = 10u64.pow(digits);
-        write!(
-            f,
-            "{sign}{}.{:0width$} {}",
-            abs / scale,
-            abs % scale,
-            self.currency,
-            width = digits as usize
-        )
+        write!(f, "{sign}{}.{:0width$} {}", abs / scale, abs % scale, self.currency, width = digits as usize)
     }
 }
 
@@ -199,25 +164,12 @@ mod tests {
         assert_eq!(Money::parse("-0.05", eur()).unwrap().minor, -5);
         assert_eq!(Money::parse("7", eur()).unwrap().to_string(), "7.00 EUR");
         assert_eq!(Money::new(-1234, eur()).to_string(), "-12.34 EUR");
-        assert_eq!(
-            Money::parse("1500", Currency::new("JPY").unwrap())
-                .unwrap()
-                .to_string(),
-            "1500 JPY"
-        );
+        assert_eq!(Money::parse("1500", Currency::new("JPY").unwrap()).unwrap().to_string(), "1500 JPY");
     }
 
     #[test]
     fn refuses_what_it_would_have_to_round() {
-        for bad in [
-            "1.234",
-            "",
-            ".5",
-            "1.",
-            "1,5",
-            "abc",
-            "99999999999999999999",
-        ] {
+        for bad in ["1.234", "", ".5", "1.", "1,5", "abc", "99999999999999999999"] {
             assert!(Money::parse(bad, eur()).is_err(), "{bad:?}");
         }
         assert!(Currency::new("eur").is_err());
@@ -227,10 +179,7 @@ mod tests {
     #[test]
     fn arithmetic_is_checked() {
         let a = Money::new(i64::MAX, eur());
-        assert_eq!(
-            a.checked_add(Money::new(1, eur())),
-            Err(MoneyError::Overflow)
-        );
+        assert_eq!(a.checked_add(Money::new(1, eur())), Err(MoneyError::Overflow));
         let usd = Currency::new("USD").unwrap();
         assert!(matches!(
             Money::new(1, eur()).checked_add(Money::new(1, usd)),

@@ -21,17 +21,9 @@ pub enum PriceError {
     #[error("price of {sku} must not be negative: {amount}")]
     Negative { sku: Sku, amount: Money },
     #[error("validity window of {sku} is empty: starts at {from_ms} ms, ends at {until_ms} ms")]
-    EmptyWindow {
-        sku: Sku,
-        from_ms: u64,
-        until_ms: u64,
-    },
+    EmptyWindow { sku: Sku, from_ms: u64, until_ms: u64 },
     #[error("price of {sku} is in {found}, but this store trades in {expected}")]
-    WrongCurrency {
-        sku: Sku,
-        found: crate::money::Currency,
-        expected: crate::money::Currency,
-    },
+    WrongCurrency { sku: Sku, found: crate::money::Currency, expected: crate::money::Currency },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -92,11 +84,7 @@ pub struct PriceValue {
 
 impl PriceValue {
     /// A price as a user or HQ sets it: never negative, never an empty window.
-    pub fn new(
-        sku: &Sku,
-        amount: Money,
-        window: Option<ValidityWindow>,
-    ) -> Result<PriceValue, PriceError> {
+    pub fn new(sku: &Sku, amount: Money, window: Option<ValidityWindow>) -> Result<PriceValue, PriceError> {
         let value = PriceValue { amount, window };
         value.validate(sku)?;
         Ok(value)
@@ -104,18 +92,11 @@ impl PriceValue {
 
     pub fn validate(&self, sku: &Sku) -> Result<(), PriceError> {
         if self.amount.is_negative() {
-            return Err(PriceError::Negative {
-                sku: sku.clone(),
-                amount: self.amount,
-            });
+            return Err(PriceError::Negative { sku: sku.clone(), amount: self.amount });
         }
         if let Some(w) = self.window {
             if w.from_ms >= w.until_ms {
-                return Err(PriceError::EmptyWindow {
-                    sku: sku.clone(),
-                    from_ms: w.from_ms,
-                    until_ms: w.until_ms,
-                });
+                return Err(PriceError::EmptyWindow { sku: sku.clone(), from_ms: w.from_ms, until_ms: w.until_ms });
             }
         }
         Ok(())
@@ -124,6 +105,15 @@ impl PriceValue {
     pub fn valid_at(&self, at_ms: u64) -> bool {
         self.window.is_none_or(|w| w.contains(at_ms))
     }
+}
+
+/// Which register write a price came from: recorded in each sale line, so an auditor can tell
+/// exactly which price change a till charged.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PriceVersion {
+    pub scope: PriceScope,
+    pub slot: PriceSlot,
+    pub stamp: HlcStamp,
 }
 
 /// One register write as it is stored and synced: `value: None` withdraws the price.
@@ -143,10 +133,11 @@ impl PriceEntry {
     }
 
     fn as_lww(&self) -> Lww<Option<PriceValue>> {
-        Lww {
-            value: self.value.clone(),
-            stamp: self.stamp.clone(),
-        }
+        Lww { value: self.value.clone(), stamp: self.stamp.clone() }
+    }
+
+    pub fn version(&self) -> PriceVersion {
+        PriceVersion { scope: self.key.scope.clone(), slot: self.key.slot, stamp: self.stamp.clone() }
     }
 
     /// Whether this write wins against `current` in the register.
@@ -214,20 +205,8 @@ impl PriceBook {
     }
 
     pub fn effective_price(&self, sku: &Sku, store: &StoreId, at_ms: u64) -> Option<&PriceEntry> {
-        let lo = PriceKey {
-            sku: sku.clone(),
-            scope: PriceScope::Chain,
-            slot: PriceSlot::Regular,
-        };
-        effective_price(
-            self.entries
-                .range(lo..)
-                .take_while(|(k, _)| &k.sku == sku)
-                .map(|(_, e)| e),
-            sku,
-            store,
-            at_ms,
-        )
+        let lo = PriceKey { sku: sku.clone(), scope: PriceScope::Chain, slot: PriceSlot::Regular };
+        effective_price(self.entries.range(lo..).take_while(|(k, _)| &k.sku == sku).map(|(_, e)| e), sku, store, at_ms)
     }
 }
 
@@ -243,28 +222,14 @@ mod tests {
     fn store() -> StoreId {
         StoreId::new("s1").unwrap()
     }
-    fn entry(
-        scope: PriceScope,
-        slot: PriceSlot,
-        cents: i64,
-        window: Option<(u64, u64)>,
-        wall: u64,
-    ) -> PriceEntry {
+    fn entry(scope: PriceScope, slot: PriceSlot, cents: i64, window: Option<(u64, u64)>, wall: u64) -> PriceEntry {
         PriceEntry {
-            key: PriceKey {
-                sku: sku(),
-                scope,
-                slot,
-            },
+            key: PriceKey { sku: sku(), scope, slot },
             value: Some(PriceValue {
                 amount: Money::new(cents, Currency::new("EUR").unwrap()),
                 window: window.map(|(from_ms, until_ms)| ValidityWindow { from_ms, until_ms }),
             }),
-            stamp: HlcStamp {
-                wall_ms: wall,
-                logical: 0,
-                actor: ActorId::cloud(),
-            },
+            stamp: HlcStamp { wall_ms: wall, logical: 0, actor: ActorId::cloud() },
         }
     }
 
@@ -272,43 +237,16 @@ mod tests {
     fn store_over_chain_and_promotions_inside_their_window() {
         let mut book = PriceBook::new();
         book.merge(&entry(PriceScope::Chain, PriceSlot::Regular, 199, None, 1));
-        book.merge(&entry(
-            PriceScope::Chain,
-            PriceSlot::Promotion,
-            149,
-            Some((100, 200)),
-            2,
-        ));
-        let at = |t| {
-            book.effective_price(&sku(), &store(), t)
-                .map(|e| e.value.as_ref().unwrap().amount.minor)
-        };
+        book.merge(&entry(PriceScope::Chain, PriceSlot::Promotion, 149, Some((100, 200)), 2));
+        let at = |t| book.effective_price(&sku(), &store(), t).map(|e| e.value.as_ref().unwrap().amount.minor);
         assert_eq!(at(50), Some(199));
         assert_eq!(at(100), Some(149));
         assert_eq!(at(200), Some(199), "window is half-open");
-        book.merge(&entry(
-            PriceScope::Store(store()),
-            PriceSlot::Regular,
-            189,
-            None,
-            3,
-        ));
-        let at = |t| {
-            book.effective_price(&sku(), &store(), t)
-                .map(|e| e.value.as_ref().unwrap().amount.minor)
-        };
+        book.merge(&entry(PriceScope::Store(store()), PriceSlot::Regular, 189, None, 3));
+        let at = |t| book.effective_price(&sku(), &store(), t).map(|e| e.value.as_ref().unwrap().amount.minor);
         assert_eq!(at(150), Some(189), "a store price beats a chain promotion");
         let other = StoreId::new("s2").unwrap();
-        assert_eq!(
-            book.effective_price(&sku(), &other, 150)
-                .unwrap()
-                .value
-                .as_ref()
-                .unwrap()
-                .amount
-                .minor,
-            149
-        );
+        assert_eq!(book.effective_price(&sku(), &other, 150).unwrap().value.as_ref().unwrap().amount.minor, 149);
     }
 
     #[test]
@@ -317,34 +255,10 @@ mod tests {
         book.merge(&entry(PriceScope::Chain, PriceSlot::Regular, 199, None, 1));
         let mut withdraw = entry(PriceScope::Store(store()), PriceSlot::Regular, 0, None, 5);
         withdraw.value = None;
-        book.merge(&entry(
-            PriceScope::Store(store()),
-            PriceSlot::Regular,
-            189,
-            None,
-            4,
-        ));
+        book.merge(&entry(PriceScope::Store(store()), PriceSlot::Regular, 189, None, 4));
         book.merge(&withdraw);
-        assert!(
-            !book.merge(&entry(
-                PriceScope::Store(store()),
-                PriceSlot::Regular,
-                179,
-                None,
-                3
-            )),
-            "older write loses"
-        );
-        assert_eq!(
-            book.effective_price(&sku(), &store(), 0)
-                .unwrap()
-                .value
-                .as_ref()
-                .unwrap()
-                .amount
-                .minor,
-            199
-        );
+        assert!(!book.merge(&entry(PriceScope::Store(store()), PriceSlot::Regular, 179, None, 3)), "older write loses");
+        assert_eq!(book.effective_price(&sku(), &store(), 0).unwrap().value.as_ref().unwrap().amount.minor, 199);
     }
 
     #[test]
@@ -353,18 +267,10 @@ mod tests {
         let e = PriceValue::new(&sku(), Money::new(-1, eur), None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "price of Sku(\"MILK-1L\") must not be negative: -0.01 EUR"
-                .replace("Sku(\"MILK-1L\")", "MILK-1L")
+            "price of Sku(\"MILK-1L\") must not be negative: -0.01 EUR".replace("Sku(\"MILK-1L\")", "MILK-1L")
         );
         assert!(matches!(
-            PriceValue::new(
-                &sku(),
-                Money::new(1, eur),
-                Some(ValidityWindow {
-                    from_ms: 5,
-                    until_ms: 5
-                })
-            ),
+            PriceValue::new(&sku(), Money::new(1, eur), Some(ValidityWindow { from_ms: 5, until_ms: 5 })),
             Err(PriceError::EmptyWindow { .. })
         ));
     }

@@ -14,12 +14,7 @@ pub enum StockError {
     #[error("stock movement of {movement} on {key} would overflow the slot")]
     Overflow { key: String, movement: i64 },
     #[error("stock slot {key} carries {field} = {value}, above the largest storable count {max}")]
-    OutOfRange {
-        key: String,
-        field: &'static str,
-        value: u64,
-        max: u64,
-    },
+    OutOfRange { key: String, field: &'static str, value: u64, max: u64 },
 }
 
 /// Identifies one actor's slot of one SKU's counter in one store.
@@ -37,9 +32,7 @@ impl std::fmt::Display for SlotKey {
 }
 
 /// The grow-only increments and decrements one actor made, in base units.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Slot {
     pub inc: u64,
     pub dec: u64,
@@ -53,25 +46,16 @@ impl Slot {
     pub fn apply(self, movement: i64) -> Option<Slot> {
         let mut next = self;
         if movement >= 0 {
-            next.inc = self
-                .inc
-                .checked_add(movement as u64)
-                .filter(|v| *v <= Slot::MAX)?;
+            next.inc = self.inc.checked_add(movement as u64).filter(|v| *v <= Slot::MAX)?;
         } else {
-            next.dec = self
-                .dec
-                .checked_add(movement.unsigned_abs())
-                .filter(|v| *v <= Slot::MAX)?;
+            next.dec = self.dec.checked_add(movement.unsigned_abs()).filter(|v| *v <= Slot::MAX)?;
         }
         Some(next)
     }
 
     /// Per-field max: idempotent, commutative, associative.
     pub fn merge(self, other: Slot) -> Slot {
-        Slot {
-            inc: self.inc.max(other.inc),
-            dec: self.dec.max(other.dec),
-        }
+        Slot { inc: self.inc.max(other.inc), dec: self.dec.max(other.dec) }
     }
 
     pub fn value(self) -> i128 {
@@ -91,12 +75,7 @@ impl SlotRow {
     pub fn validate(&self) -> Result<(), StockError> {
         for (field, value) in [("inc", self.slot.inc), ("dec", self.slot.dec)] {
             if value > Slot::MAX {
-                return Err(StockError::OutOfRange {
-                    key: self.key.to_string(),
-                    field,
-                    value,
-                    max: Slot::MAX,
-                });
+                return Err(StockError::OutOfRange { key: self.key.to_string(), field, value, max: Slot::MAX });
             }
         }
         Ok(())
@@ -130,21 +109,10 @@ impl StockState {
     /// Records a movement made by `key.actor` (the caller must own that actor).
     pub fn apply_local(&mut self, key: SlotKey, movement: i64) -> Result<SlotRow, StockError> {
         let current = self.slots.get(&key).map(|v| v.slot).unwrap_or_default();
-        let slot = current
-            .apply(movement)
-            .ok_or_else(|| StockError::Overflow {
-                key: key.to_string(),
-                movement,
-            })?;
+        let slot = current.apply(movement).ok_or_else(|| StockError::Overflow { key: key.to_string(), movement })?;
         if slot != current {
             self.version += 1;
-            self.slots.insert(
-                key.clone(),
-                Versioned {
-                    slot,
-                    version: self.version,
-                },
-            );
+            self.slots.insert(key.clone(), Versioned { slot, version: self.version });
         }
         Ok(SlotRow { key, slot })
     }
@@ -154,10 +122,7 @@ impl StockState {
         self.slots
             .iter()
             .filter(|(_, v)| v.version > since)
-            .map(|(k, v)| SlotRow {
-                key: k.clone(),
-                slot: v.slot,
-            })
+            .map(|(k, v)| SlotRow { key: k.clone(), slot: v.slot })
             .collect()
     }
 
@@ -172,20 +137,10 @@ impl StockState {
         for row in rows {
             let current = self.slots.get(&row.key).map(|v| v.slot).unwrap_or_default();
             let merged = current.merge(row.slot);
-            if merged != current || !self.slots.contains_key(&row.key) && merged != Slot::default()
-            {
+            if merged != current || !self.slots.contains_key(&row.key) && merged != Slot::default() {
                 self.version += 1;
-                self.slots.insert(
-                    row.key.clone(),
-                    Versioned {
-                        slot: merged,
-                        version: self.version,
-                    },
-                );
-                changed.push(SlotRow {
-                    key: row.key.clone(),
-                    slot: merged,
-                });
+                self.slots.insert(row.key.clone(), Versioned { slot: merged, version: self.version });
+                changed.push(SlotRow { key: row.key.clone(), slot: merged });
             }
         }
         changed
@@ -197,11 +152,7 @@ impl StockState {
 
     /// On-hand units of `sku` in `store`: the sum over every actor's slot.
     pub fn value(&self, store: &StoreId, sku: &Sku) -> i128 {
-        self.slots
-            .iter()
-            .filter(|(k, _)| &k.store == store && &k.sku == sku)
-            .map(|(_, v)| v.slot.value())
-            .sum()
+        self.slots.iter().filter(|(k, _)| &k.store == store && &k.sku == sku).map(|(_, v)| v.slot.value()).sum()
     }
 }
 
@@ -226,27 +177,15 @@ mod tests {
         let delta = s.delta_since(v);
         assert_eq!(delta.len(), 1);
         assert_eq!(delta[0].key.sku.as_str(), "B");
-        assert_eq!(
-            s.value(&StoreId::new("s1").unwrap(), &Sku::new("B").unwrap()),
-            -2
-        );
+        assert_eq!(s.value(&StoreId::new("s1").unwrap(), &Sku::new("B").unwrap()), -2);
     }
 
     #[test]
     fn overflow_is_refused_not_wrapped() {
         let mut s = StockState::new();
         s.apply_local(key("s1", "A", "store:s1"), i64::MAX).unwrap();
-        assert!(matches!(
-            s.apply_local(key("s1", "A", "store:s1"), 1),
-            Err(StockError::Overflow { .. })
-        ));
-        let bad = SlotRow {
-            key: key("s1", "A", "cloud"),
-            slot: Slot {
-                inc: u64::MAX,
-                dec: 0,
-            },
-        };
+        assert!(matches!(s.apply_local(key("s1", "A", "store:s1"), 1), Err(StockError::Overflow { .. })));
+        let bad = SlotRow { key: key("s1", "A", "cloud"), slot: Slot { inc: u64::MAX, dec: 0 } };
         assert!(bad.validate().is_err());
     }
 
@@ -258,13 +197,7 @@ mod tests {
         b.apply_local(key("s1", "A", "cloud"), -3).unwrap();
         let changed = a.merge(&b.rows());
         assert_eq!(changed.len(), 1);
-        assert!(
-            a.merge(&b.rows()).is_empty(),
-            "merging twice changes nothing"
-        );
-        assert_eq!(
-            a.value(&StoreId::new("s1").unwrap(), &Sku::new("A").unwrap()),
-            2
-        );
+        assert!(a.merge(&b.rows()).is_empty(), "merging twice changes nothing");
+        assert_eq!(a.value(&StoreId::new("s1").unwrap(), &Sku::new("A").unwrap()), 2);
     }
 }

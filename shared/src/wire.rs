@@ -19,7 +19,9 @@ pub enum WireError {
     TooShort { len: usize },
     #[error("not a store-edge sync message (magic {found:02x?}, expected \"SE\")")]
     BadMagic { found: [u8; 2] },
-    #[error("unsupported sync protocol version {found}; this build speaks version {supported}: upgrade the older side")]
+    #[error(
+        "unsupported sync protocol version {found}; this build speaks version {supported}: upgrade the older side"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("malformed sync message body: {0}")]
     Malformed(String),
@@ -44,13 +46,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     }
     let version = u16::from_le_bytes([bytes[2], bytes[3]]);
     if version != SYNC_PROTOCOL_VERSION {
-        return Err(WireError::UnsupportedVersion {
-            found: version,
-            supported: SYNC_PROTOCOL_VERSION,
-        });
+        return Err(WireError::UnsupportedVersion { found: version, supported: SYNC_PROTOCOL_VERSION });
     }
-    let (message, rest) = postcard::take_from_bytes(&bytes[HEADER_LEN..])
-        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let (message, rest) =
+        postcard::take_from_bytes(&bytes[HEADER_LEN..]).map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(WireError::TrailingBytes(rest.len()));
     }
@@ -78,21 +77,7 @@ mod tests {
     #[test]
     fn golden_bytes_pin_the_layout() {
         let bytes = encode(&row()).unwrap();
-        assert_eq!(
-            bytes,
-            [
-                b"SE".as_slice(),
-                &[1, 0],
-                &[2],
-                b"s1",
-                &[1],
-                b"A",
-                &[8],
-                b"store:s1",
-                &[12, 3]
-            ]
-            .concat()
-        );
+        assert_eq!(bytes, [b"SE".as_slice(), &[1, 0], &[2], b"s1", &[1], b"A", &[8], b"store:s1", &[12, 3]].concat());
         assert_eq!(decode::<SlotRow>(&bytes).unwrap(), row());
     }
 
@@ -104,14 +89,8 @@ mod tests {
             decode::<SlotRow>(&bytes).unwrap_err().to_string(),
             "unsupported sync protocol version 2; this build speaks version 1: upgrade the older side"
         );
-        assert!(matches!(
-            decode::<SlotRow>(b"XX\x01\x00"),
-            Err(WireError::BadMagic { .. })
-        ));
-        assert!(matches!(
-            decode::<SlotRow>(b"SE"),
-            Err(WireError::TooShort { len: 2 })
-        ));
+        assert!(matches!(decode::<SlotRow>(b"XX\x01\x00"), Err(WireError::BadMagic { .. })));
+        assert!(matches!(decode::<SlotRow>(b"SE"), Err(WireError::TooShort { len: 2 })));
         let mut long = encode(&row()).unwrap();
         long.push(0);
         assert_eq!(decode::<SlotRow>(&long), Err(WireError::TrailingBytes(1)));

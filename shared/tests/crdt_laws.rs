@@ -20,15 +20,8 @@ fn key(actor: usize, sku: usize) -> SlotKey {
 /// One step of a replica's life: a local movement by its own actor, or a merge from a peer.
 #[derive(Debug, Clone)]
 enum Step {
-    Move {
-        replica: usize,
-        sku: usize,
-        movement: i64,
-    },
-    Sync {
-        from: usize,
-        to: usize,
-    },
+    Move { replica: usize, sku: usize, movement: i64 },
+    Sync { from: usize, to: usize },
 }
 
 fn steps(replicas: usize) -> impl Strategy<Value = Vec<Step>> {
@@ -47,14 +40,8 @@ fn play(replicas: usize, steps: &[Step]) -> (Vec<StockState>, i128) {
     let mut total = 0i128;
     for step in steps {
         match *step {
-            Step::Move {
-                replica,
-                sku,
-                movement,
-            } => {
-                states[replica]
-                    .apply_local(key(replica, sku), movement)
-                    .unwrap();
+            Step::Move { replica, sku, movement } => {
+                states[replica].apply_local(key(replica, sku), movement).unwrap();
                 total += i128::from(movement);
             }
             Step::Sync { from, to } if from != to => {
@@ -70,9 +57,7 @@ fn play(replicas: usize, steps: &[Step]) -> (Vec<StockState>, i128) {
 
 fn total_value(state: &StockState) -> i128 {
     let store = StoreId::new("s1").unwrap();
-    SKUS.iter()
-        .map(|s| state.value(&store, &Sku::new(*s).unwrap()))
-        .sum()
+    SKUS.iter().map(|s| state.value(&store, &Sku::new(*s).unwrap())).sum()
 }
 
 fn merged(a: &StockState, b: &StockState) -> Vec<SlotRow> {

@@ -11,10 +11,7 @@ use std::time::Duration;
 /// executables (`target/<profile>/`).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
@@ -32,16 +29,10 @@ pub fn required_tools() -> bool {
 
 /// Finds `tool` on PATH; under CI its absence is a failure, elsewhere the caller skips.
 pub fn tool(tool: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(tool))
-            .find(|p| p.is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(tool)).find(|p| p.is_file()));
     if found.is_none() {
-        assert!(
-            !required_tools(),
-            "{tool} is required under CI=true but is not installed (.ci/run installs it)"
-        );
+        assert!(!required_tools(), "{tool} is required under CI=true but is not installed (.ci/run installs it)");
         eprintln!("SKIPPED: {tool} is not installed");
     }
     found
@@ -63,11 +54,8 @@ impl Running {
         }
         let mut child = cmd.stdin(Stdio::null()).spawn().expect("spawn");
         let (tx, rx) = mpsc::channel();
-        let out: Box<dyn std::io::Read + Send> = if stderr {
-            Box::new(child.stderr.take().unwrap())
-        } else {
-            Box::new(child.stdout.take().unwrap())
-        };
+        let out: Box<dyn std::io::Read + Send> =
+            if stderr { Box::new(child.stderr.take().unwrap()) } else { Box::new(child.stdout.take().unwrap()) };
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
@@ -93,10 +81,7 @@ impl Running {
                         return seen;
                     }
                 }
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {timeout:?}; saw:\n{}",
-                    seen.join("\n")
-                ),
+                Err(_) => panic!("no line containing {needle:?} within {timeout:?}; saw:\n{}", seen.join("\n")),
             }
         }
     }

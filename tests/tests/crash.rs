@@ -48,33 +48,21 @@ fn sigkill_during_sales_loses_nothing_acknowledged_and_applies_nothing_twice() {
         let mut replays = 0;
         for line in &lines {
             let parts: Vec<&str> = line.split_whitespace().collect();
-            let ["ACK", i, seq, replayed] = parts[..] else {
-                panic!("unexpected loader line {line:?}")
-            };
+            let ["ACK", i, seq, replayed] = parts[..] else { panic!("unexpected loader line {line:?}") };
             let (i, seq): (u64, u64) = (i.parse().unwrap(), seq.parse().unwrap());
             if replayed == "true" {
                 replays += 1;
                 // Durable in an earlier round; known unless the loader died between commit and print.
                 let first = *acked.entry(i).or_insert(seq);
-                assert_eq!(
-                    first, seq,
-                    "replay of sale {i} must return its first result"
-                );
+                assert_eq!(first, seq, "replay of sale {i} must return its first result");
             } else {
                 assert!(acked.insert(i, seq).is_none(), "sale {i} was applied twice");
             }
         }
         check_ledger(&dir, &acked, round);
         // Restart a little before the highest acknowledged index, so some sales are retried.
-        from = acked
-            .keys()
-            .next_back()
-            .map_or(0, |max| max.saturating_sub(40));
-        eprintln!(
-            "round {round}: {} acks ({replays} replays), {} sales acknowledged so far",
-            lines.len(),
-            acked.len()
-        );
+        from = acked.keys().next_back().map_or(0, |max| max.saturating_sub(40));
+        eprintln!("round {round}: {} acks ({replays} replays), {} sales acknowledged so far", lines.len(), acked.len());
     }
 
     let out = Command::new(workspace_bin("storectl"))
@@ -83,11 +71,7 @@ fn sigkill_during_sales_loses_nothing_acknowledged_and_applies_nothing_twice() {
         .args(["ledger", "verify"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "storectl ledger verify: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "storectl ledger verify: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ledger OK"));
 }
 
@@ -111,14 +95,8 @@ fn check_ledger(dir: &tempfile::TempDir, acked: &BTreeMap<u64, u64>, round: usiz
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    let mut stmt = conn
-        .prepare("SELECT idem_key FROM events WHERE kind = 'sale'")
-        .unwrap();
-    let keys: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let mut stmt = conn.prepare("SELECT idem_key FROM events WHERE kind = 'sale'").unwrap();
+    let keys: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
     let mut sold = [0i64; 10];
     for k in &keys {
         let i: u64 = k.strip_prefix("sale:").unwrap().parse().unwrap();
@@ -128,14 +106,7 @@ fn check_ledger(dir: &tempfile::TempDir, acked: &BTreeMap<u64, u64>, round: usiz
         }
     }
     for (s, sold) in sold.iter().enumerate() {
-        let on_hand = reader
-            .stock(&Sku::new(format!("SKU{s}")).unwrap())
-            .unwrap()
-            .on_hand;
-        assert_eq!(
-            on_hand,
-            1_000_000 - sold,
-            "round {round}: stock of SKU{s} disagrees with the events"
-        );
+        let on_hand = reader.stock(&Sku::new(format!("SKU{s}")).unwrap()).unwrap().on_hand;
+        assert_eq!(on_hand, 1_000_000 - sold, "round {round}: stock of SKU{s} disagrees with the events");
     }
 }

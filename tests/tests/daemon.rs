@@ -14,19 +14,17 @@ fn write_config(dir: &Path, data_dir: &Path) -> std::path::PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(
         &path,
-        format!("[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n", data_dir.display()),
+        format!(
+            "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n",
+            data_dir.display()
+        ),
     )
     .unwrap();
     path
 }
 
 fn edge_agent(args: &[&str], config: &Path) -> Output {
-    Command::new(workspace_bin("edge-agent"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap()
+    Command::new(workspace_bin("edge-agent")).args(args).arg("--config").arg(config).output().unwrap()
 }
 
 fn stderr(out: &Output) -> String {
@@ -50,11 +48,7 @@ fn starts_and_stops_cleanly_on_sigterm_and_sigint() {
         signal(&run.child, sig);
         let lines = run.wait_for("edge-agent stopped cleanly", Duration::from_secs(10));
         let status = run.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "exit status {status}; log:\n{}",
-            lines.join("\n")
-        );
+        assert!(status.success(), "exit status {status}; log:\n{}", lines.join("\n"));
         assert!(sent.elapsed() < Duration::from_secs(10));
         let verify = Command::new(workspace_bin("storectl"))
             .arg("--config")
@@ -68,10 +62,7 @@ fn starts_and_stops_cleanly_on_sigterm_and_sigint() {
 
 #[test]
 fn default_config_passes_check_config() {
-    let out = Command::new(workspace_bin("edge-agent"))
-        .arg("print-default-config")
-        .output()
-        .unwrap();
+    let out = Command::new(workspace_bin("edge-agent")).arg("print-default-config").output().unwrap();
     assert!(out.status.success());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("default.toml");
@@ -84,26 +75,14 @@ fn default_config_passes_check_config() {
 fn bad_config_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            "[store]\nid = \"s1\"\ncurrency = \"EUR\"\nbogus = true\n",
-            "key `store.bogus`",
-            "unknown field",
-        ),
+        ("[store]\nid = \"s1\"\ncurrency = \"EUR\"\nbogus = true\n", "key `store.bogus`", "unknown field"),
         (
             "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[ledger]\nbatch_max = \"lots\"\n",
             "key `ledger.batch_max`",
             "invalid type",
         ),
-        (
-            "[store]\nid = \"s1\"\ncurrency = 978\n",
-            "key `store.currency`",
-            "invalid type",
-        ),
-        (
-            "[store]\nid = \"store/1\"\ncurrency = \"EUR\"\n",
-            "key `store.id`",
-            "'/'",
-        ),
+        ("[store]\nid = \"s1\"\ncurrency = 978\n", "key `store.currency`", "invalid type"),
+        ("[store]\nid = \"store/1\"\ncurrency = \"EUR\"\n", "key `store.id`", "'/'"),
         ("[store\n", "config.toml", "line 1"),
     ];
     for (text, key, what) in cases {
@@ -111,27 +90,14 @@ fn bad_config_exits_64_naming_the_key() {
         std::fs::write(&path, text).unwrap();
         for cmd in ["check-config", "run"] {
             let out = edge_agent(&[cmd], &path);
-            assert_eq!(
-                out.status.code(),
-                Some(64),
-                "{cmd} with {text:?}: {}",
-                stderr(&out)
-            );
-            assert!(
-                stderr(&out).contains(key) && stderr(&out).contains(what),
-                "{cmd}: {}",
-                stderr(&out)
-            );
+            assert_eq!(out.status.code(), Some(64), "{cmd} with {text:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains(key) && stderr(&out).contains(what), "{cmd}: {}", stderr(&out));
             assert_no_panic(&out);
         }
     }
     let out = edge_agent(&["check-config"], &dir.path().join("missing.toml"));
     assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr(&out).contains("missing.toml") && stderr(&out).contains("cannot read"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("missing.toml") && stderr(&out).contains("cannot read"), "{}", stderr(&out));
 }
 
 #[test]
@@ -142,22 +108,12 @@ fn corrupt_or_foreign_ledger_files_are_refused_not_touched() {
     let config = write_config(dir.path(), &data);
     let ledger = data.join("ledger.db");
 
-    let garbage: Vec<u8> = (0..8192u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(&ledger, &garbage).unwrap();
     let out = edge_agent(&["run"], &config);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("is not a readable SQLite database"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(
-        std::fs::read(&ledger).unwrap(),
-        garbage,
-        "the file must be left as it was"
-    );
+    assert!(stderr(&out).contains("is not a readable SQLite database"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&ledger).unwrap(), garbage, "the file must be left as it was");
     let out = Command::new(workspace_bin("storectl"))
         .arg("--data-dir")
         .arg(&data)
@@ -169,16 +125,11 @@ fn corrupt_or_foreign_ledger_files_are_refused_not_touched() {
 
     std::fs::remove_file(&ledger).unwrap();
     let conn = rusqlite::Connection::open(&ledger).unwrap();
-    conn.execute_batch("CREATE TABLE playlist (song TEXT)")
-        .unwrap();
+    conn.execute_batch("CREATE TABLE playlist (song TEXT)").unwrap();
     drop(conn);
     let out = edge_agent(&["run"], &config);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("another application"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("another application"), "{}", stderr(&out));
 }
 
 #[test]
@@ -219,21 +170,12 @@ fn a_data_folder_the_service_user_cannot_write_is_named() {
 fn storectl_names_bad_arguments_and_missing_ledgers() {
     let dir = tempfile::tempdir().unwrap();
     let storectl = |args: &[&str]| {
-        Command::new(workspace_bin("storectl"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(workspace_bin("storectl")).arg("--data-dir").arg(dir.path()).args(args).output().unwrap()
     };
 
     let out = storectl(&["stock", "show", "A"]);
     assert_eq!(out.status.code(), Some(66), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("no ledger file here"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("no ledger file here"), "{}", stderr(&out));
 
     // Create an empty ledger, then ask with bad input.
     let config = write_config(dir.path(), dir.path());
@@ -246,11 +188,7 @@ fn storectl_names_bad_arguments_and_missing_ledgers() {
 
     let out = storectl(&["stock", "show", "--gtin", "4006381333932"]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr(&out).contains("check digit is 2, expected 1"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("check digit is 2, expected 1"), "{}", stderr(&out));
     let out = storectl(&["price", "show", "no/such sku"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("invalid SKU"), "{}", stderr(&out));

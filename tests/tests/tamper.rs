@@ -5,28 +5,24 @@ use std::path::Path;
 use std::process::Command;
 
 use e2e_tests::{tool, workspace_bin};
-use edge_agent::ledger::{
-    Command as LedgerCommand, IdempotencyKey, Ledger, LedgerOptions, SaleLine, Tender,
-};
+use edge_agent::ledger::{Command as LedgerCommand, IdempotencyKey, Ledger, LedgerOptions, SaleLine, Tender};
 use shared::{Currency, Money, Sku, StoreId};
 
 fn ledger_with_ten_sales(dir: &Path) {
     let eur = Currency::new("EUR").unwrap();
-    let (h, w) = Ledger::open(dir, &LedgerOptions::new(StoreId::new("s1").unwrap(), eur))
-        .unwrap()
-        .start_writer(16)
-        .unwrap();
+    let (h, w) =
+        Ledger::open(dir, &LedgerOptions::new(StoreId::new("s1").unwrap(), eur)).unwrap().start_writer(16).unwrap();
     for i in 1..=10 {
         let sale = LedgerCommand::Sale {
             lines: vec![SaleLine {
                 sku: Sku::new(format!("SKU{}", i % 3)).unwrap(),
                 quantity: 1,
                 line_total: Money::new(100, eur),
+                price: None,
             }],
             tender: Tender::Cash,
         };
-        h.blocking_submit(IdempotencyKey::new(format!("sale:{i}")).unwrap(), sale)
-            .unwrap();
+        h.blocking_submit(IdempotencyKey::new(format!("sale:{i}")).unwrap(), sale).unwrap();
     }
     drop(h);
     w.join();
@@ -34,12 +30,8 @@ fn ledger_with_ten_sales(dir: &Path) {
 
 /// Runs `storectl ledger verify`; returns (exit code, stderr, stdout of --json).
 fn verify(dir: &Path) -> (i32, String, serde_json::Value) {
-    let human = Command::new(workspace_bin("storectl"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["ledger", "verify"])
-        .output()
-        .unwrap();
+    let human =
+        Command::new(workspace_bin("storectl")).arg("--data-dir").arg(dir).args(["ledger", "verify"]).output().unwrap();
     let json = Command::new(workspace_bin("storectl"))
         .arg("--data-dir")
         .arg(dir)
@@ -55,16 +47,8 @@ fn verify(dir: &Path) -> (i32, String, serde_json::Value) {
 }
 
 fn tamper(sqlite3: &Path, dir: &Path, sql: &str) {
-    let out = Command::new(sqlite3)
-        .arg(Ledger::path_in(dir))
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sqlite3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(sqlite3).arg(Ledger::path_in(dir)).arg(sql).output().unwrap();
+    assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -88,19 +72,12 @@ fn verify_names_the_first_changed_deleted_or_reordered_event() {
         let dir = tempfile::tempdir().unwrap();
         ledger_with_ten_sales(dir.path());
         let (code, _, json) = verify(dir.path());
-        assert_eq!(
-            (code, &json["ok"]),
-            (0, &serde_json::Value::Bool(true)),
-            "{what}: intact ledger must verify"
-        );
+        assert_eq!((code, &json["ok"]), (0, &serde_json::Value::Bool(true)), "{what}: intact ledger must verify");
 
         tamper(&sqlite3, dir.path(), sql);
         let (code, stderr, json) = verify(dir.path());
         assert_eq!(code, 1, "{what}: verify must fail");
-        assert!(
-            stderr.contains(&format!("event {bad_seq}:")) && stderr.contains(reason),
-            "{what}: {stderr}"
-        );
+        assert!(stderr.contains(&format!("event {bad_seq}:")) && stderr.contains(reason), "{what}: {stderr}");
         assert_eq!(json["first_bad_seq"], bad_seq, "{what}: {json}");
     }
 }
@@ -112,11 +89,7 @@ fn verify_catches_a_stock_projection_edited_behind_the_log() {
     };
     let dir = tempfile::tempdir().unwrap();
     ledger_with_ten_sales(dir.path());
-    tamper(
-        &sqlite3,
-        dir.path(),
-        "UPDATE stock_slots SET dec = dec - 1 WHERE sku = 'SKU1'",
-    );
+    tamper(&sqlite3, dir.path(), "UPDATE stock_slots SET dec = dec - 1 WHERE sku = 'SKU1'");
     let (code, stderr, json) = verify(dir.path());
     assert_eq!(code, 1);
     assert!(stderr.contains("stock projection of SKU1"), "{stderr}");

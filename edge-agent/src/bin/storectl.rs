@@ -110,11 +110,7 @@ fn main() -> ExitCode {
         Err(Failure::Ledger(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(match &e {
-                LedgerError::CannotOpen { source, .. }
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    66
-                }
+                LedgerError::CannotOpen { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 66,
                 e if e.is_bad_file() || matches!(e, LedgerError::TooOld { .. }) => 65,
                 _ => 74,
             })
@@ -126,13 +122,8 @@ fn data_dir(cli: &Cli) -> Result<PathBuf, Failure> {
     if let Some(dir) = &cli.data_dir {
         return Ok(dir.clone());
     }
-    let config = cli
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/etc/edge-agent/config.toml"));
-    Config::load(&config)
-        .map(|c| c.ledger.data_dir)
-        .map_err(|e| Failure::Usage(e.to_string()))
+    let config = cli.config.clone().unwrap_or_else(|| PathBuf::from("/etc/edge-agent/config.toml"));
+    Config::load(&config).map(|c| c.ledger.data_dir).map_err(|e| Failure::Usage(e.to_string()))
 }
 
 fn resolve_sku(reader: &LedgerReader, product: &ProductArg) -> Result<Sku, Failure> {
@@ -141,15 +132,10 @@ fn resolve_sku(reader: &LedgerReader, product: &ProductArg) -> Result<Sku, Failu
         let skus = reader.skus_by_gtin(&gtin)?;
         return match skus.as_slice() {
             [one] => Ok(one.clone()),
-            [] => Err(Failure::Usage(format!(
-                "no product with GTIN {gtin} in the catalog"
-            ))),
+            [] => Err(Failure::Usage(format!("no product with GTIN {gtin} in the catalog"))),
             many => Err(Failure::Usage(format!(
                 "GTIN {gtin} belongs to several SKUs ({}); name the SKU",
-                many.iter()
-                    .map(Sku::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                many.iter().map(Sku::to_string).collect::<Vec<_>>().join(", ")
             ))),
         };
     }
@@ -158,57 +144,46 @@ fn resolve_sku(reader: &LedgerReader, product: &ProductArg) -> Result<Sku, Failu
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     let reader = LedgerReader::open(&data_dir(cli)?)?;
     match &cli.command {
-        Cmd::Ledger {
-            command: LedgerCmd::Verify,
-        } => match reader.verify()? {
+        Cmd::Ledger { command: LedgerCmd::Verify } => match reader.verify()? {
             Ok(report) => {
                 if cli.json {
                     println!("{}", json!({ "ok": true, "report": report }));
                 } else {
-                    println!("ledger OK: {} events, chain head {} ({}...), stock of {} SKUs matches the events",
-                        report.events, report.head_seq, &report.head_hash[..16.min(report.head_hash.len())], report.skus_checked);
+                    println!(
+                        "ledger OK: {} events, chain head {} ({}...), stock of {} SKUs matches the events",
+                        report.events,
+                        report.head_seq,
+                        &report.head_hash[..16.min(report.head_hash.len())],
+                        report.skus_checked
+                    );
                 }
                 Ok(())
             }
             Err(broken) => {
                 if cli.json {
-                    println!(
-                        "{}",
-                        json!({ "ok": false, "first_bad_seq": broken.seq, "detail": broken.detail })
-                    );
+                    println!("{}", json!({ "ok": false, "first_bad_seq": broken.seq, "detail": broken.detail }));
                 }
                 Err(Failure::Verify(broken.to_string()))
             }
         },
-        Cmd::Stock {
-            command: StockCmd::Show(product),
-        } => {
+        Cmd::Stock { command: StockCmd::Show(product) } => {
             let sku = resolve_sku(&reader, product)?;
             let view = reader.stock(&sku)?;
             if cli.json {
-                let slots: Vec<_> = view
-                    .slots
-                    .iter()
-                    .map(|(a, s)| json!({ "actor": a, "in": s.inc, "out": s.dec }))
-                    .collect();
+                let slots: Vec<_> =
+                    view.slots.iter().map(|(a, s)| json!({ "actor": a, "in": s.inc, "out": s.dec })).collect();
                 println!(
                     "{}",
                     json!({ "store": view.store, "sku": view.sku, "on_hand": view.on_hand, "slots": slots })
                 );
             } else {
-                println!(
-                    "{} in store {}: {} on hand",
-                    view.sku, view.store, view.on_hand
-                );
+                println!("{} in store {}: {} on hand", view.sku, view.store, view.on_hand);
                 if view.slots.is_empty() {
                     println!("  (no stock movements recorded)");
                 } else {
@@ -220,9 +195,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Price {
-            command: PriceCmd::Show { product, at_ms },
-        } => {
+        Cmd::Price { command: PriceCmd::Show { product, at_ms } } => {
             let sku = resolve_sku(&reader, product)?;
             let at = at_ms.unwrap_or_else(now_ms);
             let entries = reader.prices(&sku)?;
@@ -243,25 +216,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     let v = e.value.as_ref().map(|v| v.amount);
                     json!({ "amount_minor": v.map(|a| a.minor), "currency": v.map(|a| a.currency.code().to_owned()), "scope": e.key.scope.to_string(), "slot": e.key.slot.as_str() })
                 });
-                println!(
-                    "{}",
-                    json!({ "sku": sku.to_string(), "at_ms": at, "effective": eff, "registers": regs })
-                );
+                println!("{}", json!({ "sku": sku.to_string(), "at_ms": at, "effective": eff, "registers": regs }));
             } else {
                 match effective.and_then(|e| e.value.as_ref().map(|v| (e, v))) {
-                    Some((e, v)) => println!(
-                        "{sku}: {} (from {} {})",
-                        v.amount,
-                        e.key.scope,
-                        e.key.slot.as_str()
-                    ),
+                    Some((e, v)) => println!("{sku}: {} (from {} {})", v.amount, e.key.scope, e.key.slot.as_str()),
                     None => println!("{sku}: no price in effect"),
                 }
                 if !entries.is_empty() {
-                    println!(
-                        "  {:<16} {:<10} {:>14} {:<32} SET AT (HLC)",
-                        "SCOPE", "SLOT", "PRICE", "WINDOW (ms)"
-                    );
+                    println!("  {:<16} {:<10} {:>14} {:<32} SET AT (HLC)", "SCOPE", "SLOT", "PRICE", "WINDOW (ms)");
                     for e in &entries {
                         let (price, window) = match &e.value {
                             Some(v) => (

@@ -10,26 +10,14 @@ pub type Hash = [u8; 32];
 /// The `prev_hash` of the first event.
 pub const GENESIS: Hash = [0u8; 32];
 
-pub fn event_hash(
-    prev: &Hash,
-    seq: u64,
-    stamp: &HlcStamp,
-    kind: &str,
-    idem_key: &str,
-    body: &[u8],
-) -> Hash {
+pub fn event_hash(prev: &Hash, seq: u64, stamp: &HlcStamp, kind: &str, idem_key: &str, body: &[u8]) -> Hash {
     let mut h = Sha256::new();
     h.update(b"store-edge event v1");
     h.update(prev);
     h.update(seq.to_le_bytes());
     h.update(stamp.wall_ms.to_le_bytes());
     h.update(stamp.logical.to_le_bytes());
-    for part in [
-        stamp.actor.as_str().as_bytes(),
-        kind.as_bytes(),
-        idem_key.as_bytes(),
-        body,
-    ] {
+    for part in [stamp.actor.as_str().as_bytes(), kind.as_bytes(), idem_key.as_bytes(), body] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }

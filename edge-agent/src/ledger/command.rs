@@ -5,7 +5,7 @@
 //! the movement it made), and that body is what is hashed, stored and returned to replays.
 
 use serde::{Deserialize, Serialize};
-use shared::{CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, Sku, StoreId};
+use shared::{CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, PriceVersion, Sku, StoreId};
 
 /// Longest accepted idempotency key, in bytes.
 pub const MAX_KEY_LEN: usize = 200;
@@ -60,39 +60,24 @@ pub struct SaleLine {
     pub quantity: i64,
     /// Price of the whole line, as charged.
     pub line_total: Money,
+    /// The price register write the till charged from, when the line was priced by the system.
+    pub price: Option<PriceVersion>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Goods leave with a customer: stock goes down by each line.
-    Sale {
-        lines: Vec<SaleLine>,
-        tender: Tender,
-    },
+    Sale { lines: Vec<SaleLine>, tender: Tender },
     /// Goods come back from a customer: stock goes up by each line.
-    Return {
-        lines: Vec<SaleLine>,
-        reference: String,
-    },
+    Return { lines: Vec<SaleLine>, reference: String },
     /// Goods received from a delivery.
-    Receipt {
-        sku: Sku,
-        quantity: i64,
-        reference: String,
-    },
+    Receipt { sku: Sku, quantity: i64, reference: String },
     /// A count observed `counted` units on hand: an observation, not an overwrite (DESIGN 13.2).
     Count { sku: Sku, counted: i64 },
     /// A correction (breakage, theft found, ...), positive or negative.
-    Adjustment {
-        sku: Sku,
-        movement: i64,
-        reason: String,
-    },
+    Adjustment { sku: Sku, movement: i64, reason: String },
     /// Sets (or with `value: None` withdraws) one price register.
-    PriceChange {
-        key: PriceKey,
-        value: Option<PriceValue>,
-    },
+    PriceChange { key: PriceKey, value: Option<PriceValue> },
     /// Sets one catalog field.
     CatalogChange { sku: Sku, field: CatalogField },
 }
@@ -100,40 +85,13 @@ pub enum Command {
 /// The resolved, replayable record of a command, as hashed and stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
-    Sale {
-        lines: Vec<SaleLine>,
-        tender: Tender,
-        total: Money,
-    },
-    Return {
-        lines: Vec<SaleLine>,
-        reference: String,
-        total: Money,
-    },
-    Receipt {
-        sku: Sku,
-        quantity: i64,
-        reference: String,
-    },
-    Count {
-        sku: Sku,
-        counted: i64,
-        seen: i64,
-        movement: i64,
-    },
-    Adjustment {
-        sku: Sku,
-        movement: i64,
-        reason: String,
-    },
-    PriceChange {
-        key: PriceKey,
-        value: Option<PriceValue>,
-    },
-    CatalogChange {
-        sku: Sku,
-        field: CatalogField,
-    },
+    Sale { lines: Vec<SaleLine>, tender: Tender, total: Money },
+    Return { lines: Vec<SaleLine>, reference: String, total: Money },
+    Receipt { sku: Sku, quantity: i64, reference: String },
+    Count { sku: Sku, counted: i64, seen: i64, movement: i64 },
+    Adjustment { sku: Sku, movement: i64, reason: String },
+    PriceChange { key: PriceKey, value: Option<PriceValue> },
+    CatalogChange { sku: Sku, field: CatalogField },
 }
 
 /// Version byte in front of every stored body, so a later format can be told apart.
@@ -159,8 +117,9 @@ impl EventBody {
             EventBody::Sale { lines, .. } => lines.iter().map(|l| (&l.sku, -l.quantity)).collect(),
             EventBody::Return { lines, .. } => lines.iter().map(|l| (&l.sku, l.quantity)).collect(),
             EventBody::Receipt { sku, quantity, .. } => vec![(sku, *quantity)],
-            EventBody::Count { sku, movement, .. }
-            | EventBody::Adjustment { sku, movement, .. } => vec![(sku, *movement)],
+            EventBody::Count { sku, movement, .. } | EventBody::Adjustment { sku, movement, .. } => {
+                vec![(sku, *movement)]
+            }
             EventBody::PriceChange { .. } | EventBody::CatalogChange { .. } => Vec::new(),
         }
     }
@@ -173,12 +132,8 @@ impl EventBody {
 
     pub fn decode(bytes: &[u8]) -> Result<EventBody, String> {
         match bytes.split_first() {
-            Some((&BODY_VERSION, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| format!("undecodable body: {e}"))
-            }
-            Some((v, _)) => Err(format!(
-                "unknown body version {v} (this build reads {BODY_VERSION})"
-            )),
+            Some((&BODY_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| format!("undecodable body: {e}")),
+            Some((v, _)) => Err(format!("unknown body version {v} (this build reads {BODY_VERSION})")),
             None => Err("empty body".into()),
         }
     }
@@ -193,38 +148,28 @@ pub struct StoreContext {
 
 fn check_text(what: &str, text: &str) -> Result<(), Rejection> {
     if text.len() > MAX_TEXT_LEN || text.chars().any(char::is_control) {
-        return Err(Rejection::new(format!(
-            "{what} must be at most {MAX_TEXT_LEN} bytes without control characters"
-        )));
+        return Err(Rejection::new(format!("{what} must be at most {MAX_TEXT_LEN} bytes without control characters")));
     }
     Ok(())
 }
 
 fn check_quantity(what: &str, sku: &Sku, quantity: i64) -> Result<(), Rejection> {
     if quantity <= 0 {
-        return Err(Rejection::new(format!(
-            "{what} of {sku}: quantity must be positive, got {quantity}"
-        )));
+        return Err(Rejection::new(format!("{what} of {sku}: quantity must be positive, got {quantity}")));
     }
     Ok(())
 }
 
 fn check_money(ctx: &StoreContext, sku: &Sku, amount: &Money) -> Result<(), Rejection> {
     if amount.currency != ctx.currency {
-        return Err(Rejection::new(format!(
-            "{sku}: amount {amount} is not in the store currency {}",
-            ctx.currency
-        )));
+        return Err(Rejection::new(format!("{sku}: amount {amount} is not in the store currency {}", ctx.currency)));
     }
     Ok(())
 }
 
 fn total_of(ctx: &StoreContext, what: &str, lines: &[SaleLine]) -> Result<Money, Rejection> {
     if lines.is_empty() || lines.len() > MAX_LINES {
-        return Err(Rejection::new(format!(
-            "{what} must have 1 to {MAX_LINES} lines, got {}",
-            lines.len()
-        )));
+        return Err(Rejection::new(format!("{what} must have 1 to {MAX_LINES} lines, got {}", lines.len())));
     }
     let mut total = Money::new(0, ctx.currency);
     for (i, line) in lines.iter().enumerate() {
@@ -243,11 +188,9 @@ impl Command {
     /// stock it observes (`seen`), so here it carries `seen: 0, movement: 0`.
     pub fn validate(&self, ctx: &StoreContext) -> Result<EventBody, Rejection> {
         Ok(match self {
-            Command::Sale { lines, tender } => EventBody::Sale {
-                total: total_of(ctx, "sale", lines)?,
-                lines: lines.clone(),
-                tender: *tender,
-            },
+            Command::Sale { lines, tender } => {
+                EventBody::Sale { total: total_of(ctx, "sale", lines)?, lines: lines.clone(), tender: *tender }
+            }
             Command::Return { lines, reference } => {
                 check_text("return reference", reference)?;
                 EventBody::Return {
@@ -256,18 +199,10 @@ impl Command {
                     reference: reference.clone(),
                 }
             }
-            Command::Receipt {
-                sku,
-                quantity,
-                reference,
-            } => {
+            Command::Receipt { sku, quantity, reference } => {
                 check_quantity("receipt", sku, *quantity)?;
                 check_text("receipt reference", reference)?;
-                EventBody::Receipt {
-                    sku: sku.clone(),
-                    quantity: *quantity,
-                    reference: reference.clone(),
-                }
+                EventBody::Receipt { sku: sku.clone(), quantity: *quantity, reference: reference.clone() }
             }
             Command::Count { sku, counted } => {
                 if *counted < 0 {
@@ -275,29 +210,14 @@ impl Command {
                         "count of {sku}: counted units must not be negative, got {counted}"
                     )));
                 }
-                EventBody::Count {
-                    sku: sku.clone(),
-                    counted: *counted,
-                    seen: 0,
-                    movement: 0,
-                }
+                EventBody::Count { sku: sku.clone(), counted: *counted, seen: 0, movement: 0 }
             }
-            Command::Adjustment {
-                sku,
-                movement,
-                reason,
-            } => {
+            Command::Adjustment { sku, movement, reason } => {
                 if *movement == 0 {
-                    return Err(Rejection::new(format!(
-                        "adjustment of {sku}: movement must not be zero"
-                    )));
+                    return Err(Rejection::new(format!("adjustment of {sku}: movement must not be zero")));
                 }
                 check_text("adjustment reason", reason)?;
-                EventBody::Adjustment {
-                    sku: sku.clone(),
-                    movement: *movement,
-                    reason: reason.clone(),
-                }
+                EventBody::Adjustment { sku: sku.clone(), movement: *movement, reason: reason.clone() }
             }
             Command::PriceChange { key, value } => {
                 if let PriceScope::Store(s) = &key.scope {
@@ -309,14 +229,10 @@ impl Command {
                     }
                 }
                 if let Some(v) = value {
-                    v.validate(&key.sku)
-                        .map_err(|e| Rejection::new(e.to_string()))?;
+                    v.validate(&key.sku).map_err(|e| Rejection::new(e.to_string()))?;
                     check_money(ctx, &key.sku, &v.amount)?;
                 }
-                EventBody::PriceChange {
-                    key: key.clone(),
-                    value: value.clone(),
-                }
+                EventBody::PriceChange { key: key.clone(), value: value.clone() }
             }
             Command::CatalogChange { sku, field } => {
                 if let CatalogField::Name(name) = field {
@@ -325,10 +241,7 @@ impl Command {
                 if let CatalogField::TaxClass(t) = field {
                     check_text("tax class", &t.0)?;
                 }
-                EventBody::CatalogChange {
-                    sku: sku.clone(),
-                    field: field.clone(),
-                }
+                EventBody::CatalogChange { sku: sku.clone(), field: field.clone() }
             }
         })
     }
@@ -340,10 +253,7 @@ mod tests {
     use shared::{PriceSlot, ValidityWindow};
 
     fn ctx() -> StoreContext {
-        StoreContext {
-            store: StoreId::new("s1").unwrap(),
-            currency: Currency::new("EUR").unwrap(),
-        }
+        StoreContext { store: StoreId::new("s1").unwrap(), currency: Currency::new("EUR").unwrap() }
     }
     fn eur(c: i64) -> Money {
         Money::new(c, Currency::new("EUR").unwrap())
@@ -356,64 +266,32 @@ mod tests {
     fn sale_total_is_the_sum_of_its_lines() {
         let cmd = Command::Sale {
             lines: vec![
-                SaleLine {
-                    sku: sku("A"),
-                    quantity: 2,
-                    line_total: eur(398),
-                },
-                SaleLine {
-                    sku: sku("B"),
-                    quantity: 1,
-                    line_total: eur(100),
-                },
+                SaleLine { sku: sku("A"), quantity: 2, line_total: eur(398), price: None },
+                SaleLine { sku: sku("B"), quantity: 1, line_total: eur(100), price: None },
             ],
             tender: Tender::Card,
         };
         let body = cmd.validate(&ctx()).unwrap();
         assert!(matches!(&body, EventBody::Sale { total, .. } if total.minor == 498));
-        assert_eq!(
-            body.stock_movements(),
-            vec![(&sku("A"), -2), (&sku("B"), -1)]
-        );
+        assert_eq!(body.stock_movements(), vec![(&sku("A"), -2), (&sku("B"), -1)]);
         assert_eq!(EventBody::decode(&body.encode()).unwrap(), body);
     }
 
     #[test]
     fn refuses_bad_commands_saying_what_is_wrong() {
         let neg_price = Command::PriceChange {
-            key: PriceKey {
-                sku: sku("A"),
-                scope: PriceScope::Chain,
-                slot: PriceSlot::Regular,
-            },
-            value: Some(PriceValue {
-                amount: eur(-5),
-                window: None,
-            }),
+            key: PriceKey { sku: sku("A"), scope: PriceScope::Chain, slot: PriceSlot::Regular },
+            value: Some(PriceValue { amount: eur(-5), window: None }),
         };
-        assert_eq!(
-            neg_price.validate(&ctx()).unwrap_err().0,
-            "price of A must not be negative: -0.05 EUR"
-        );
+        assert_eq!(neg_price.validate(&ctx()).unwrap_err().0, "price of A must not be negative: -0.05 EUR");
         let usd = Command::PriceChange {
-            key: PriceKey {
-                sku: sku("A"),
-                scope: PriceScope::Chain,
-                slot: PriceSlot::Promotion,
-            },
+            key: PriceKey { sku: sku("A"), scope: PriceScope::Chain, slot: PriceSlot::Promotion },
             value: Some(PriceValue {
                 amount: Money::new(5, Currency::new("USD").unwrap()),
-                window: Some(ValidityWindow {
-                    from_ms: 1,
-                    until_ms: 2,
-                }),
+                window: Some(ValidityWindow { from_ms: 1, until_ms: 2 }),
             }),
         };
-        assert!(usd
-            .validate(&ctx())
-            .unwrap_err()
-            .0
-            .contains("store currency EUR"));
+        assert!(usd.validate(&ctx()).unwrap_err().0.contains("store currency EUR"));
         let other_store = Command::PriceChange {
             key: PriceKey {
                 sku: sku("A"),
@@ -423,25 +301,9 @@ mod tests {
             value: None,
         };
         assert!(other_store.validate(&ctx()).is_err());
-        assert!(Command::Sale {
-            lines: vec![],
-            tender: Tender::Cash
-        }
-        .validate(&ctx())
-        .is_err());
-        assert!(Command::Receipt {
-            sku: sku("A"),
-            quantity: 0,
-            reference: "x".into()
-        }
-        .validate(&ctx())
-        .is_err());
-        assert!(Command::Count {
-            sku: sku("A"),
-            counted: -1
-        }
-        .validate(&ctx())
-        .is_err());
+        assert!(Command::Sale { lines: vec![], tender: Tender::Cash }.validate(&ctx()).is_err());
+        assert!(Command::Receipt { sku: sku("A"), quantity: 0, reference: "x".into() }.validate(&ctx()).is_err());
+        assert!(Command::Count { sku: sku("A"), counted: -1 }.validate(&ctx()).is_err());
         assert!(IdempotencyKey::new("").is_err());
         assert!(IdempotencyKey::new("a\nb").is_err());
     }
@@ -449,9 +311,7 @@ mod tests {
     #[test]
     fn bodies_of_unknown_versions_are_refused() {
         assert!(EventBody::decode(&[]).is_err());
-        assert!(EventBody::decode(&[9, 0])
-            .unwrap_err()
-            .contains("unknown body version 9"));
+        assert!(EventBody::decode(&[9, 0]).unwrap_err().contains("unknown body version 9"));
         assert!(EventBody::decode(&[BODY_VERSION, 0xff, 0xff]).is_err());
     }
 }

@@ -32,34 +32,17 @@ pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("cannot open {path}: {source}; check that the folder exists and the service user may write to it")]
-    CannotOpen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CannotOpen { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a readable SQLite database ({detail}); restore it from a backup or move it aside")]
     NotADatabase { path: PathBuf, detail: String },
     #[error("{path} is a SQLite database of another application (application_id {found:#x}), not a store-edge ledger; refusing to touch it")]
     Foreign { path: PathBuf, found: i32 },
     #[error("{path} has ledger schema version {found}, newer than this build knows ({known}); upgrade edge-agent")]
-    TooNew {
-        path: PathBuf,
-        found: i64,
-        known: i64,
-    },
+    TooNew { path: PathBuf, found: i64, known: i64 },
     #[error("{path} has ledger schema version {found}, older than this build reads ({known}); start edge-agent once to migrate it")]
-    TooOld {
-        path: PathBuf,
-        found: i64,
-        known: i64,
-    },
-    #[error(
-        "{path} is the ledger of store {found}, but this agent is configured as store {expected}"
-    )]
-    WrongStore {
-        path: PathBuf,
-        found: String,
-        expected: String,
-    },
+    TooOld { path: PathBuf, found: i64, known: i64 },
+    #[error("{path} is the ledger of store {found}, but this agent is configured as store {expected}")]
+    WrongStore { path: PathBuf, found: String, expected: String },
     #[error("ledger data is corrupt{}: {detail}", seq.map(|s| format!(" at event {s}")).unwrap_or_default())]
     Corrupt { seq: Option<u64>, detail: String },
     #[error("ledger SQLite error: {0}")]
@@ -125,18 +108,12 @@ impl Ledger {
         let conn = schema::open_for_writing(&path, opts.store.as_str(), actor.as_str())?;
         let meta_i64 = |key: &str| -> Result<i64, LedgerError> {
             Ok(conn
-                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
-                    r.get::<_, i64>(0)
-                })
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
                 .optional()?
                 .unwrap_or(0))
         };
         let last: Option<(i64, Vec<u8>)> = conn
-            .query_row(
-                "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let (next_seq, hash) = match last {
             Some((seq, hash)) => {
@@ -148,18 +125,9 @@ impl Ledger {
             }
             None => (1, chain::GENESIS),
         };
-        let head = writer::Head {
-            next_seq,
-            hash,
-            change_version: meta_i64("change_version")? as u64,
-        };
-        let hlc = Hlc::resume(
-            actor,
-            opts.max_skew_ms,
-            meta_i64("hlc_wall")? as u64,
-            meta_i64("hlc_logical")? as u32,
-        )
-        .with_jump_threshold(opts.jump_warn_ms);
+        let head = writer::Head { next_seq, hash, change_version: meta_i64("change_version")? as u64 };
+        let hlc = Hlc::resume(actor, opts.max_skew_ms, meta_i64("hlc_wall")? as u64, meta_i64("hlc_logical")? as u32)
+            .with_jump_threshold(opts.jump_warn_ms);
         tracing::info!(path = %path.display(), next_seq, "Ledger opened");
         Ok(Ledger {
             path,
@@ -167,10 +135,7 @@ impl Ledger {
                 conn,
                 head,
                 hlc,
-                ctx: StoreContext {
-                    store: opts.store.clone(),
-                    currency: opts.currency,
-                },
+                ctx: StoreContext { store: opts.store.clone(), currency: opts.currency },
                 clock: opts.clock.clone(),
                 batch_max: opts.batch_max.max(1),
                 own_slots: writer::OwnSlots::default(),
@@ -183,10 +148,7 @@ impl Ledger {
     }
 
     /// Hands the connection to the writer thread.
-    pub fn start_writer(
-        self,
-        queue_capacity: usize,
-    ) -> Result<(LedgerHandle, WriterThread), LedgerError> {
+    pub fn start_writer(self, queue_capacity: usize) -> Result<(LedgerHandle, WriterThread), LedgerError> {
         writer::spawn(self.writer, queue_capacity)
     }
 }
@@ -210,14 +172,8 @@ impl LedgerReader {
     pub fn open(data_dir: &Path) -> Result<LedgerReader, LedgerError> {
         let path = Ledger::path_in(data_dir);
         let conn = schema::open_read_only(&path)?;
-        let store: String =
-            conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| {
-                r.get(0)
-            })?;
-        let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt {
-            seq: None,
-            detail: e.to_string(),
-        })?;
+        let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
+        let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
         Ok(LedgerReader { conn, store })
     }
 
@@ -249,42 +205,34 @@ impl LedgerReader {
     }
 
     pub fn event_count(&self) -> Result<u64, LedgerError> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))?
-            as u64)
+        Ok(self.conn.query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// Rows of this store's own writes not yet acknowledged by the cloud.
     pub fn outbox_depth(&self) -> Result<u64, LedgerError> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))?
-            as u64)
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// The event with this idempotency key, if any: `(seq, kind)`.
     pub fn event_by_key(&self, key: &str) -> Result<Option<(u64, EventBody)>, LedgerError> {
         let row: Option<(i64, Vec<u8>)> = self
             .conn
-            .query_row(
-                "SELECT seq, body FROM events WHERE idem_key = ?1",
-                [key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT seq, body FROM events WHERE idem_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         row.map(|(seq, body)| {
             EventBody::decode(&body)
                 .map(|b| (seq as u64, b))
-                .map_err(|detail| LedgerError::Corrupt {
-                    seq: Some(seq as u64),
-                    detail,
-                })
+                .map_err(|detail| LedgerError::Corrupt { seq: Some(seq as u64), detail })
         })
         .transpose()
     }
 
     /// Verifies one consistent snapshot, even while the writer appends.
+    /// The saved basket in progress of a lane, if any.
+    pub fn lane_basket(&self, lane: &str) -> Result<Option<Vec<u8>>, LedgerError> {
+        Ok(self.conn.query_row("SELECT basket FROM lane_baskets WHERE lane = ?1", [lane], |r| r.get(0)).optional()?)
+    }
+
     pub fn verify(&self) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
         let snapshot = self.conn.unchecked_transaction()?;
         verify::verify(&snapshot)

@@ -4,17 +4,14 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use shared::{
-    ActorId, CatalogField, CatalogItem, CatalogUpdate, Currency, HlcStamp, Money, PriceEntry,
-    PriceKey, PriceScope, PriceSlot, PriceValue, Sku, Slot, SlotKey, StoreId, ValidityWindow,
+    ActorId, CatalogField, CatalogItem, CatalogUpdate, Currency, HlcStamp, Money, PriceEntry, PriceKey, PriceScope,
+    PriceSlot, PriceValue, Sku, Slot, SlotKey, StoreId, ValidityWindow,
 };
 
 use super::LedgerError;
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> LedgerError {
-    LedgerError::Corrupt {
-        seq: None,
-        detail: format!("{what}: {detail}"),
-    }
+    LedgerError::Corrupt { seq: None, detail: format!("{what}: {detail}") }
 }
 
 fn u64_col(row: &Row, idx: usize) -> rusqlite::Result<u64> {
@@ -36,35 +33,22 @@ pub fn stamp_from(row: &Row, first: usize) -> Result<HlcStamp, LedgerError> {
 // ---- stock ----
 
 pub fn slot(conn: &Connection, key: &SlotKey) -> Result<Slot, LedgerError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2 AND actor = ?3",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2 AND actor = ?3")?;
     let slot = stmt
-        .query_row(
-            params![key.store.as_str(), key.sku.as_str(), key.actor.as_str()],
-            |r| {
-                Ok(Slot {
-                    inc: u64_col(r, 0)?,
-                    dec: u64_col(r, 1)?,
-                })
-            },
-        )
+        .query_row(params![key.store.as_str(), key.sku.as_str(), key.actor.as_str()], |r| {
+            Ok(Slot { inc: u64_col(r, 0)?, dec: u64_col(r, 1)? })
+        })
         .optional()?;
     Ok(slot.unwrap_or_default())
 }
 
-pub fn write_slot(
-    conn: &Connection,
-    key: &SlotKey,
-    slot: Slot,
-    version: u64,
-) -> Result<(), LedgerError> {
+pub fn write_slot(conn: &Connection, key: &SlotKey, slot: Slot, version: u64) -> Result<(), LedgerError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (store, sku, actor) DO UPDATE SET inc = excluded.inc, dec = excluded.dec, version = excluded.version",
     )?;
-    let to_i64 =
-        |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
+    let to_i64 = |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
     stmt.execute(params![
         key.store.as_str(),
         key.sku.as_str(),
@@ -77,39 +61,22 @@ pub fn write_slot(
 }
 
 /// Every actor's slot of `sku` in `store`.
-pub fn slots_of(
-    conn: &Connection,
-    store: &StoreId,
-    sku: &Sku,
-) -> Result<Vec<(ActorId, Slot)>, LedgerError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT actor, inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2 ORDER BY actor",
-    )?;
+pub fn slots_of(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<Vec<(ActorId, Slot)>, LedgerError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT actor, inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2 ORDER BY actor")?;
     let rows = stmt.query_map(params![store.as_str(), sku.as_str()], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            Slot {
-                inc: u64_col(r, 1)?,
-                dec: u64_col(r, 2)?,
-            },
-        ))
+        Ok((r.get::<_, String>(0)?, Slot { inc: u64_col(r, 1)?, dec: u64_col(r, 2)? }))
     })?;
     rows.map(|r| {
         let (actor, slot) = r?;
-        Ok((
-            ActorId::new(actor).map_err(|e| corrupt("stock slot actor", e))?,
-            slot,
-        ))
+        Ok((ActorId::new(actor).map_err(|e| corrupt("stock slot actor", e))?, slot))
     })
     .collect()
 }
 
 /// On-hand units: sum over every actor's slot. Saturates rather than wraps on absurd values.
 pub fn on_hand(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<i64, LedgerError> {
-    let total: i128 = slots_of(conn, store, sku)?
-        .iter()
-        .map(|(_, s)| s.value())
-        .sum();
+    let total: i128 = slots_of(conn, store, sku)?.iter().map(|(_, s)| s.value()).sum();
     Ok(total.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
 }
 
@@ -123,9 +90,7 @@ fn parse_scope(text: &str) -> Result<PriceScope, LedgerError> {
     match text {
         "chain" => Ok(PriceScope::Chain),
         other => match other.strip_prefix("store:") {
-            Some(id) => Ok(PriceScope::Store(
-                StoreId::new(id).map_err(|e| corrupt("price scope", e))?,
-            )),
+            Some(id) => Ok(PriceScope::Store(StoreId::new(id).map_err(|e| corrupt("price scope", e))?)),
             None => Err(corrupt("price scope", other)),
         },
     }
@@ -139,8 +104,7 @@ fn parse_slot(text: &str) -> Result<PriceSlot, LedgerError> {
     }
 }
 
-const PRICE_COLUMNS: &str =
-    "sku, scope, slot, amount, currency, win_from, win_until, hlc_wall, hlc_logical, actor";
+const PRICE_COLUMNS: &str = "sku, scope, slot, amount, currency, win_from, win_until, hlc_wall, hlc_logical, actor";
 
 fn price_from(row: &Row) -> Result<PriceEntry, LedgerError> {
     let sku: String = row.get(0)?;
@@ -157,10 +121,7 @@ fn price_from(row: &Row) -> Result<PriceEntry, LedgerError> {
     };
     let value = match (amount, currency) {
         (Some(minor), Some(code)) => Some(PriceValue {
-            amount: Money::new(
-                minor,
-                Currency::new(&code).map_err(|e| corrupt("price currency", e))?,
-            ),
+            amount: Money::new(minor, Currency::new(&code).map_err(|e| corrupt("price currency", e))?),
             window: match (win_from, win_until) {
                 (Some(f), Some(u)) => Some(ValidityWindow {
                     from_ms: u64::try_from(f).map_err(|_| corrupt("price window", f))?,
@@ -171,22 +132,13 @@ fn price_from(row: &Row) -> Result<PriceEntry, LedgerError> {
         }),
         _ => None,
     };
-    Ok(PriceEntry {
-        key,
-        value,
-        stamp: stamp_from(row, 7)?,
-    })
+    Ok(PriceEntry { key, value, stamp: stamp_from(row, 7)? })
 }
 
 pub fn price(conn: &Connection, key: &PriceKey) -> Result<Option<PriceEntry>, LedgerError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {PRICE_COLUMNS} FROM prices WHERE sku = ?1 AND scope = ?2 AND slot = ?3"
-    ))?;
-    let mut rows = stmt.query(params![
-        key.sku.as_str(),
-        scope_text(&key.scope),
-        key.slot.as_str()
-    ])?;
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {PRICE_COLUMNS} FROM prices WHERE sku = ?1 AND scope = ?2 AND slot = ?3"))?;
+    let mut rows = stmt.query(params![key.sku.as_str(), scope_text(&key.scope), key.slot.as_str()])?;
     match rows.next()? {
         Some(row) => Ok(Some(price_from(row)?)),
         None => Ok(None),
@@ -194,9 +146,8 @@ pub fn price(conn: &Connection, key: &PriceKey) -> Result<Option<PriceEntry>, Le
 }
 
 pub fn prices_of(conn: &Connection, sku: &Sku) -> Result<Vec<PriceEntry>, LedgerError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {PRICE_COLUMNS} FROM prices WHERE sku = ?1 ORDER BY scope, slot"
-    ))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {PRICE_COLUMNS} FROM prices WHERE sku = ?1 ORDER BY scope, slot"))?;
     let mut rows = stmt.query(params![sku.as_str()])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
@@ -206,11 +157,7 @@ pub fn prices_of(conn: &Connection, sku: &Sku) -> Result<Vec<PriceEntry>, Ledger
 }
 
 /// Merges one register write; returns whether it won (and was written).
-pub fn merge_price(
-    conn: &Connection,
-    entry: &PriceEntry,
-    version: u64,
-) -> Result<bool, LedgerError> {
+pub fn merge_price(conn: &Connection, entry: &PriceEntry, version: u64) -> Result<bool, LedgerError> {
     if let Some(current) = price(conn, &entry.key)? {
         if !entry.wins_over(&current) {
             return Ok(false);
@@ -240,33 +187,22 @@ pub fn merge_price(
 // ---- catalog ----
 
 pub fn catalog_item(conn: &Connection, sku: &Sku) -> Result<Option<CatalogItem>, LedgerError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT value, hlc_wall, hlc_logical, actor FROM catalog WHERE sku = ?1")?;
+    let mut stmt = conn.prepare_cached("SELECT value, hlc_wall, hlc_logical, actor FROM catalog WHERE sku = ?1")?;
     let mut rows = stmt.query(params![sku.as_str()])?;
     let mut item = CatalogItem::new(sku.clone());
     let mut any = false;
     while let Some(row) = rows.next()? {
         let bytes: Vec<u8> = row.get(0)?;
-        let field: CatalogField =
-            postcard::from_bytes(&bytes).map_err(|e| corrupt("catalog field", e))?;
-        item.merge(&CatalogUpdate {
-            sku: sku.clone(),
-            field,
-            stamp: stamp_from(row, 1)?,
-        });
+        let field: CatalogField = postcard::from_bytes(&bytes).map_err(|e| corrupt("catalog field", e))?;
+        item.merge(&CatalogUpdate { sku: sku.clone(), field, stamp: stamp_from(row, 1)? });
         any = true;
     }
     Ok(any.then_some(item))
 }
 
 /// Merges one field write; returns whether it won. Keeps the GTIN index in step.
-pub fn merge_catalog(
-    conn: &Connection,
-    update: &CatalogUpdate,
-    version: u64,
-) -> Result<bool, LedgerError> {
-    let mut item =
-        catalog_item(conn, &update.sku)?.unwrap_or_else(|| CatalogItem::new(update.sku.clone()));
+pub fn merge_catalog(conn: &Connection, update: &CatalogUpdate, version: u64) -> Result<bool, LedgerError> {
+    let mut item = catalog_item(conn, &update.sku)?.unwrap_or_else(|| CatalogItem::new(update.sku.clone()));
     if !item.merge(update) {
         return Ok(false);
     }
@@ -285,10 +221,8 @@ pub fn merge_catalog(
         version as i64
     ])?;
     if let CatalogField::Gtins(gtins) = &update.field {
-        conn.prepare_cached("DELETE FROM gtin_index WHERE sku = ?1")?
-            .execute(params![update.sku.as_str()])?;
-        let mut insert =
-            conn.prepare_cached("INSERT OR IGNORE INTO gtin_index (gtin, sku) VALUES (?1, ?2)")?;
+        conn.prepare_cached("DELETE FROM gtin_index WHERE sku = ?1")?.execute(params![update.sku.as_str()])?;
+        let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO gtin_index (gtin, sku) VALUES (?1, ?2)")?;
         for gtin in gtins {
             insert.execute(params![gtin.to_string(), update.sku.as_str()])?;
         }
@@ -297,9 +231,7 @@ pub fn merge_catalog(
 }
 
 pub fn skus_by_gtin(conn: &Connection, gtin: &shared::Gtin) -> Result<Vec<Sku>, LedgerError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT sku FROM gtin_index WHERE gtin = ?1 ORDER BY sku")?;
+    let mut stmt = conn.prepare_cached("SELECT sku FROM gtin_index WHERE gtin = ?1 ORDER BY sku")?;
     let rows = stmt.query_map(params![gtin.to_string()], |r| r.get::<_, String>(0))?;
-    rows.map(|r| Sku::new(r?).map_err(|e| corrupt("gtin index sku", e)))
-        .collect()
+    rows.map(|r| Sku::new(r?).map_err(|e| corrupt("gtin index sku", e))).collect()
 }

@@ -93,6 +93,10 @@ const MIGRATIONS: &[&str] = &[
          WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
            AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
     ",
+    // 2: self-checkout baskets in progress, so a restart resumes them.
+    "
+    CREATE TABLE lane_baskets (lane TEXT PRIMARY KEY, basket BLOB NOT NULL) STRICT, WITHOUT ROWID;
+    ",
 ];
 
 pub fn latest_version() -> i64 {
@@ -103,10 +107,9 @@ pub fn latest_version() -> i64 {
 fn classify(path: &Path, err: rusqlite::Error) -> LedgerError {
     use rusqlite::ErrorCode::*;
     match err.sqlite_error_code() {
-        Some(NotADatabase) | Some(DatabaseCorrupt) => LedgerError::NotADatabase {
-            path: path.to_owned(),
-            detail: err.to_string(),
-        },
+        Some(NotADatabase) | Some(DatabaseCorrupt) => {
+            LedgerError::NotADatabase { path: path.to_owned(), detail: err.to_string() }
+        }
         Some(CannotOpen) | Some(ReadOnly) | Some(PermissionDenied) => LedgerError::CannotOpen {
             path: path.to_owned(),
             source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, err.to_string()),
@@ -116,27 +119,15 @@ fn classify(path: &Path, err: rusqlite::Error) -> LedgerError {
 }
 
 fn check_identity(conn: &Connection, path: &Path) -> Result<i64, LedgerError> {
-    let app_id: i32 = conn
-        .pragma_query_value(None, "application_id", |r| r.get(0))
-        .map_err(|e| classify(path, e))?;
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(|e| classify(path, e))?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-        .map_err(|e| classify(path, e))?;
+    let app_id: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0)).map_err(|e| classify(path, e))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| classify(path, e))?;
+    let tables: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0)).map_err(|e| classify(path, e))?;
     if app_id != APPLICATION_ID && !(app_id == 0 && version == 0 && tables == 0) {
-        return Err(LedgerError::Foreign {
-            path: path.to_owned(),
-            found: app_id,
-        });
+        return Err(LedgerError::Foreign { path: path.to_owned(), found: app_id });
     }
     if version > latest_version() {
-        return Err(LedgerError::TooNew {
-            path: path.to_owned(),
-            found: version,
-            known: latest_version(),
-        });
+        return Err(LedgerError::TooNew { path: path.to_owned(), found: version, known: latest_version() });
     }
     Ok(version)
 }
@@ -145,10 +136,7 @@ fn check_identity(conn: &Connection, path: &Path) -> Result<i64, LedgerError> {
 /// bound to `store`/`actor`.
 pub fn open_for_writing(path: &Path, store: &str, actor: &str) -> Result<Connection, LedgerError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| LedgerError::CannotOpen {
-            path: dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| LedgerError::CannotOpen { path: dir.to_owned(), source })?;
     }
     // Probe with plain file I/O first: SQLite's "unable to open database file" hides the cause.
     std::fs::OpenOptions::new()
@@ -157,16 +145,12 @@ pub fn open_for_writing(path: &Path, store: &str, actor: &str) -> Result<Connect
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(|source| LedgerError::CannotOpen {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(|source| LedgerError::CannotOpen { path: path.to_owned(), source })?;
     let mut conn = Connection::open(path).map_err(|e| classify(path, e))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let version = check_identity(&conn, path)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(|e| classify(path, e))?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(|e| classify(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(LedgerError::CannotOpen {
             path: path.to_owned(),
@@ -208,17 +192,12 @@ fn migrate(conn: &mut Connection, from: i64) -> Result<(), LedgerError> {
 
 /// A ledger belongs to one store for life: refuse to open another store's file.
 fn bind_store(conn: &Connection, path: &Path, store: &str, actor: &str) -> Result<(), LedgerError> {
-    let bound: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let bound: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0)).optional()?;
     match bound {
-        Some(found) if found != store => Err(LedgerError::WrongStore {
-            path: path.to_owned(),
-            found,
-            expected: store.to_owned(),
-        }),
+        Some(found) if found != store => {
+            Err(LedgerError::WrongStore { path: path.to_owned(), found, expected: store.to_owned() })
+        }
         Some(_) => Ok(()),
         None => {
             conn.execute(
@@ -242,19 +221,12 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
             ),
         });
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| classify(path, e))?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| classify(path, e))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let version = check_identity(&conn, path)?;
     if version < latest_version() {
-        return Err(LedgerError::TooOld {
-            path: path.to_owned(),
-            found: version,
-            known: latest_version(),
-        });
+        return Err(LedgerError::TooOld { path: path.to_owned(), found: version, known: latest_version() });
     }
     Ok(conn)
 }

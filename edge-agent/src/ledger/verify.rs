@@ -32,27 +32,14 @@ pub struct ChainBreak {
 }
 
 fn broken(seq: u64, detail: impl Into<String>) -> ChainBreak {
-    ChainBreak {
-        seq: Some(seq),
-        detail: detail.into(),
-    }
+    ChainBreak { seq: Some(seq), detail: detail.into() }
 }
 
 pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
-    let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| {
-        r.get(0)
-    })?;
-    let actor: String = conn.query_row("SELECT value FROM meta WHERE key = 'actor'", [], |r| {
-        r.get(0)
-    })?;
-    let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt {
-        seq: None,
-        detail: e.to_string(),
-    })?;
-    let actor = ActorId::new(actor).map_err(|e| LedgerError::Corrupt {
-        seq: None,
-        detail: e.to_string(),
-    })?;
+    let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
+    let actor: String = conn.query_row("SELECT value FROM meta WHERE key = 'actor'", [], |r| r.get(0))?;
+    let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+    let actor = ActorId::new(actor).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
 
     let mut stmt = conn.prepare(
         "SELECT seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, prev_hash, hash FROM events ORDER BY seq",
@@ -80,19 +67,12 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
         if prev_hash != prev {
             return Ok(Err(broken(
                 expected_seq,
-                format!(
-                    "prev_hash {} does not match the hash of event {}",
-                    hex(&prev_hash),
-                    expected_seq - 1
-                ),
+                format!("prev_hash {} does not match the hash of event {}", hex(&prev_hash), expected_seq - 1),
             )));
         }
         let recomputed = event_hash(&prev, expected_seq, &stamp, &kind, &key, &body);
         if hash != recomputed {
-            return Ok(Err(broken(
-                expected_seq,
-                "content does not match its hash (the row was changed)",
-            )));
+            return Ok(Err(broken(expected_seq, "content does not match its hash (the row was changed)")));
         }
         let decoded = match EventBody::decode(&body) {
             Ok(b) => b,
@@ -109,12 +89,7 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
                 let slot = replayed.entry(sku.clone()).or_default();
                 match slot.apply(movement) {
                     Some(next) => *slot = next,
-                    None => {
-                        return Ok(Err(broken(
-                            expected_seq,
-                            format!("stock of {sku} overflows on replay"),
-                        )))
-                    }
+                    None => return Ok(Err(broken(expected_seq, format!("stock of {sku} overflows on replay")))),
                 }
             }
         }
@@ -123,16 +98,10 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
     }
     let events = expected_seq - 1;
 
-    let head_seq: Option<i64> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'head_seq'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    let head_hash: Option<Vec<u8>> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'head_hash'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let head_seq: Option<i64> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'head_seq'", [], |r| r.get(0)).optional()?;
+    let head_hash: Option<Vec<u8>> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'head_hash'", [], |r| r.get(0)).optional()?;
     let recorded = head_seq.unwrap_or(0) as u64;
     if recorded != events {
         return Ok(Err(broken(
@@ -141,30 +110,18 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
         )));
     }
     if events > 0 && head_hash.as_deref() != Some(&prev[..]) {
-        return Ok(Err(broken(
-            events,
-            "the last event's hash does not match the head the ledger recorded",
-        )));
+        return Ok(Err(broken(events, "the last event's hash does not match the head the ledger recorded")));
     }
 
-    let mut stmt =
-        conn.prepare("SELECT DISTINCT sku FROM stock_slots WHERE store = ?1 AND actor = ?2")?;
-    let skus: Vec<String> = stmt
-        .query_map([store.as_str(), actor.as_str()], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare("SELECT DISTINCT sku FROM stock_slots WHERE store = ?1 AND actor = ?2")?;
+    let skus: Vec<String> =
+        stmt.query_map([store.as_str(), actor.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for sku in &skus {
-        let sku = Sku::new(sku.clone()).map_err(|e| LedgerError::Corrupt {
-            seq: None,
-            detail: e.to_string(),
-        })?;
+        let sku = Sku::new(sku.clone()).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
         replayed.entry(sku).or_default();
     }
     for (sku, expected) in &replayed {
-        let key = shared::SlotKey {
-            store: store.clone(),
-            sku: sku.clone(),
-            actor: actor.clone(),
-        };
+        let key = shared::SlotKey { store: store.clone(), sku: sku.clone(), actor: actor.clone() };
         let stored = projection::slot(conn, &key)?;
         if stored != *expected {
             return Ok(Err(ChainBreak {
@@ -176,10 +133,5 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
             }));
         }
     }
-    Ok(Ok(VerifyReport {
-        events,
-        head_seq: events,
-        head_hash: hex(&prev),
-        skus_checked: replayed.len() as u64,
-    }))
+    Ok(Ok(VerifyReport { events, head_seq: events, head_hash: hex(&prev), skus_checked: replayed.len() as u64 }))
 }

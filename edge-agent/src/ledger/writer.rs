@@ -41,11 +41,19 @@ pub enum SubmitError {
     Closed,
 }
 
-struct Request {
-    key: IdempotencyKey,
-    /// Validated by the caller's task (off the writer thread); a count is completed by the writer.
-    body: EventBody,
-    reply: oneshot::Sender<Result<Applied, SubmitError>>,
+/// What the writer is asked to do.
+enum Request {
+    /// Append an event. The body was validated on the caller's task (off the writer thread);
+    /// a count is completed by the writer.
+    Event { key: IdempotencyKey, body: EventBody, reply: oneshot::Sender<Result<Applied, SubmitError>> },
+    /// Save (or with `None` clear) a lane's basket in progress: state, not an event.
+    SaveBasket { lane: String, basket: Option<Vec<u8>>, reply: oneshot::Sender<Result<(), SubmitError>> },
+}
+
+/// The outcome of one request within a committed batch.
+enum Outcome {
+    Event(Result<Applied, Rejection>),
+    Saved,
 }
 
 /// Cheap to clone; the writer stops once every handle is dropped and the queue is drained.
@@ -83,31 +91,26 @@ pub struct WriterStats {
 impl LedgerHandle {
     /// Submits a command and waits until it is durable (or refused). Waits for room when the
     /// queue is full: backpressure, never a silent drop.
-    pub async fn submit(
-        &self,
-        key: IdempotencyKey,
-        command: Command,
-    ) -> Result<Applied, SubmitError> {
+    pub async fn submit(&self, key: IdempotencyKey, command: Command) -> Result<Applied, SubmitError> {
         let body = command.validate(&self.ctx)?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request { key, body, reply })
-            .await
-            .map_err(|_| SubmitError::Closed)?;
+        self.tx.send(Request::Event { key, body, reply }).await.map_err(|_| SubmitError::Closed)?;
+        rx.await.map_err(|_| SubmitError::Closed)?
+    }
+
+    /// Saves a lane's basket in progress (or clears it with `None`), durable on return.
+    pub async fn save_basket(&self, lane: &str, basket: Option<Vec<u8>>) -> Result<(), SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        let req = Request::SaveBasket { lane: lane.to_owned(), basket, reply };
+        self.tx.send(req).await.map_err(|_| SubmitError::Closed)?;
         rx.await.map_err(|_| SubmitError::Closed)?
     }
 
     /// For callers outside a tokio runtime.
-    pub fn blocking_submit(
-        &self,
-        key: IdempotencyKey,
-        command: Command,
-    ) -> Result<Applied, SubmitError> {
+    pub fn blocking_submit(&self, key: IdempotencyKey, command: Command) -> Result<Applied, SubmitError> {
         let body = command.validate(&self.ctx)?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .blocking_send(Request { key, body, reply })
-            .map_err(|_| SubmitError::Closed)?;
+        self.tx.blocking_send(Request::Event { key, body, reply }).map_err(|_| SubmitError::Closed)?;
         rx.blocking_recv().map_err(|_| SubmitError::Closed)?
     }
 
@@ -161,10 +164,7 @@ pub(super) struct Writer {
     pub own_slots: OwnSlots,
 }
 
-pub(super) fn spawn(
-    writer: Writer,
-    queue_capacity: usize,
-) -> Result<(LedgerHandle, WriterThread), LedgerError> {
+pub(super) fn spawn(writer: Writer, queue_capacity: usize) -> Result<(LedgerHandle, WriterThread), LedgerError> {
     let (tx, rx) = mpsc::channel(queue_capacity.max(1));
     let stats = Arc::new(Counters::default());
     let counters = stats.clone();
@@ -172,10 +172,7 @@ pub(super) fn spawn(
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
         .spawn(move || writer.run(rx, &counters))
-        .map_err(|e| LedgerError::Corrupt {
-            seq: None,
-            detail: format!("cannot start the writer thread: {e}"),
-        })?;
+        .map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("cannot start the writer thread: {e}") })?;
     Ok((LedgerHandle { tx, ctx, stats }, WriterThread(thread)))
 }
 
@@ -192,9 +189,7 @@ impl Writer {
             }
             let started = std::time::Instant::now();
             let outcome = self.apply_batch(&batch);
-            counters
-                .busy_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            counters.busy_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             match outcome {
                 Ok(results) => {
                     tracing::trace!(
@@ -202,19 +197,23 @@ impl Writer {
                         micros = started.elapsed().as_micros() as u64,
                         "Ledger batch committed"
                     );
-                    let new_events = results
-                        .iter()
-                        .filter(|r| matches!(r, Ok(a) if !a.replayed))
-                        .count();
+                    let new_events =
+                        results.iter().filter(|r| matches!(r, Outcome::Event(Ok(a)) if !a.replayed)).count();
                     counters.batches.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .commands
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    counters
-                        .events
-                        .fetch_add(new_events as u64, Ordering::Relaxed);
+                    counters.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    counters.events.fetch_add(new_events as u64, Ordering::Relaxed);
                     for (req, result) in batch.drain(..).zip(results) {
-                        let _ = req.reply.send(result.map_err(SubmitError::Rejected));
+                        match (req, result) {
+                            (Request::Event { reply, .. }, Outcome::Event(r)) => {
+                                let _ = reply.send(r.map_err(SubmitError::Rejected));
+                            }
+                            (Request::SaveBasket { reply, .. }, _) => {
+                                let _ = reply.send(Ok(()));
+                            }
+                            (Request::Event { reply, .. }, Outcome::Saved) => {
+                                let _ = reply.send(Err(SubmitError::Failed("internal: outcome mismatch".into())));
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -222,25 +221,24 @@ impl Writer {
                     counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
                     for req in batch.drain(..) {
-                        let _ = req.reply.send(Err(SubmitError::Failed(msg.clone())));
+                        match req {
+                            Request::Event { reply, .. } => {
+                                let _ = reply.send(Err(SubmitError::Failed(msg.clone())));
+                            }
+                            Request::SaveBasket { reply, .. } => {
+                                let _ = reply.send(Err(SubmitError::Failed(msg.clone())));
+                            }
+                        }
                     }
                 }
             }
         }
-        tracing::info!(
-            next_seq = self.head.next_seq,
-            "Ledger writer drained and stopped"
-        );
+        tracing::info!(next_seq = self.head.next_seq, "Ledger writer drained and stopped");
     }
 
-    fn apply_batch(
-        &mut self,
-        batch: &[Request],
-    ) -> Result<Vec<Result<Applied, Rejection>>, LedgerError> {
+    fn apply_batch(&mut self, batch: &[Request]) -> Result<Vec<Outcome>, LedgerError> {
         let mut head = self.head.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
         let batch_slots;
         {
@@ -251,64 +249,59 @@ impl Writer {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (idem_key) DO NOTHING",
             )?;
             for req in batch {
-                let outcome = match plan(
-                    &tx,
-                    &self.ctx,
-                    self.hlc.actor(),
-                    cache,
-                    &mut slots,
-                    req.body.clone(),
-                )? {
+                let (key, body) = match req {
+                    Request::Event { key, body, .. } => (key, body),
+                    Request::SaveBasket { lane, basket, .. } => {
+                        match basket {
+                            Some(bytes) => tx
+                                .prepare_cached("INSERT OR REPLACE INTO lane_baskets (lane, basket) VALUES (?1, ?2)")?
+                                .execute(params![lane, bytes])?,
+                            None => {
+                                tx.prepare_cached("DELETE FROM lane_baskets WHERE lane = ?1")?.execute(params![lane])?
+                            }
+                        };
+                        results.push(Outcome::Saved);
+                        continue;
+                    }
+                };
+                let outcome = match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body.clone())? {
                     Err(rejection) => Err(rejection),
                     Ok((body, planned)) => {
                         let (stamp, jump) = self.hlc.stamp((self.clock)());
                         report_jump(jump);
                         let encoded = body.encode();
                         let seq = head.next_seq;
-                        let hash = event_hash(
-                            &head.hash,
-                            seq,
-                            &stamp,
-                            body.kind(),
-                            req.key.as_str(),
-                            &encoded,
-                        );
+                        let hash = event_hash(&head.hash, seq, &stamp, body.kind(), key.as_str(), &encoded);
                         let inserted = insert_event.execute(params![
                             seq as i64,
                             stamp.wall_ms as i64,
                             i64::from(stamp.logical),
                             stamp.actor.as_str(),
                             body.kind(),
-                            req.key.as_str(),
+                            key.as_str(),
                             encoded,
                             head.hash.to_vec(),
                             hash.to_vec()
                         ])?;
                         if inserted == 0 {
                             // Seen before (in an earlier batch or earlier in this one).
-                            Ok(replay(&tx, &req.key)?)
+                            Ok(replay(&tx, key)?)
                         } else {
                             head.next_seq += 1;
                             head.hash = hash;
                             slots.commit(planned);
                             apply_registers(&tx, &mut head, &body, &stamp)?;
-                            Ok(Applied {
-                                seq,
-                                stamp,
-                                body,
-                                replayed: false,
-                            })
+                            Ok(Applied { seq, stamp, body, replayed: false })
                         }
                     }
                 };
-                results.push(outcome);
+                results.push(Outcome::Event(outcome));
             }
             slots.flush(&tx, &self.ctx, self.hlc.actor(), &mut head)?;
             batch_slots = slots;
         }
         let (wall, logical) = self.hlc.last();
-        let mut meta =
-            tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+        let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
         meta.execute(params!["hlc_wall", wall as i64])?;
         meta.execute(params!["hlc_logical", i64::from(logical)])?;
         meta.execute(params!["change_version", head.change_version as i64])?;
@@ -356,12 +349,7 @@ struct BatchSlots {
 }
 
 impl BatchSlots {
-    fn get(
-        &mut self,
-        conn: &Connection,
-        cache: &OwnSlots,
-        key: &SlotKey,
-    ) -> Result<Slot, LedgerError> {
+    fn get(&mut self, conn: &Connection, cache: &OwnSlots, key: &SlotKey) -> Result<Slot, LedgerError> {
         if let Some((slot, _)) = self.slots.get(&key.sku) {
             return Ok(*slot);
         }
@@ -389,11 +377,7 @@ impl BatchSlots {
         for (sku, (slot, dirty)) in &self.slots {
             if *dirty {
                 head.change_version += 1;
-                let key = SlotKey {
-                    store: ctx.store.clone(),
-                    sku: sku.clone(),
-                    actor: actor.clone(),
-                };
+                let key = SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
                 projection::write_slot(conn, &key, *slot, head.change_version)?;
             }
         }
@@ -405,9 +389,7 @@ impl BatchSlots {
         if cache.slots.len() + self.slots.len() > OWN_SLOT_CACHE_MAX {
             cache.slots.clear();
         }
-        cache
-            .slots
-            .extend(self.slots.into_iter().map(|(sku, (slot, _))| (sku, slot)));
+        cache.slots.extend(self.slots.into_iter().map(|(sku, (slot, _))| (sku, slot)));
     }
 }
 
@@ -424,11 +406,7 @@ fn plan(
     slots: &mut BatchSlots,
     body: EventBody,
 ) -> Result<Result<Planned, Rejection>, LedgerError> {
-    let own = |sku: &Sku| SlotKey {
-        store: ctx.store.clone(),
-        sku: sku.clone(),
-        actor: actor.clone(),
-    };
+    let own = |sku: &Sku| SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
     let body = match body {
         EventBody::Count { sku, counted, .. } => {
             // Every actor's slot as stored, with our own slot as this batch left it.
@@ -441,16 +419,9 @@ fn plan(
             let seen = (others + slots.get(conn, cache, &key)?.value())
                 .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
             let Some(movement) = counted.checked_sub(seen) else {
-                return Ok(Err(Rejection::new(format!(
-                    "count of {sku}: movement from {seen} to {counted} overflows"
-                ))));
+                return Ok(Err(Rejection::new(format!("count of {sku}: movement from {seen} to {counted} overflows"))));
             };
-            EventBody::Count {
-                sku,
-                counted,
-                seen,
-                movement,
-            }
+            EventBody::Count { sku, counted, seen, movement }
         }
         other => other,
     };
@@ -462,9 +433,7 @@ fn plan(
             None => slots.get(conn, cache, &key)?,
         };
         let Some(next) = current.apply(movement) else {
-            return Ok(Err(Rejection::new(format!(
-                "stock of {sku} would overflow with a movement of {movement}"
-            ))));
+            return Ok(Err(Rejection::new(format!("stock of {sku} would overflow with a movement of {movement}"))));
         };
         match planned.iter_mut().find(|(k, _)| *k == key) {
             Some(entry) => entry.1 = next,
@@ -475,30 +444,17 @@ fn plan(
 }
 
 /// Price and catalog registers take the event's stamp and merge at once (they are rare).
-fn apply_registers(
-    conn: &Connection,
-    head: &mut Head,
-    body: &EventBody,
-    stamp: &HlcStamp,
-) -> Result<(), LedgerError> {
+fn apply_registers(conn: &Connection, head: &mut Head, body: &EventBody, stamp: &HlcStamp) -> Result<(), LedgerError> {
     let version = head.change_version + 1;
     let changed = match body {
         EventBody::PriceChange { key, value } => projection::merge_price(
             conn,
-            &PriceEntry {
-                key: key.clone(),
-                value: value.clone(),
-                stamp: stamp.clone(),
-            },
+            &PriceEntry { key: key.clone(), value: value.clone(), stamp: stamp.clone() },
             version,
         )?,
         EventBody::CatalogChange { sku, field } => projection::merge_catalog(
             conn,
-            &CatalogUpdate {
-                sku: sku.clone(),
-                field: field.clone(),
-                stamp: stamp.clone(),
-            },
+            &CatalogUpdate { sku: sku.clone(), field: field.clone(), stamp: stamp.clone() },
             version,
         )?,
         _ => false,
@@ -511,43 +467,23 @@ fn apply_registers(
 
 fn replay(conn: &Connection, key: &IdempotencyKey) -> Result<Applied, LedgerError> {
     let found = conn
-        .prepare_cached(
-            "SELECT seq, hlc_wall, hlc_logical, actor, body FROM events WHERE idem_key = ?1",
-        )?
+        .prepare_cached("SELECT seq, hlc_wall, hlc_logical, actor, body FROM events WHERE idem_key = ?1")?
         .query_row(params![key.as_str()], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                projection::stamp_from(r, 1),
-                r.get::<_, Vec<u8>>(4)?,
-            ))
+            Ok((r.get::<_, i64>(0)?, projection::stamp_from(r, 1), r.get::<_, Vec<u8>>(4)?))
         })
         .optional()?;
     let Some((seq, stamp, body)) = found else {
         return Err(LedgerError::Corrupt {
             seq: None,
-            detail: format!(
-                "idempotency key {} conflicts but has no event",
-                key.as_str()
-            ),
+            detail: format!("idempotency key {} conflicts but has no event", key.as_str()),
         });
     };
-    let body = EventBody::decode(&body).map_err(|detail| LedgerError::Corrupt {
-        seq: Some(seq as u64),
-        detail,
-    })?;
-    Ok(Applied {
-        seq: seq as u64,
-        stamp: stamp?,
-        body,
-        replayed: true,
-    })
+    let body = EventBody::decode(&body).map_err(|detail| LedgerError::Corrupt { seq: Some(seq as u64), detail })?;
+    Ok(Applied { seq: seq as u64, stamp: stamp?, body, replayed: true })
 }
 
 pub(super) fn shared_clock() -> WallClock {
     Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     })
 }

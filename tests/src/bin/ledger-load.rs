@@ -23,33 +23,26 @@ fn sale(i: u64, eur: Currency) -> anyhow::Result<Command> {
             sku: Sku::new(format!("SKU{}", n % SKUS))?,
             quantity: 1,
             line_total: Money::new(250, eur),
+            price: None,
         })
     };
     let mut lines = vec![line(i)?];
     if i % 7 == 0 {
         lines.push(line(i + 1)?);
     }
-    Ok(Command::Sale {
-        lines,
-        tender: Tender::Cash,
-    })
+    Ok(Command::Sale { lines, tender: Tender::Cash })
 }
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let data_dir = PathBuf::from(
-        args.next()
-            .context("usage: ledger-load DATA_DIR FROM [CONCURRENCY]")?,
-    );
+    let data_dir = PathBuf::from(args.next().context("usage: ledger-load DATA_DIR FROM [CONCURRENCY]")?);
     let from: u64 = args.next().context("FROM missing")?.parse()?;
     let concurrency: usize = args.next().map(|c| c.parse()).transpose()?.unwrap_or(16);
 
     let eur = Currency::new("EUR")?;
     let opts = LedgerOptions::new(StoreId::new("crash-store")?, eur);
     let (handle, _writer) = Ledger::open(&data_dir, &opts)?.start_writer(4096)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build()?;
     rt.block_on(async move {
         for s in 0..SKUS {
             let receipt = Command::Receipt {
@@ -57,9 +50,7 @@ fn main() -> anyhow::Result<()> {
                 quantity: 1_000_000,
                 reference: "initial".into(),
             };
-            handle
-                .submit(IdempotencyKey::new(format!("receipt:SKU{s}"))?, receipt)
-                .await?;
+            handle.submit(IdempotencyKey::new(format!("receipt:SKU{s}"))?, receipt).await?;
         }
         println!("READY");
         let next = Arc::new(AtomicU64::new(from));
@@ -69,9 +60,7 @@ fn main() -> anyhow::Result<()> {
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let applied = handle
-                        .submit(IdempotencyKey::new(format!("sale:{i}"))?, sale(i, eur)?)
-                        .await?;
+                    let applied = handle.submit(IdempotencyKey::new(format!("sale:{i}"))?, sale(i, eur)?).await?;
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "ACK {i} {} {}", applied.seq, applied.replayed)?;
                     out.flush()?;

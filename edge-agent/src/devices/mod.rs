@@ -1,0 +1,4 @@
+//! Device links and the parsers between their bytes and the hub's inputs. Serial links own
+//! their port; parsers here are pure.
+
+pub mod plain_scanner;
