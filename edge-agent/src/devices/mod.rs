@@ -2,3 +2,4 @@
 //! their port; parsers here are pure.
 
 pub mod plain_scanner;
+pub mod serial;
