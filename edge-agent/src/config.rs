@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use shared::{Currency, StoreId};
+use shared::{Currency, DeviceId, StoreId};
+
+use crate::devices::plain_scanner::Suffix;
 
 /// The commented default configuration (`edge-agent print-default-config`).
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
@@ -20,6 +22,80 @@ pub struct Config {
     pub clock: ClockSection,
     #[serde(default)]
     pub log: LogSection,
+    /// Self-checkout lanes of this store.
+    #[serde(default)]
+    pub lanes: Vec<LaneSection>,
+    /// Devices on serial ports (scanners, scales, lane displays).
+    #[serde(default)]
+    pub serial: Vec<SerialSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneSection {
+    pub id: DeviceId,
+    /// The same code read twice by one scanner within this window counts once.
+    #[serde(default = "default_double_read_ms")]
+    pub double_read_window_ms: u64,
+}
+
+fn default_double_read_ms() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialKind {
+    Scanner,
+    Scale,
+    /// The lane's customer display and touch input.
+    Lane,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// The firmware-proto framing (COBS + CRC-32C); every kind speaks it.
+    Framed,
+    /// What off-the-shelf scanners send: the code and a suffix (scanners only).
+    Plain,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSection {
+    pub id: DeviceId,
+    pub kind: SerialKind,
+    /// The lane this device belongs to.
+    pub lane: DeviceId,
+    /// Prefer `/dev/serial/by-id/...`: stable whichever USB socket the device is in.
+    pub path: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default = "default_mode")]
+    pub mode: SerialMode,
+    /// Plain mode: what ends a code.
+    #[serde(default = "default_suffix")]
+    pub suffix: Suffix,
+    /// Plain mode: quiet time that ends a code without suffix.
+    #[serde(default = "default_gap_ms")]
+    pub gap_ms: u64,
+    /// Plain mode: answer each code with ACK (0x06) or NAK (0x15).
+    #[serde(default)]
+    pub ack_nak: bool,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_mode() -> SerialMode {
+    SerialMode::Framed
+}
+fn default_suffix() -> Suffix {
+    Suffix::Cr
+}
+fn default_gap_ms() -> u64 {
+    50
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,11 +189,58 @@ impl Config {
             let key = path;
             err((key != ".").then_some(key), format!("{message}{location}"))
         })?;
-        config.validate().map_err(|(key, message)| err(Some(key.into()), message))?;
+        config.validate().map_err(|(key, message)| err(Some(key), message))?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_basics().map_err(|(k, m)| (k.to_owned(), m))?;
+        self.validate_devices()
+    }
+
+    fn validate_devices(&self) -> Result<(), (String, String)> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if !ids.insert(lane.id.as_str()) {
+                return Err((format!("lanes[{i}].id"), format!("{} is used twice", lane.id)));
+            }
+        }
+        for (i, dev) in self.serial.iter().enumerate() {
+            let key = |field: &str| format!("serial[{i}].{field}");
+            if !ids.insert(dev.id.as_str()) {
+                return Err((key("id"), format!("{} is used twice", dev.id)));
+            }
+            if !self.lanes.iter().any(|l| l.id == dev.lane) {
+                return Err((key("lane"), format!("no [[lanes]] entry has id {}", dev.lane)));
+            }
+            if dev.mode == SerialMode::Plain && dev.kind != SerialKind::Scanner {
+                return Err((
+                    key("mode"),
+                    "only scanners have a plain mode; scales and lane displays are framed".into(),
+                ));
+            }
+            if !(300..=4_000_000).contains(&dev.baud) {
+                return Err((key("baud"), format!("{} is not a serial speed (300 to 4000000)", dev.baud)));
+            }
+            if dev.path.as_os_str().is_empty() {
+                return Err((key("path"), "must not be empty".into()));
+            }
+            if !(5..=5_000).contains(&dev.gap_ms) {
+                return Err((key("gap_ms"), format!("must be between 5 and 5000, got {}", dev.gap_ms)));
+            }
+            for kind in [SerialKind::Scale, SerialKind::Lane] {
+                if dev.kind == kind && self.serial[..i].iter().any(|d| d.kind == kind && d.lane == dev.lane) {
+                    return Err((
+                        key("kind"),
+                        format!("lane {} already has a {:?} device", dev.lane, kind).to_lowercase(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_basics(&self) -> Result<(), (&'static str, String)> {
         let l = &self.ledger;
         if l.data_dir.as_os_str().is_empty() {
             return Err(("ledger.data_dir", "must not be empty".into()));
@@ -169,6 +292,19 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("bogus"), "{e}");
         let e = parse("[ledger]\n").unwrap_err();
         assert!(e.message.contains("store"), "{e}");
+        let lanes = "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[[lanes]]\nid = \"lane-1\"\n";
+        let e = parse(&format!(
+            "{lanes}[[serial]]\nid = \"sc\"\nkind = \"scanner\"\nlane = \"lane-2\"\npath = \"/dev/x\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("serial[0].lane"), "{e}");
+        let e = parse(&format!(
+            "{lanes}[[serial]]\nid = \"sc\"\nkind = \"printer\"\nlane = \"lane-1\"\npath = \"/dev/x\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("serial[0].kind"), "{e}");
+        let e = parse(&format!("{lanes}[[serial]]\nid = \"sc\"\nkind = \"scale\"\nmode = \"plain\"\nlane = \"lane-1\"\npath = \"/dev/x\"\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("serial[0].mode"), "{e}");
         let e = parse("[store\n").unwrap_err();
         assert!(e.to_string().starts_with("test.toml: "), "{e}");
     }

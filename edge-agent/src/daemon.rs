@@ -1,10 +1,13 @@
-//! The daemon's life: open the ledger, start the writer, wait for SIGTERM or SIGINT, then shut
-//! down in order (stop intake, drain the writer, close SQLite) within a deadline. A second
+//! The daemon's life: open the ledger, start the writer and the device and lane tasks, wait for
+//! SIGTERM or SIGINT, then shut down in order (stop the device tasks, drain the writer, close
+//! SQLite) within a deadline. A second
 //! signal during shutdown forces an immediate exit.
 
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError, LedgerHandle, LedgerOptions};
@@ -36,7 +39,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let opts = ledger_options(&config);
     let ledger = Ledger::open(&config.ledger.data_dir, &opts)?;
     let (handle, writer) = ledger.start_writer(opts.queue_capacity)?;
-    tracing::info!(store_id = %config.store.id, data_dir = %config.ledger.data_dir.display(), "edge-agent ready");
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    if let Err(e) = crate::devices::wiring::start(&config, &handle, &tasks, &stop) {
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        drop(handle);
+        writer.join();
+        return Err(e.into());
+    }
+    tracing::info!(
+        store_id = %config.store.id,
+        data_dir = %config.ledger.data_dir.display(),
+        lanes = config.lanes.len(),
+        serial_devices = config.serial.len(),
+        "edge-agent ready"
+    );
 
     let stopping = tokio::select! {
         _ = term.recv() => "SIGTERM",
@@ -55,7 +74,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::process::exit(130);
     });
 
-    shutdown(handle, writer, Duration::from_millis(config.ledger.shutdown_timeout_ms)).await
+    // Stop intake: device and lane tasks end (a lane mid-commit finishes its ledger call).
+    stop.cancel();
+    tasks.close();
+    let deadline = Duration::from_millis(config.ledger.shutdown_timeout_ms);
+    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        tracing::warn!(still_running = tasks.len(), "Device tasks did not stop in time; draining the ledger anyway");
+    }
+    shutdown(handle, writer, deadline).await
 }
 
 /// Stops intake by dropping the daemon's handle, then waits for the writer to finish the

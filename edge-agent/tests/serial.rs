@@ -8,6 +8,7 @@ use edge_agent::devices::serial::{spawn, LinkEvent, SerialSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_serial::{SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Plugs a "device" in: a pty pair whose slave is reachable at `link`. Returns the master end.
 fn plug(link: &Path) -> SerialStream {
@@ -37,6 +38,7 @@ async fn unplug_and_replug_are_survived() {
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
         },
+        &TaskTracker::new(),
         stop.clone(),
     );
     assert_eq!(next(&mut link.events).await, LinkEvent::Connected);

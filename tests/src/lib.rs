@@ -1,6 +1,8 @@
 //! Harness for the end-to-end tests: where the real binaries are, and how to run them and
 //! read what they print while they run.
 
+pub mod store;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

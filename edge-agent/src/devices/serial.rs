@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Bytes read at most per read call; also the largest chunk handed on.
 pub const READ_CHUNK: usize = 512;
@@ -44,11 +45,12 @@ pub struct SerialLink {
     pub writes: mpsc::Sender<Vec<u8>>,
 }
 
-/// Starts the task owning the port; it ends when `stop` is cancelled or the link is dropped.
-pub fn spawn(settings: SerialSettings, stop: CancellationToken) -> SerialLink {
+/// Starts the task owning the port on `tasks`; it ends when `stop` is cancelled or the link
+/// is dropped.
+pub fn spawn(settings: SerialSettings, tasks: &TaskTracker, stop: CancellationToken) -> SerialLink {
     let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
-    tokio::spawn(run(settings, event_tx, write_rx, stop));
+    tasks.spawn(run(settings, event_tx, write_rx, stop));
     SerialLink { events, writes }
 }
 

@@ -1,1 +1,139 @@
-//! placeholder
+//! The task that owns one lane: it runs the [`Lane`] state machine on inputs from the lane's
+//! devices, looks products up on its own read-only ledger connection, persists the basket and
+//! commits sales through the ledger writer, and sends display updates to the lane display.
+//! Receipt ids are `{store}-{ledger sequence}`, so a retried commit shows the same receipt.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::LedgerCatalog;
+use super::{Basket, Display, Lane, LaneInput, LaneOutput};
+use crate::ledger::{Command, EventBody, IdempotencyKey, LedgerHandle, LedgerReader};
+use shared::{Currency, DeviceId, StoreId};
+
+/// Inputs waiting for a lane; device tasks wait when it is full.
+pub const LANE_QUEUE: usize = 256;
+/// Display updates waiting for the lane display's link; the oldest are not dropped: the lane
+/// waits, as a display that falls behind must still show the basket right.
+pub const DISPLAY_QUEUE: usize = 256;
+/// Version byte in front of a saved basket.
+const BASKET_VERSION: u8 = 1;
+
+pub fn encode_basket(basket: &Basket) -> Vec<u8> {
+    postcard::to_extend(basket, vec![BASKET_VERSION]).expect("a Basket serialises into a Vec")
+}
+
+pub fn decode_basket(bytes: &[u8]) -> Result<Basket, String> {
+    match bytes.split_first() {
+        Some((&BASKET_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown basket format {v}")),
+        None => Err("empty basket record".into()),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub struct LaneTask {
+    pub lane: Lane,
+    pub id: DeviceId,
+    pub store: StoreId,
+    pub catalog: LedgerCatalog,
+    pub ledger: LedgerHandle,
+    pub display: mpsc::Sender<Display>,
+}
+
+impl LaneTask {
+    /// Builds the lane, resuming the basket saved in the ledger (a damaged record is logged and
+    /// a fresh basket started, so a lane never stays down over it).
+    pub fn new(
+        id: DeviceId,
+        store: StoreId,
+        currency: Currency,
+        reader: LedgerReader,
+        ledger: LedgerHandle,
+        display: mpsc::Sender<Display>,
+    ) -> LaneTask {
+        let restored = match reader.lane_basket(id.as_str()) {
+            Ok(Some(bytes)) => match decode_basket(&bytes) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!(lane_id = %id, error = %e, error_code = "LANE_BASKET_DAMAGED", "Saved basket unreadable; starting a new one");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(lane_id = %id, error = %e, "Cannot read the saved basket; starting a new one");
+                None
+            }
+        };
+        if let Some(b) = &restored {
+            tracing::info!(lane_id = %id, basket = b.number, lines = b.lines.len(), "Lane basket resumed");
+        }
+        let lane = Lane::new(id.clone(), store.clone(), currency, restored);
+        LaneTask { lane, id, store, catalog: LedgerCatalog::new(reader), ledger, display }
+    }
+
+    /// Runs until `stop` or until every input sender is gone.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<LaneInput>, stop: CancellationToken) {
+        let resume = self.lane.resume();
+        self.process(resume).await;
+        loop {
+            let input = tokio::select! {
+                _ = stop.cancelled() => return,
+                input = inputs.recv() => match input { Some(i) => i, None => return },
+            };
+            let out = self.lane.handle(input, now_ms(), &self.catalog);
+            self.process(out).await;
+        }
+    }
+
+    /// Carries out the lane's outputs; the ledger's answers feed back in as inputs. The basket
+    /// is saved (durably) before the display shows the change, so the customer never sees a
+    /// line that a power cut could take back.
+    async fn process(&mut self, mut outputs: Vec<LaneOutput>) {
+        outputs.sort_by_key(|o| !matches!(o, LaneOutput::Persist(_)));
+        let mut queue = std::collections::VecDeque::from(outputs);
+        while let Some(output) = queue.pop_front() {
+            match output {
+                LaneOutput::Display(d) => {
+                    let _ = self.display.send(d).await;
+                }
+                LaneOutput::Persist(basket) => {
+                    if let Err(e) = self.ledger.save_basket(self.id.as_str(), Some(encode_basket(&basket))).await {
+                        tracing::error!(lane_id = %self.id, error = %e, error_code = "LANE_BASKET_SAVE", "Basket not saved");
+                    }
+                }
+                LaneOutput::Commit { key, lines, tender } => {
+                    let result = match IdempotencyKey::new(key) {
+                        Ok(key) => {
+                            self.ledger.submit(key, Command::Sale { lines, tender }).await.map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let answer = match result {
+                        Ok(applied) => match &applied.body {
+                            EventBody::Sale { total, .. } => {
+                                let receipt_id = format!("{}-{:08}", self.store, applied.seq);
+                                tracing::info!(lane_id = %self.id, receipt_id = %receipt_id, total = %total, replayed = applied.replayed, "Sale committed");
+                                LaneInput::Committed { receipt_id, total: *total }
+                            }
+                            other => LaneInput::CommitFailed {
+                                reason: format!("the basket's key was already used by a {} event", other.kind()),
+                            },
+                        },
+                        Err(reason) => LaneInput::CommitFailed { reason },
+                    };
+                    if let LaneInput::CommitFailed { reason } = &answer {
+                        tracing::error!(lane_id = %self.id, error = %reason, error_code = "LANE_SALE_FAILED", "Sale not committed");
+                    }
+                    queue.extend(self.lane.handle(answer, now_ms(), &self.catalog));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! `device-sim`: simulated store devices for a technician or a demo. Each subcommand attaches
+//! to a new pty (the hub opens it through the `--pty` symlink, set as the device's `path` in the
+//! hub's config) or to a real serial port (`--port`), does its part, and with `--hold` stays
+//! attached until Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use device_sim::{FramedSim, PlainScannerSim, Port, Suffix};
+use firmware_proto as fp;
+
+#[derive(Parser)]
+#[command(name = "device-sim", version, about = "Simulated scanners, scales and lane displays for a store-edge hub")]
+struct Cli {
+    #[command(subcommand)]
+    device: Device,
+}
+
+#[derive(Args, Clone)]
+struct Attach {
+    /// Create a pty and make this path (e.g. a by-id style name from the hub's config) point at it.
+    #[arg(long, conflicts_with = "port")]
+    pty: Option<PathBuf>,
+    /// Use a real serial port instead.
+    #[arg(long)]
+    port: Option<PathBuf>,
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
+    /// Stay attached (and print what the hub sends) until Ctrl-C.
+    #[arg(long)]
+    hold: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SuffixArg {
+    Cr,
+    Lf,
+    Crlf,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Plain,
+    Framed,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TenderArg {
+    Cash,
+    Card,
+}
+
+#[derive(Subcommand)]
+enum Device {
+    /// A barcode scanner: scans the codes given, one per --interval-ms.
+    Scanner {
+        #[command(flatten)]
+        attach: Attach,
+        #[arg(long, value_enum, default_value_t = Mode::Plain)]
+        mode: Mode,
+        /// Framed mode: the device id the hub knows it by.
+        #[arg(long, default_value = "scanner-1")]
+        name: String,
+        #[arg(long, value_enum, default_value_t = SuffixArg::Cr)]
+        suffix: SuffixArg,
+        /// AIM symbology prefix to send before each code (plain mode), e.g. ]E0.
+        #[arg(long)]
+        aim: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Scan every code twice (a double read).
+        #[arg(long)]
+        double: bool,
+        /// Send line noise before each code.
+        #[arg(long)]
+        garbage: bool,
+        codes: Vec<String>,
+    },
+    /// A scale: reports some readings in motion, then a stable weight.
+    Scale {
+        #[command(flatten)]
+        attach: Attach,
+        #[arg(long, default_value = "scale-1")]
+        name: String,
+        #[arg(long)]
+        grams: i32,
+        #[arg(long, default_value_t = 3)]
+        motion: u32,
+    },
+    /// A lane display: shows what the hub sends; optionally pays after --tender-after-ms.
+    Lane {
+        #[command(flatten)]
+        attach: Attach,
+        #[arg(long, default_value = "lane-1")]
+        name: String,
+        #[arg(long, value_enum)]
+        tender: Option<TenderArg>,
+        #[arg(long, default_value_t = 5000)]
+        tender_after_ms: u64,
+    },
+}
+
+fn attach(a: &Attach) -> anyhow::Result<Port> {
+    match (&a.pty, &a.port) {
+        (Some(link), None) => {
+            let port = Port::pty(link).with_context(|| format!("creating a pty at {}", link.display()))?;
+            eprintln!("attached: {} -> new pty", link.display());
+            Ok(port)
+        }
+        (None, Some(path)) => Port::open(path, a.baud).with_context(|| format!("opening {}", path.display())),
+        _ => bail!("give --pty LINK or --port PATH"),
+    }
+}
+
+async fn hold_framed(sim: &mut FramedSim) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            r = sim.pump(Duration::from_millis(200)) => {
+                r?;
+                while let Some(body) = sim.inbox.pop_front() {
+                    println!("hub -> {}: {body:?}", sim.name);
+                }
+            }
+        }
+    }
+}
+
+async fn framed(port: Port, name: &str, kind: fp::DeviceKind) -> anyhow::Result<FramedSim> {
+    let mut sim = FramedSim::new(port, name, kind);
+    match sim.hello(Duration::from_secs(30)).await? {
+        fp::Body::HelloAck(_) => eprintln!("{name}: hub accepted HELLO"),
+        other => bail!("{name}: hub refused: {other:?}"),
+    }
+    Ok(sim)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.device {
+        Device::Scanner { attach: a, mode, name, suffix, aim, interval_ms, double, garbage, codes } => {
+            let port = attach(&a)?;
+            match mode {
+                Mode::Plain => {
+                    let suffix = match suffix {
+                        SuffixArg::Cr => Suffix::Cr,
+                        SuffixArg::Lf => Suffix::Lf,
+                        SuffixArg::Crlf => Suffix::Crlf,
+                        SuffixArg::None => Suffix::None,
+                    };
+                    let mut sim = PlainScannerSim::new(port, suffix, aim.as_deref());
+                    tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+                    for code in &codes {
+                        if garbage {
+                            sim.garbage(b"\x01\x7f#?\r").await?;
+                        }
+                        if double {
+                            sim.double_scan(code).await?
+                        } else {
+                            sim.scan(code).await?
+                        }
+                        println!("scanned {code}");
+                        sim.answer_naks(Duration::from_millis(interval_ms)).await?;
+                    }
+                    if a.hold {
+                        tokio::signal::ctrl_c().await?;
+                    }
+                }
+                Mode::Framed => {
+                    let mut sim = framed(port, &name, fp::DeviceKind::Scanner).await?;
+                    for code in &codes {
+                        if garbage {
+                            sim.garbage(b"\x01\x02garbage\x00").await?;
+                        }
+                        sim.scan(code).await?;
+                        if double {
+                            sim.scan(code).await?;
+                        }
+                        println!("scanned {code}");
+                        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+                    }
+                    if a.hold {
+                        hold_framed(&mut sim).await?;
+                    }
+                }
+            }
+        }
+        Device::Scale { attach: a, name, grams, motion } => {
+            let mut sim = framed(attach(&a)?, &name, fp::DeviceKind::Scale).await?;
+            sim.weigh(grams, motion).await?;
+            println!("weighed {grams} g");
+            if a.hold {
+                hold_framed(&mut sim).await?;
+            }
+        }
+        Device::Lane { attach: a, name, tender, tender_after_ms } => {
+            let mut sim = framed(attach(&a)?, &name, fp::DeviceKind::Lane).await?;
+            if let Some(t) = tender {
+                let until = tokio::time::Instant::now() + Duration::from_millis(tender_after_ms);
+                while tokio::time::Instant::now() < until {
+                    sim.pump(Duration::from_millis(100)).await?;
+                    while let Some(body) = sim.inbox.pop_front() {
+                        println!("display: {body:?}");
+                    }
+                }
+                let kind = match t {
+                    TenderArg::Cash => fp::TenderKind::Cash,
+                    TenderArg::Card => fp::TenderKind::Card,
+                };
+                sim.input(fp::LaneInput::Tender(kind)).await?;
+                let shown =
+                    sim.wait_display(Duration::from_secs(30), |d| matches!(d, fp::LaneDisplay::Receipt { .. })).await?;
+                for d in shown {
+                    println!("display: {d:?}");
+                }
+            }
+            if a.hold {
+                hold_framed(&mut sim).await?;
+            }
+        }
+    }
+    Ok(())
+}

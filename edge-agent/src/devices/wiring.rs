@@ -1,0 +1,90 @@
+//! Starts the tasks of every configured lane and serial device: one task per lane (owning its
+//! state machine and its read-only ledger connection), one per serial port (owning the port),
+//! one per device protocol session. All run on the daemon's task tracker under its stop token.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::plain_scanner::PlainConfig;
+use super::serial::{self, SerialSettings};
+use super::{framed, plain_task};
+use crate::config::{Config, SerialKind, SerialMode};
+use crate::lane::runtime::{LaneTask, DISPLAY_QUEUE, LANE_QUEUE};
+use crate::ledger::{LedgerError, LedgerHandle, LedgerReader};
+
+pub fn start(
+    config: &Config,
+    ledger: &LedgerHandle,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<(), LedgerError> {
+    for lane_cfg in &config.lanes {
+        let reader = LedgerReader::open(&config.ledger.data_dir)?;
+        let (lane_tx, lane_rx) = mpsc::channel(LANE_QUEUE);
+        let (display_tx, display_rx) = mpsc::channel(DISPLAY_QUEUE);
+        let lane = LaneTask::new(
+            lane_cfg.id.clone(),
+            config.store.id.clone(),
+            config.store.currency,
+            reader,
+            ledger.clone(),
+            display_tx,
+        );
+        tasks.spawn(lane.run(lane_rx, stop.child_token()));
+        let mut display_rx = Some(display_rx);
+        for dev in config.serial.iter().filter(|d| d.lane == lane_cfg.id) {
+            let link = serial::spawn(
+                SerialSettings {
+                    device_id: dev.id.to_string(),
+                    path: dev.path.clone(),
+                    baud: dev.baud,
+                    backoff_min: Duration::from_millis(250),
+                    backoff_max: Duration::from_secs(10),
+                },
+                tasks,
+                stop.child_token(),
+            );
+            match (dev.kind, dev.mode) {
+                (SerialKind::Scanner, SerialMode::Plain) => {
+                    let settings = plain_task::PlainScannerSettings {
+                        device_id: dev.id.to_string(),
+                        parser: PlainConfig { suffix: dev.suffix, gap_ms: dev.gap_ms },
+                        ack_nak: dev.ack_nak,
+                        double_read_window_ms: lane_cfg.double_read_window_ms,
+                    };
+                    tasks.spawn(plain_task::run(link, settings, lane_tx.clone(), stop.child_token()));
+                }
+                (kind, _) => {
+                    let display = if kind == SerialKind::Lane { display_rx.take() } else { None };
+                    let session = framed::FramedSettings {
+                        device_id: dev.id.clone(),
+                        kind,
+                        double_read_window_ms: lane_cfg.double_read_window_ms,
+                    };
+                    tasks.spawn(framed::run(link, session, lane_tx.clone(), display, stop.child_token()));
+                }
+            }
+        }
+        if let Some(mut rx) = display_rx {
+            // A lane without a display device: its updates have nowhere to go.
+            let lane_id = lane_cfg.id.clone();
+            let stop = stop.child_token();
+            tasks.spawn(async move {
+                tracing::info!(lane_id = %lane_id, "Lane has no display device configured; display updates are logged at debug level");
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        d = rx.recv() => match d {
+                            Some(d) => tracing::debug!(lane_id = %lane_id, update = ?d, "Lane display update"),
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}

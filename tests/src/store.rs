@@ -1,0 +1,184 @@
+//! A store on this machine for a test: a data folder seeded with products, a config naming its
+//! lanes and their serial devices (pty symlinks in a by-id folder), and the real `edge-agent`
+//! binary started against it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use edge_agent::ledger::{Command as LedgerCommand, IdempotencyKey, Ledger, LedgerOptions, LedgerReader};
+use shared::{CatalogField, Currency, Gtin, Money, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, StoreId, Unit};
+
+use crate::{signal, workspace_bin, Running, SIGTERM};
+
+pub const STORE: &str = "s1";
+
+pub struct Product {
+    pub sku: &'static str,
+    pub name: &'static str,
+    pub gtin: &'static str,
+    pub unit: Unit,
+    /// Per piece, or per kilogram.
+    pub price_cents: i64,
+    pub stock: i64,
+}
+
+/// The products every lane test shops from.
+pub const PRODUCTS: &[Product] = &[
+    Product { sku: "MILK", name: "Milk 1 l", gtin: "4006381333931", unit: Unit::Piece, price_cents: 119, stock: 100 },
+    Product { sku: "BREAD", name: "Bread", gtin: "96385074", unit: Unit::Piece, price_cents: 250, stock: 100 },
+    Product { sku: "EGGS", name: "Eggs x6", gtin: "036000291452", unit: Unit::Piece, price_cents: 329, stock: 100 },
+    Product {
+        sku: "APPLES",
+        name: "Apples",
+        gtin: "10614141000415",
+        unit: Unit::Gram,
+        price_cents: 299,
+        stock: 50_000,
+    },
+];
+
+pub struct StoreFixture {
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub by_id: PathBuf,
+    pub config: PathBuf,
+    pub lanes: Vec<String>,
+}
+
+impl StoreFixture {
+    /// A store with these lanes, each with a plain scanner, a framed scale and a framed lane
+    /// display at `by_id/{lane}-scanner|scale|display`; seeded with [`PRODUCTS`].
+    pub fn new(lanes: &[&str]) -> StoreFixture {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let by_id = dir.path().join("by-id");
+        std::fs::create_dir_all(&by_id).unwrap();
+        let mut config = format!(
+            "[store]\nid = \"{STORE}\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n[log]\nlevel = \"info,edge_agent=debug\"\n",
+            data.display()
+        );
+        for lane in lanes {
+            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\ndouble_read_window_ms = 500\n"));
+            for (kind, mode) in [("scanner", "plain"), ("scale", "framed"), ("lane", "framed")] {
+                let name = if kind == "lane" { "display" } else { kind };
+                config.push_str(&format!(
+                    "[[serial]]\nid = \"{lane}-{name}\"\nkind = \"{kind}\"\nlane = \"{lane}\"\npath = \"{}\"\nmode = \"{mode}\"\nsuffix = \"cr\"\n",
+                    by_id.join(format!("{lane}-{name}")).display()
+                ));
+            }
+        }
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let fixture = StoreFixture {
+            data,
+            by_id,
+            config: config_path,
+            lanes: lanes.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        fixture.seed();
+        fixture
+    }
+
+    /// Seeds through the real ledger writer, on a plain thread (tests may call this from inside
+    /// a tokio runtime, where blocking is not allowed).
+    fn seed(&self) {
+        let data = self.data.clone();
+        std::thread::spawn(move || seed(&data)).join().expect("seeding the ledger");
+    }
+
+    pub fn device_path(&self, lane: &str, device: &str) -> PathBuf {
+        self.by_id.join(format!("{lane}-{device}"))
+    }
+
+    pub fn start(&self) -> Daemon {
+        let mut cmd = Command::new(workspace_bin("edge-agent"));
+        cmd.arg("run").arg("--config").arg(&self.config);
+        let run = Running::spawn(cmd, true);
+        run.wait_for("edge-agent ready", Duration::from_secs(30));
+        Daemon { run }
+    }
+
+    pub fn reader(&self) -> LedgerReader {
+        LedgerReader::open(&self.data).unwrap()
+    }
+
+    pub fn on_hand(&self, sku: &str) -> i64 {
+        self.reader().stock(&Sku::new(sku).unwrap()).unwrap().on_hand
+    }
+
+    pub fn storectl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(workspace_bin("storectl")).arg("--data-dir").arg(&self.data).args(args).output().unwrap()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn seed(data: &Path) {
+    let eur = Currency::new("EUR").unwrap();
+    let (h, w) =
+        Ledger::open(data, &LedgerOptions::new(StoreId::new(STORE).unwrap(), eur)).unwrap().start_writer(64).unwrap();
+    for p in PRODUCTS {
+        let sku = Sku::new(p.sku).unwrap();
+        let key = |what: &str| IdempotencyKey::new(format!("seed:{}:{what}", p.sku)).unwrap();
+        let fields = [
+            CatalogField::Name(p.name.into()),
+            CatalogField::Gtins(vec![Gtin::parse(p.gtin).unwrap()]),
+            CatalogField::Unit(p.unit),
+        ];
+        for field in fields {
+            let what = field.name();
+            h.blocking_submit(key(what), LedgerCommand::CatalogChange { sku: sku.clone(), field }).unwrap();
+        }
+        let price = LedgerCommand::PriceChange {
+            key: PriceKey { sku: sku.clone(), scope: PriceScope::Chain, slot: PriceSlot::Regular },
+            value: Some(PriceValue { amount: Money::new(p.price_cents, eur), window: None }),
+        };
+        h.blocking_submit(key("price"), price).unwrap();
+        h.blocking_submit(key("stock"), LedgerCommand::Receipt { sku, quantity: p.stock, reference: "opening".into() })
+            .unwrap();
+    }
+    drop(h);
+    w.join();
+}
+
+pub struct Daemon {
+    pub run: Running,
+}
+
+impl Daemon {
+    /// SIGTERM, and a clean exit within 10 s.
+    pub fn stop(mut self) {
+        signal(&self.run.child, SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.run.child.try_wait().unwrap() {
+                assert!(status.success(), "edge-agent exited with {status}");
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "edge-agent did not stop within 10 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the power cut.
+    pub fn kill(mut self) {
+        self.run.child.kill().unwrap();
+        self.run.child.wait().unwrap();
+    }
+
+    /// Log lines printed so far.
+    pub fn log(&self) -> Vec<String> {
+        self.run.lines.try_iter().collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.run.child.kill();
+        let _ = self.run.child.wait();
+    }
+}
