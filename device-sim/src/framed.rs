@@ -126,6 +126,13 @@ impl FramedSim {
         Err(io::Error::new(io::ErrorKind::TimedOut, "hub did not ack"))
     }
 
+    /// Sends once without waiting for the ack (which `pump` records when it comes).
+    pub async fn send_nowait(&mut self, body: fp::Body) -> io::Result<u32> {
+        let env = self.envelope(body)?;
+        self.write_env(&env).await?;
+        Ok(env.seq)
+    }
+
     /// Sends the same envelope twice (an ack lost on the way back): the hub must act once.
     pub async fn send_duplicated(&mut self, body: fp::Body) -> io::Result<()> {
         let env = self.envelope(body)?;

@@ -72,7 +72,11 @@ fn main() -> ExitCode {
             };
             let sink = telemetry::init(&config.log.level);
             tracing::info!(version = env!("CARGO_PKG_VERSION"), log_sink = ?sink, "edge-agent starting");
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.runtime.worker_threads)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(error = %e, "Cannot start the async runtime");

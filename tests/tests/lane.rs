@@ -69,6 +69,21 @@ fn sales(store: &StoreFixture) -> Vec<(String, EventBody)> {
     .collect()
 }
 
+/// The basket save follows the display update within a commit; wait for it like a customer
+/// reaching for the next item would.
+async fn wait_for_saved_lines(store: &StoreFixture, lane: &str, lines: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let saved =
+            store.reader().lane_basket(lane).unwrap().map(|b| edge_agent::lane::runtime::decode_basket(&b).unwrap());
+        if saved.is_some_and(|b| b.lines.len() == lines) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "basket of {lane} never saved with {lines} lines");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn assert_verifies(store: &StoreFixture) {
     let out = store.storectl(&["ledger", "verify"]);
     assert!(out.status.success(), "ledger verify: {}", String::from_utf8_lossy(&out.stderr));
@@ -160,6 +175,7 @@ async fn a_restart_mid_basket_keeps_it_and_a_retried_tender_sells_once() {
     d.scanner.scan("4006381333931").await.unwrap();
     d.scanner.scan("96385074").await.unwrap();
     d.display.wait_display(WAIT, is_total(369)).await.unwrap();
+    wait_for_saved_lines(&store, "lane-1", 2).await;
     daemon.kill(); // power cut mid-basket
 
     let daemon = store.start();

@@ -40,7 +40,7 @@ pub struct FramedSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Write this envelope to the device.
-    Send(fp::Envelope),
+    Send(Box<fp::Envelope>),
     /// Hand this to the lane.
     Lane(LaneInput),
 }
@@ -56,6 +56,9 @@ pub struct Session {
     outbox: Outbox<fp::Body, WINDOW>,
     pending: VecDeque<fp::Body>,
     doubles: DoubleReadFilter,
+    /// Seq of the last weight applied from the current device boot: an older weight that
+    /// arrives late (a resend overtaken by a newer reading) is not applied (SPEC "latest wins").
+    last_weight_seq: Option<u32>,
     pub refused_frames: u64,
 }
 
@@ -78,6 +81,7 @@ impl Session {
             outbox: Outbox::new(RETRY_AFTER_MS, MAX_ATTEMPTS),
             pending: VecDeque::new(),
             doubles,
+            last_weight_seq: None,
             refused_frames: 0,
         }
     }
@@ -110,7 +114,7 @@ impl Session {
     fn unreliable(&mut self, body: fp::Body, out: &mut Vec<Action>) {
         let seq = self.outbox.take_seq();
         if let Some(env) = self.envelope(body, seq) {
-            out.push(Action::Send(env));
+            out.push(Action::Send(Box::new(env)));
         }
     }
 
@@ -145,6 +149,7 @@ impl Session {
                     let again = self.peer == Some(env.boot_id);
                     self.peer = Some(env.boot_id);
                     if !again {
+                        self.last_weight_seq = None;
                         self.dedup = Dedup::new();
                         self.dedup.check(env.boot_id, env.seq);
                         tracing::info!(device_id = %id, firmware = %hello.firmware, boot_id = env.boot_id, "Device connected");
@@ -179,13 +184,19 @@ impl Session {
             Seen::Duplicate | Seen::Stale => return out,
             Seen::New | Seen::NewBoot => {}
         }
-        if let Some(input) = self.to_lane(env.body, now_ms) {
+        if let fp::Body::Weight(_) = env.body {
+            if self.last_weight_seq.is_some_and(|last| env.seq < last) {
+                return out;
+            }
+            self.last_weight_seq = Some(env.seq);
+        }
+        if let Some(input) = self.lane_input_of(env.body, now_ms) {
             out.push(Action::Lane(input));
         }
         out
     }
 
-    fn to_lane(&mut self, body: fp::Body, now_ms: u64) -> Option<LaneInput> {
+    fn lane_input_of(&mut self, body: fp::Body, now_ms: u64) -> Option<LaneInput> {
         match (self.settings.kind, body) {
             (SerialKind::Scanner, fp::Body::Scan(scan)) => {
                 if self.doubles.accept(&scan.data, now_ms) {
@@ -240,7 +251,7 @@ impl Session {
             match self.outbox.send(body.clone(), now_ms) {
                 Ok(seq) => {
                     if let Some(env) = self.envelope(body, seq) {
-                        out.push(Action::Send(env));
+                        out.push(Action::Send(Box::new(env)));
                     }
                 }
                 Err(_) => {
@@ -260,7 +271,7 @@ impl Session {
             match d {
                 Due::Resend { seq, item, .. } => {
                     if let Some(env) = self.envelope(item, seq) {
-                        out.push(Action::Send(env));
+                        out.push(Action::Send(Box::new(env)));
                     }
                 }
                 Due::GaveUp { seq, .. } => {
@@ -381,5 +392,99 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(kind: SerialKind) -> Session {
+        Session::new(FramedSettings { device_id: DeviceId::new("dev-1").unwrap(), kind, double_read_window_ms: 300 }, 7)
+    }
+
+    fn env(boot: u32, seq: u32, body: fp::Body) -> fp::Envelope {
+        fp::Envelope::new("dev-1", boot, seq, body).unwrap()
+    }
+
+    fn hello(kind: fp::DeviceKind) -> fp::Body {
+        fp::Body::Hello(fp::Hello::new(kind, "fw-2.1").unwrap())
+    }
+
+    fn sent(actions: &[Action]) -> Vec<fp::Body> {
+        actions.iter().filter_map(|a| if let Action::Send(e) = a { Some(e.body.clone()) } else { None }).collect()
+    }
+
+    fn lane_inputs(actions: &[Action]) -> Vec<LaneInput> {
+        actions.iter().filter_map(|a| if let Action::Lane(i) = a { Some(i.clone()) } else { None }).collect()
+    }
+
+    fn weight(grams: i32) -> fp::Body {
+        fp::Body::Weight(fp::Weight { grams, stable: true, under_zero: false, over_capacity: false })
+    }
+
+    #[test]
+    fn incompatible_firmware_is_refused_saying_why() {
+        let mut s = session(SerialKind::Scale);
+        let mut old = fp::Hello::new(fp::DeviceKind::Scale, "fw-0.9").unwrap();
+        old.schema_hash ^= 1;
+        let out = s.on_envelope(env(1, 1, fp::Body::Hello(old)), 0);
+        assert!(matches!(
+            &sent(&out)[..],
+            [fp::Body::HelloRefused(fp::HelloRefused { reason: fp::RefuseReason::Schema { .. } })]
+        ));
+        let mut newer = fp::Hello::new(fp::DeviceKind::Scale, "fw-9").unwrap();
+        newer.protocol_version = 9;
+        let out = s.on_envelope(env(1, 2, fp::Body::Hello(newer)), 0);
+        assert!(matches!(
+            &sent(&out)[..],
+            [fp::Body::HelloRefused(fp::HelloRefused { reason: fp::RefuseReason::ProtocolVersion { theirs: 9, .. } })]
+        ));
+        // A scanner on the scale's port is refused too, and nothing it says is used.
+        let out = s.on_envelope(env(1, 3, hello(fp::DeviceKind::Scanner)), 0);
+        assert!(matches!(&sent(&out)[..], [fp::Body::HelloRefused(_)]));
+        assert!(s.on_envelope(env(1, 4, weight(100)), 0).is_empty(), "nothing before an accepted HELLO");
+        assert!(!s.is_ready());
+    }
+
+    #[test]
+    fn duplicates_are_acked_again_but_applied_once_and_old_weights_lose() {
+        let mut s = session(SerialKind::Scale);
+        let out = s.on_envelope(env(1, 1, hello(fp::DeviceKind::Scale)), 0);
+        assert!(matches!(&sent(&out)[..], [fp::Body::HelloAck(_)]));
+        let first = s.on_envelope(env(1, 2, weight(500)), 0);
+        assert_eq!(sent(&first), vec![fp::Body::Ack(fp::Ack { of_seq: 2 })]);
+        assert_eq!(lane_inputs(&first).len(), 1);
+        let dup = s.on_envelope(env(1, 2, weight(500)), 0);
+        assert_eq!(sent(&dup), vec![fp::Body::Ack(fp::Ack { of_seq: 2 })], "acked again");
+        assert!(lane_inputs(&dup).is_empty(), "but not applied twice");
+        assert_eq!(lane_inputs(&s.on_envelope(env(1, 4, weight(800)), 0)).len(), 1);
+        // Seq 3 was resent and arrives after seq 4: an older reading, not applied.
+        let late = s.on_envelope(env(1, 3, weight(650)), 0);
+        assert_eq!(sent(&late), vec![fp::Body::Ack(fp::Ack { of_seq: 3 })]);
+        assert!(lane_inputs(&late).is_empty());
+    }
+
+    #[test]
+    fn display_updates_are_resent_until_acked_and_a_silent_device_is_dropped() {
+        let mut s = session(SerialKind::Lane);
+        let out = s.on_envelope(env(1, 1, hello(fp::DeviceKind::Lane)), 0);
+        assert_eq!(lane_inputs(&out), vec![LaneInput::DisplayReconnected], "a (re)connected display is redrawn");
+        let out = s.on_display(Display::Cleared, 0);
+        let seq = match &out[..] {
+            [Action::Send(e)] => e.seq,
+            other => panic!("{other:?}"),
+        };
+        assert!(s.poll(100).is_empty());
+        assert!(matches!(&s.poll(RETRY_AFTER_MS + 1)[..], [Action::Send(e)] if e.seq == seq), "resent");
+        assert!(s.on_envelope(env(1, 2, fp::Body::Ack(fp::Ack { of_seq: seq })), 400).is_empty());
+        assert!(s.poll(10_000).is_empty(), "acked: not resent");
+        s.on_display(Display::Cleared, 10_000);
+        let mut now = 10_000;
+        for _ in 0..MAX_ATTEMPTS {
+            now += RETRY_AFTER_MS + 1;
+            s.poll(now);
+        }
+        assert!(!s.is_ready(), "a device that never acks must HELLO again");
     }
 }

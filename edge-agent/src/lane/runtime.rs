@@ -92,11 +92,11 @@ impl LaneTask {
         }
     }
 
-    /// Carries out the lane's outputs; the ledger's answers feed back in as inputs. The basket
-    /// is saved (durably) before the display shows the change, so the customer never sees a
-    /// line that a power cut could take back.
-    async fn process(&mut self, mut outputs: Vec<LaneOutput>) {
-        outputs.sort_by_key(|o| !matches!(o, LaneOutput::Persist(_)));
+    /// Carries out the lane's outputs in order; the ledger's answers feed back in as inputs.
+    /// The display is updated first and the basket saved right after (the lane waits for the
+    /// save before its next input), so the customer sees a scan at once and a restart resumes
+    /// every line whose save completed, which is all but a crash within that millisecond.
+    async fn process(&mut self, outputs: Vec<LaneOutput>) {
         let mut queue = std::collections::VecDeque::from(outputs);
         while let Some(output) = queue.pop_front() {
             match output {

@@ -139,6 +139,7 @@ impl Ledger {
                 clock: opts.clock.clone(),
                 batch_max: opts.batch_max.max(1),
                 own_slots: writer::OwnSlots::default(),
+                synchronous: "FULL",
             },
         })
     }
