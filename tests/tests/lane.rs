@@ -216,3 +216,37 @@ async fn two_lanes_sell_the_same_sku_at_once() {
     assert_eq!(store.on_hand("MILK"), 98);
     assert_verifies(&store);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_display_link_drops_mid_basket_resumes_and_the_basket_is_voided_on_command() {
+    let store = StoreFixture::new(&["lane-1"]);
+    let daemon = store.start();
+    let mut d = attach(&store, "lane-1").await;
+    d.scanner.scan("4006381333931").await.unwrap();
+    d.scanner.scan("96385074").await.unwrap();
+    d.display.wait_display(WAIT, is_total(369)).await.unwrap();
+
+    // The display loses power and comes back: it boots, says HELLO, and is redrawn.
+    d.display.port.unplug();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.display.port.replug().unwrap();
+    d.display.reboot();
+    d.display.inbox.clear();
+    assert!(matches!(d.display.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
+    let redraw = d.display.wait_display(WAIT, is_total(369)).await.unwrap();
+    assert!(redraw.iter().filter(|x| matches!(x, fp::LaneDisplay::Line { .. })).count() >= 2, "{redraw:?}");
+
+    // The customer gives up: the basket is voided and the next one starts empty.
+    d.display.input(fp::LaneInput::VoidBasket).await.unwrap();
+    d.display.wait_display(WAIT, |x| matches!(x, fp::LaneDisplay::Cleared)).await.unwrap();
+    d.scanner.scan("036000291452").await.unwrap();
+    d.display.wait_display(WAIT, is_total(329)).await.unwrap();
+    pay(&mut d).await;
+    daemon.stop();
+
+    let sales = sales(&store);
+    assert_eq!(sales.len(), 1);
+    assert_eq!(sales[0].0, format!("lane:{STORE}:lane-1:basket:2"), "the voided basket 1 sold nothing");
+    assert_eq!((store.on_hand("MILK"), store.on_hand("EGGS")), (100, 99));
+    assert_verifies(&store);
+}

@@ -71,6 +71,9 @@ enum Device {
         aim: Option<String>,
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+        /// Plain mode has no handshake: wait this long for the hub to open the port first.
+        #[arg(long, default_value_t = 3000)]
+        start_delay_ms: u64,
         /// Scan every code twice (a double read).
         #[arg(long)]
         double: bool,
@@ -142,7 +145,7 @@ async fn framed(port: Port, name: &str, kind: fp::DeviceKind) -> anyhow::Result<
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.device {
-        Device::Scanner { attach: a, mode, name, suffix, aim, interval_ms, double, garbage, codes } => {
+        Device::Scanner { attach: a, mode, name, suffix, aim, interval_ms, start_delay_ms, double, garbage, codes } => {
             let port = attach(&a)?;
             match mode {
                 Mode::Plain => {
@@ -153,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
                         SuffixArg::None => Suffix::None,
                     };
                     let mut sim = PlainScannerSim::new(port, suffix, aim.as_deref());
-                    tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+                    tokio::time::sleep(Duration::from_millis(start_delay_ms)).await;
                     for code in &codes {
                         if garbage {
                             sim.garbage(b"\x01\x7f#?\r").await?;
