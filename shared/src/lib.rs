@@ -5,6 +5,7 @@
 //! sync run the very same merge code.
 
 pub mod catalog;
+pub mod epc;
 pub mod gtin;
 pub mod hlc;
 pub mod ids;
@@ -15,6 +16,7 @@ pub mod stock;
 pub mod wire;
 
 pub use catalog::{CatalogField, CatalogItem, CatalogUpdate, TaxClass, Unit};
+pub use epc::{decode_sgtin96, decode_sgtin96_hex, EpcError, Sgtin};
 pub use gtin::{Gtin, GtinError};
 pub use hlc::{ClockJump, Hlc, HlcStamp, SkewError};
 pub use ids::{ActorId, DeviceId, IdError, Sku, StoreId};
