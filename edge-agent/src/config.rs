@@ -221,6 +221,12 @@ impl Config {
             if !ids.insert(lane.id.as_str()) {
                 return Err((format!("lanes[{i}].id"), format!("{} is used twice", lane.id)));
             }
+            if lane.double_read_window_ms > 10_000 {
+                return Err((
+                    format!("lanes[{i}].double_read_window_ms"),
+                    format!("must be at most 10000, got {}", lane.double_read_window_ms),
+                ));
+            }
         }
         for (i, dev) in self.serial.iter().enumerate() {
             let key = |field: &str| format!("serial[{i}].{field}");
@@ -274,8 +280,11 @@ impl Config {
                 format!("must be between 1 and 64, got {}", self.runtime.worker_threads),
             ));
         }
-        if self.clock.max_skew_ms == 0 {
-            return Err(("clock.max_skew_ms", "must be positive".into()));
+        if !(1..=86_400_000).contains(&self.clock.max_skew_ms) {
+            return Err(("clock.max_skew_ms", format!("must be between 1 and 86400000 (a day), got {}", self.clock.max_skew_ms)));
+        }
+        if !(1..=86_400_000).contains(&self.clock.jump_warn_ms) {
+            return Err(("clock.jump_warn_ms", format!("must be between 1 and 86400000 (a day), got {}", self.clock.jump_warn_ms)));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(("log.level", format!("not a valid filter ({e}); use error, warn, info, debug or trace")));

@@ -224,3 +224,65 @@ fn write_foreign_database(path: &Path) {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch("CREATE TABLE recipes (name TEXT); INSERT INTO recipes VALUES ('soup');").unwrap();
 }
+
+#[test]
+fn a_retry_gets_its_first_result_even_if_the_command_would_be_refused_today() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, w) = start(dir.path(), &opts("s1"));
+    let receive = |k: &str, quantity: i64| h.blocking_submit(key(k), Command::Receipt { sku: sku("A"), quantity, reference: String::new() });
+    let big = |k: &str| receive(k, 1 << 62);
+    let first = big("k1").unwrap();
+    receive("k2", (1 << 62) - 1).unwrap(); // the slot is now full: i64::MAX
+    // Applying k1 again would overflow the slot; its retry must still return k1's result.
+    let retry = big("k1").unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.seq, first.seq);
+    assert!(big("k3").unwrap_err().to_string().contains("overflow"));
+    drop(h);
+    w.join();
+    // Reopened in another currency, an old sale's retry is still its first result.
+    let mut usd = opts("s1");
+    usd.currency = Currency::new("USD").unwrap();
+    let (h, w) = start(dir.path(), &usd);
+    let sale_eur = sale("A", 1);
+    assert!(h.blocking_submit(key("k4"), sale_eur.clone()).is_err(), "EUR sale refused by a USD store");
+    drop(h);
+    w.join();
+    let (h, w) = start(dir.path(), &opts("s1"));
+    let applied = h.blocking_submit(key("k4"), sale_eur.clone()).unwrap();
+    drop(h);
+    w.join();
+    let (h, w) = start(dir.path(), &usd);
+    assert_eq!(h.blocking_submit(key("k4"), sale_eur).unwrap().seq, applied.seq);
+    drop(h);
+    w.join();
+}
+
+#[test]
+fn a_hand_edited_ledger_is_refused_at_open_not_appended_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, w) = start(dir.path(), &opts("s1"));
+    for i in 0..5 {
+        h.blocking_submit(key(&format!("s{i}")), sale("A", 1)).unwrap();
+    }
+    drop(h);
+    w.join();
+    let path = Ledger::path_in(dir.path());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    // Deleting the last sale would free its key and let the next append reuse seq 5.
+    conn.execute("DELETE FROM events WHERE seq = 5", []).unwrap();
+    drop(conn);
+    let e = Ledger::open(dir.path(), &opts("s1")).err().unwrap();
+    assert!(matches!(e, LedgerError::Corrupt { .. }) && e.to_string().contains("ends at 4"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (h, w) = start(dir.path(), &opts("s1"));
+    h.blocking_submit(key("s"), sale("A", 1)).unwrap();
+    drop(h);
+    w.join();
+    let conn = rusqlite::Connection::open(Ledger::path_in(dir.path())).unwrap();
+    conn.execute("UPDATE meta SET value = -1 WHERE key = 'hlc_wall'", []).unwrap();
+    drop(conn);
+    let e = Ledger::open(dir.path(), &opts("s1")).err().unwrap();
+    assert!(e.to_string().contains("hlc_wall is negative"), "{e}");
+}

@@ -89,9 +89,9 @@ impl Hlc {
 
     /// Issues a new stamp strictly above every stamp issued or observed so far.
     pub fn stamp(&mut self, now_wall_ms: u64) -> (HlcStamp, Option<ClockJump>) {
-        let jump = if self.wall_ms != 0 && now_wall_ms + self.jump_threshold_ms < self.wall_ms {
+        let jump = if self.wall_ms != 0 && now_wall_ms.saturating_add(self.jump_threshold_ms) < self.wall_ms {
             Some(ClockJump::Backwards { by_ms: self.wall_ms - now_wall_ms })
-        } else if self.wall_ms != 0 && now_wall_ms > self.wall_ms + self.jump_threshold_ms {
+        } else if self.wall_ms != 0 && now_wall_ms > self.wall_ms.saturating_add(self.jump_threshold_ms) {
             Some(ClockJump::Forwards { by_ms: now_wall_ms - self.wall_ms })
         } else {
             None
@@ -135,7 +135,7 @@ impl Hlc {
             Some(l) => self.logical = l,
             None => {
                 // 4 billion stamps in one millisecond: borrow the next millisecond.
-                self.wall_ms += 1;
+                self.wall_ms = self.wall_ms.saturating_add(1);
                 self.logical = 0;
             }
         }

@@ -11,6 +11,8 @@ use shared::{CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, Pr
 pub const MAX_KEY_LEN: usize = 200;
 /// Most lines in one sale or return.
 pub const MAX_LINES: usize = 500;
+/// Most GTINs one product may carry.
+pub const MAX_GTINS: usize = 32;
 /// Longest free-text field (reason, reference), in bytes.
 pub const MAX_TEXT_LEN: usize = 200;
 
@@ -237,6 +239,11 @@ impl Command {
             Command::CatalogChange { sku, field } => {
                 if let CatalogField::Name(name) = field {
                     check_text("product name", name)?;
+                }
+                if let CatalogField::Gtins(g) = field {
+                    if g.len() > MAX_GTINS {
+                        return Err(Rejection::new(format!("{sku}: at most {MAX_GTINS} GTINs per product, got {}", g.len())));
+                    }
                 }
                 if let CatalogField::TaxClass(t) = field {
                     check_text("tax class", &t.0)?;

@@ -106,28 +106,46 @@ impl Ledger {
         let path = Self::path_in(data_dir);
         let actor = ActorId::for_store(&opts.store);
         let conn = schema::open_for_writing(&path, opts.store.as_str(), actor.as_str())?;
-        let meta_i64 = |key: &str| -> Result<i64, LedgerError> {
-            Ok(conn
-                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
-                .optional()?
-                .unwrap_or(0))
+        // Values read back from the file are checked, not cast: a hand-edited ledger must be
+        // refused with the reason, never panic or make the writer reuse a sequence number.
+        let corrupt = |detail: String| LedgerError::Corrupt { seq: None, detail };
+        let meta_u64 = |key: &str| -> Result<u64, LedgerError> {
+            let v = conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0)).optional()?;
+            u64::try_from(v.unwrap_or(0)).map_err(|_| corrupt(format!("meta {key} is negative")))
         };
         let last: Option<(i64, Vec<u8>)> = conn
             .query_row("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let (next_seq, hash) = match last {
+        let (last_seq, hash) = match last {
             Some((seq, hash)) => {
-                let hash: chain::Hash = hash.try_into().map_err(|_| LedgerError::Corrupt {
-                    seq: Some(seq as u64),
-                    detail: "hash is not 32 bytes".into(),
-                })?;
-                (seq as u64 + 1, hash)
+                let seq = u64::try_from(seq).map_err(|_| corrupt(format!("event sequence {seq} is negative")))?;
+                let hash: chain::Hash = hash
+                    .try_into()
+                    .map_err(|_| LedgerError::Corrupt { seq: Some(seq), detail: "hash is not 32 bytes".into() })?;
+                (seq, hash)
             }
-            None => (1, chain::GENESIS),
+            None => (0, chain::GENESIS),
         };
-        let head = writer::Head { next_seq, hash, change_version: meta_i64("change_version")? as u64 };
-        let hlc = Hlc::resume(actor, opts.max_skew_ms, meta_i64("hlc_wall")? as u64, meta_i64("hlc_logical")? as u32)
-            .with_jump_threshold(opts.jump_warn_ms);
+        let recorded_head = meta_u64("head_seq")?;
+        let recorded_hash: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'head_hash'", [], |r| r.get(0)).optional()?;
+        if recorded_head != last_seq || (last_seq > 0 && recorded_hash.as_deref() != Some(&hash[..])) {
+            return Err(LedgerError::Corrupt {
+                seq: Some(last_seq.min(recorded_head) + 1),
+                detail: format!(
+                    "the event log ends at {last_seq} but the ledger recorded its head at {recorded_head}; \
+                     refusing to append (run `storectl ledger verify` and restore from a backup)"
+                ),
+            });
+        }
+        let next_seq = last_seq.checked_add(1).ok_or_else(|| corrupt("event sequence exhausted".into()))?;
+        let head = writer::Head { next_seq, hash, change_version: meta_u64("change_version")? };
+        let logical = u32::try_from(meta_u64("hlc_logical")?).map_err(|_| corrupt("meta hlc_logical is out of range".into()))?;
+        let wall = meta_u64("hlc_wall")?;
+        if wall > i64::MAX as u64 / 2 {
+            return Err(corrupt(format!("meta hlc_wall {wall} is not a plausible time")));
+        }
+        let hlc = Hlc::resume(actor, opts.max_skew_ms, wall, logical).with_jump_threshold(opts.jump_warn_ms);
         tracing::info!(path = %path.display(), next_seq, "Ledger opened");
         Ok(Ledger {
             path,

@@ -44,8 +44,9 @@ pub enum SubmitError {
 /// What the writer is asked to do.
 enum Request {
     /// Append an event. The body was validated on the caller's task (off the writer thread);
-    /// a count is completed by the writer.
-    Event { key: IdempotencyKey, body: EventBody, reply: oneshot::Sender<Result<Applied, SubmitError>> },
+    /// a count is completed by the writer. A body refused by validation still comes here, so
+    /// that a retry of a command applied earlier gets its first result, not today's refusal.
+    Event { key: IdempotencyKey, body: Result<EventBody, Rejection>, reply: oneshot::Sender<Result<Applied, SubmitError>> },
     /// Save (or with `None` clear) a lane's basket in progress: state, not an event.
     SaveBasket { lane: String, basket: Option<Vec<u8>>, reply: oneshot::Sender<Result<(), SubmitError>> },
 }
@@ -92,7 +93,7 @@ impl LedgerHandle {
     /// Submits a command and waits until it is durable (or refused). Waits for room when the
     /// queue is full: backpressure, never a silent drop.
     pub async fn submit(&self, key: IdempotencyKey, command: Command) -> Result<Applied, SubmitError> {
-        let body = command.validate(&self.ctx)?;
+        let body = command.validate(&self.ctx);
         let (reply, rx) = oneshot::channel();
         self.tx.send(Request::Event { key, body, reply }).await.map_err(|_| SubmitError::Closed)?;
         rx.await.map_err(|_| SubmitError::Closed)?
@@ -108,7 +109,7 @@ impl LedgerHandle {
 
     /// For callers outside a tokio runtime.
     pub fn blocking_submit(&self, key: IdempotencyKey, command: Command) -> Result<Applied, SubmitError> {
-        let body = command.validate(&self.ctx)?;
+        let body = command.validate(&self.ctx);
         let (reply, rx) = oneshot::channel();
         self.tx.blocking_send(Request::Event { key, body, reply }).map_err(|_| SubmitError::Closed)?;
         rx.blocking_recv().map_err(|_| SubmitError::Closed)?
@@ -276,8 +277,15 @@ impl Writer {
                         continue;
                     }
                 };
+                let body = match body {
+                    Ok(body) => body,
+                    Err(rejection) => {
+                        results.push(Outcome::Event(first_result_or(&tx, key, rejection.clone())?));
+                        continue;
+                    }
+                };
                 let outcome = match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body.clone())? {
-                    Err(rejection) => Err(rejection),
+                    Err(rejection) => first_result_or(&tx, key, rejection)?,
                     Ok((body, planned)) => {
                         let (stamp, jump) = self.hlc.stamp((self.clock)());
                         report_jump(jump);
@@ -477,21 +485,31 @@ fn apply_registers(conn: &Connection, head: &mut Head, body: &EventBody, stamp: 
     Ok(())
 }
 
-fn replay(conn: &Connection, key: &IdempotencyKey) -> Result<Applied, LedgerError> {
+/// The first result of `key`, if it was ever applied.
+fn first_result(conn: &Connection, key: &IdempotencyKey) -> Result<Option<Applied>, LedgerError> {
     let found = conn
         .prepare_cached("SELECT seq, hlc_wall, hlc_logical, actor, body FROM events WHERE idem_key = ?1")?
         .query_row(params![key.as_str()], |r| {
             Ok((r.get::<_, i64>(0)?, projection::stamp_from(r, 1), r.get::<_, Vec<u8>>(4)?))
         })
         .optional()?;
-    let Some((seq, stamp, body)) = found else {
-        return Err(LedgerError::Corrupt {
-            seq: None,
-            detail: format!("idempotency key {} conflicts but has no event", key.as_str()),
-        });
-    };
-    let body = EventBody::decode(&body).map_err(|detail| LedgerError::Corrupt { seq: Some(seq as u64), detail })?;
-    Ok(Applied { seq: seq as u64, stamp: stamp?, body, replayed: true })
+    let Some((seq, stamp, body)) = found else { return Ok(None) };
+    let seq = u64::try_from(seq).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative sequence {seq}") })?;
+    let body = EventBody::decode(&body).map_err(|detail| LedgerError::Corrupt { seq: Some(seq), detail })?;
+    Ok(Some(Applied { seq, stamp: stamp?, body, replayed: true }))
+}
+
+fn replay(conn: &Connection, key: &IdempotencyKey) -> Result<Applied, LedgerError> {
+    first_result(conn, key)?.ok_or_else(|| LedgerError::Corrupt {
+        seq: None,
+        detail: format!("idempotency key {} conflicts but has no event", key.as_str()),
+    })
+}
+
+/// A command refused now may have been applied before (a retry after the configuration
+/// changed, or after stock moved): the first result wins over today's refusal.
+fn first_result_or(conn: &Connection, key: &IdempotencyKey, rejection: Rejection) -> Result<Result<Applied, Rejection>, LedgerError> {
+    Ok(first_result(conn, key)?.ok_or(rejection))
 }
 
 pub(super) fn shared_clock() -> WallClock {
