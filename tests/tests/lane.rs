@@ -111,7 +111,7 @@ async fn three_products_and_a_weighed_item_paid_by_card() {
     let sales = sales(&store);
     assert_eq!(sales.len(), 1);
     let (key, EventBody::Sale { total, lines, .. }) = &sales[0] else { panic!("not a sale") };
-    assert_eq!(key, &format!("lane:{STORE}:lane-1:basket:1"));
+    assert!(key.starts_with(&format!("lane:{STORE}:lane-1:")) && key.ends_with(":1"), "{key}");
     assert_eq!(total.minor, 1067);
     assert_eq!(lines.len(), 4);
     assert!(lines.iter().all(|l| l.price.is_some()), "each line records the price version it was charged from");
@@ -246,7 +246,7 @@ async fn the_display_link_drops_mid_basket_resumes_and_the_basket_is_voided_on_c
 
     let sales = sales(&store);
     assert_eq!(sales.len(), 1);
-    assert_eq!(sales[0].0, format!("lane:{STORE}:lane-1:basket:2"), "the voided basket 1 sold nothing");
+    assert!(sales[0].0.ends_with(":2"), "the voided basket 1 sold nothing: {}", sales[0].0);
     assert_eq!((store.on_hand("MILK"), store.on_hand("EGGS")), (100, 99));
     assert_verifies(&store);
 }

@@ -63,15 +63,11 @@ pub enum LaneInput {
     VoidBasket,
     /// The lane display's link came back: show it everything again.
     DisplayReconnected,
-    /// The ledger made the sale durable (or had already: `replayed`).
-    Committed {
-        receipt_id: String,
-        total: Money,
-    },
+    /// The ledger made the sale under `key` durable (now, or on an earlier try).
+    Committed { key: String, receipt_id: String, total: Money },
     /// The ledger could not record the sale; the basket stays and payment can be retried.
-    CommitFailed {
-        reason: String,
-    },
+    /// `key_taken`: the key already names a different sale, so the retry needs a new key.
+    CommitFailed { reason: String, key_taken: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +122,11 @@ pub struct BasketLine {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Basket {
-    /// Counts up per lane; with the lane id it is the sale's idempotency key.
+    /// Chosen at random when a lane starts without a saved basket and carried from basket to
+    /// basket: if the saved basket is ever lost, the numbers restart under a new session, so a
+    /// new basket can never take an old sale's idempotency key.
+    pub session: u64,
+    /// Counts up per lane session; with the lane and session it is the sale's idempotency key.
     pub number: u64,
     pub lines: Vec<BasketLine>,
     /// A weighed item scanned before a stable weight: it waits for one.
@@ -136,8 +136,33 @@ pub struct Basket {
 }
 
 impl Basket {
-    pub fn new(number: u64) -> Basket {
-        Basket { number, lines: Vec::new(), awaiting_weight: None, tendering: None }
+    pub fn new(session: u64, number: u64) -> Basket {
+        Basket { session, number, lines: Vec::new(), awaiting_weight: None, tendering: None }
+    }
+
+    /// The next, empty basket of the same session.
+    pub fn next(&self) -> Basket {
+        Basket::new(self.session, self.number.saturating_add(1))
+    }
+
+    /// Whether a basket read back from storage is one this code could have written: lines
+    /// numbered 1..n in order, within bounds, in the lane's currency.
+    pub fn check(&self, currency: Currency) -> Result<(), String> {
+        if self.lines.len() > MAX_LINES {
+            return Err(format!("{} lines, at most {MAX_LINES}", self.lines.len()));
+        }
+        for (i, l) in self.lines.iter().enumerate() {
+            if usize::from(l.line) != i + 1 {
+                return Err(format!("line {} is numbered {}", i + 1, l.line));
+            }
+            if l.amount.currency != currency || l.unit_price.currency != currency {
+                return Err(format!("line {} is not in {currency}", l.line));
+            }
+            if l.quantity <= 0 {
+                return Err(format!("line {} has quantity {}", l.line, l.quantity));
+            }
+        }
+        Ok(())
     }
 
     fn live(&self) -> impl Iterator<Item = &BasketLine> {
@@ -151,8 +176,12 @@ pub struct Lane {
     store: StoreId,
     currency: Currency,
     basket: Basket,
-    scale: Option<WeightReading>,
+    /// The last scale reading and when it came.
+    scale: Option<(WeightReading, u64)>,
 }
+
+/// A stable weight older than this is not used for a weighed item scanned now.
+pub const MAX_WEIGHT_AGE_MS: u64 = 10_000;
 
 fn msg(code: MessageCode, text: impl Into<String>) -> LaneOutput {
     LaneOutput::Display(Display::Message { code, text: text.into() })
@@ -166,9 +195,10 @@ pub fn weighed_amount(price_per_kg: Money, grams: i64) -> Option<Money> {
 }
 
 impl Lane {
-    /// A lane, resuming `restored` (from SQLite) when there is one.
-    pub fn new(id: DeviceId, store: StoreId, currency: Currency, restored: Option<Basket>) -> Lane {
-        Lane { id, store, currency, basket: restored.unwrap_or_else(|| Basket::new(1)), scale: None }
+    /// A lane, resuming `restored` (from SQLite) when there is one, else starting basket 1 of
+    /// a new session `fresh_session` (pick it at random).
+    pub fn new(id: DeviceId, store: StoreId, currency: Currency, restored: Option<Basket>, fresh_session: u64) -> Lane {
+        Lane { id, store, currency, basket: restored.unwrap_or_else(|| Basket::new(fresh_session, 1)), scale: None }
     }
 
     pub fn basket(&self) -> &Basket {
@@ -177,7 +207,7 @@ impl Lane {
 
     /// The idempotency key of the current basket's sale.
     pub fn sale_key(&self) -> String {
-        format!("lane:{}:{}:basket:{}", self.store, self.id, self.basket.number)
+        format!("lane:{}:{}:{:016x}:{}", self.store, self.id, self.basket.session, self.basket.number)
     }
 
     /// What to do right after a (re)start: show the basket, and if payment was under way,
@@ -219,7 +249,7 @@ impl Lane {
                 None => out.push(msg(MessageCode::Error, format!("There is no line {line} to remove"))),
             },
             LaneInput::VoidBasket => {
-                self.basket = Basket::new(self.basket.number + 1);
+                self.basket = self.basket.next();
                 out.push(LaneOutput::Display(Display::Cleared));
                 out.push(LaneOutput::Persist(self.basket.clone()));
             }
@@ -234,16 +264,20 @@ impl Lane {
                 }
             }
             LaneInput::DisplayReconnected => out.extend(self.full_display()),
-            LaneInput::Committed { receipt_id, total } => {
-                if self.basket.tendering.is_some() {
+            LaneInput::Committed { key, receipt_id, total } => {
+                if self.basket.tendering.is_some() && key == self.sale_key() {
                     out.push(LaneOutput::Display(Display::Receipt { receipt_id, total }));
-                    self.basket = Basket::new(self.basket.number + 1);
+                    self.basket = self.basket.next();
                     out.push(LaneOutput::Display(Display::Cleared));
                     out.push(LaneOutput::Persist(self.basket.clone()));
                 }
             }
-            LaneInput::CommitFailed { reason } => {
+            LaneInput::CommitFailed { reason, key_taken } => {
                 self.basket.tendering = None;
+                if key_taken {
+                    // The key already names another sale: this basket pays under the next one.
+                    self.basket.number = self.basket.number.saturating_add(1);
+                }
                 out.push(msg(
                     MessageCode::Error,
                     format!("Payment could not be recorded ({reason}); please try again"),
@@ -317,7 +351,13 @@ impl Lane {
                 self.add_line(gtin, product, price, version, 1, out);
             }
             Unit::Gram => match self.scale {
-                Some(r) if r.stable && !r.under_zero && !r.over_capacity && r.grams > 0 => {
+                Some((r, at))
+                    if r.stable
+                        && !r.under_zero
+                        && !r.over_capacity
+                        && r.grams > 0
+                        && now_ms.saturating_sub(at) <= MAX_WEIGHT_AGE_MS =>
+                {
                     self.scale = None;
                     self.add_line(gtin, product, price, version, i64::from(r.grams), out);
                 }
@@ -342,7 +382,7 @@ impl Lane {
             return;
         }
         // Only a stable weight may be sold; motion readings just wait for the next one.
-        self.scale = Some(reading);
+        self.scale = Some((reading, now_ms));
         if !reading.stable || reading.grams <= 0 || self.basket.tendering.is_some() {
             return;
         }
@@ -421,8 +461,10 @@ impl Lane {
     }
 
     fn line_display(&self, line: u16) -> LaneOutput {
-        let l = &self.basket.lines[usize::from(line) - 1];
-        LaneOutput::Display(Display::Line { line, text: l.name.clone(), quantity: l.quantity, amount: l.amount })
+        match self.basket.lines.iter().find(|l| l.line == line) {
+            Some(l) => LaneOutput::Display(Display::Line { line, text: l.name.clone(), quantity: l.quantity, amount: l.amount }),
+            None => msg(MessageCode::Error, format!("There is no line {line}")),
+        }
     }
 
     fn total_amount(&self) -> Money {

@@ -58,7 +58,7 @@ impl LaneTask {
         display: mpsc::Sender<Display>,
     ) -> LaneTask {
         let restored = match reader.lane_basket(id.as_str()) {
-            Ok(Some(bytes)) => match decode_basket(&bytes) {
+            Ok(Some(bytes)) => match decode_basket(&bytes).and_then(|b| b.check(currency).map(|()| b)) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     tracing::error!(lane_id = %id, error = %e, error_code = "LANE_BASKET_DAMAGED", "Saved basket unreadable; starting a new one");
@@ -74,7 +74,7 @@ impl LaneTask {
         if let Some(b) = &restored {
             tracing::info!(lane_id = %id, basket = b.number, lines = b.lines.len(), "Lane basket resumed");
         }
-        let lane = Lane::new(id.clone(), store.clone(), currency, restored);
+        let lane = Lane::new(id.clone(), store.clone(), currency, restored, rand::random());
         LaneTask { lane, id, store, catalog: LedgerCatalog::new(reader), ledger, display }
     }
 
@@ -109,26 +109,32 @@ impl LaneTask {
                     }
                 }
                 LaneOutput::Commit { key, lines, tender } => {
+                    let key_text = key.clone();
                     let result = match IdempotencyKey::new(key) {
-                        Ok(key) => {
-                            self.ledger.submit(key, Command::Sale { lines, tender }).await.map_err(|e| e.to_string())
-                        }
+                        Ok(key) => self
+                            .ledger
+                            .submit(key, Command::Sale { lines: lines.clone(), tender })
+                            .await
+                            .map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
                     let answer = match result {
                         Ok(applied) => match &applied.body {
-                            EventBody::Sale { total, .. } => {
+                            // A replay must be this basket's own sale: the key may name an older
+                            // sale whose basket was edited after a failed commit.
+                            EventBody::Sale { total, lines: sold, .. } if !applied.replayed || *sold == lines => {
                                 let receipt_id = format!("{}-{:08}", self.store, applied.seq);
                                 tracing::info!(lane_id = %self.id, receipt_id = %receipt_id, total = %total, replayed = applied.replayed, "Sale committed");
-                                LaneInput::Committed { receipt_id, total: *total }
+                                LaneInput::Committed { key: key_text, receipt_id, total: *total }
                             }
                             other => LaneInput::CommitFailed {
-                                reason: format!("the basket's key was already used by a {} event", other.kind()),
+                                reason: format!("the basket's key already names another {} event", other.kind()),
+                                key_taken: true,
                             },
                         },
-                        Err(reason) => LaneInput::CommitFailed { reason },
+                        Err(reason) => LaneInput::CommitFailed { reason, key_taken: false },
                     };
-                    if let LaneInput::CommitFailed { reason } = &answer {
+                    if let LaneInput::CommitFailed { reason, .. } = &answer {
                         tracing::error!(lane_id = %self.id, error = %reason, error_code = "LANE_SALE_FAILED", "Sale not committed");
                     }
                     queue.extend(self.lane.handle(answer, now_ms(), &self.catalog));

@@ -47,7 +47,7 @@ fn shelf() -> Shelf {
 }
 
 fn lane() -> Lane {
-    Lane::new(DeviceId::new("lane-1").unwrap(), StoreId::new("s1").unwrap(), Currency::new("EUR").unwrap(), None)
+    Lane::new(DeviceId::new("lane-1").unwrap(), StoreId::new("s1").unwrap(), Currency::new("EUR").unwrap(), None, 0xabc)
 }
 
 fn scan(code: &str) -> LaneInput {
@@ -93,7 +93,7 @@ fn scan_weigh_and_pay() {
         _ => None,
     });
     let (key, lines, tender) = commit.expect("tender commits the sale");
-    assert_eq!(key, "lane:s1:lane-1:basket:1");
+    assert_eq!(key, "lane:s1:lane-1:0000000000000abc:1");
     assert_eq!(tender, Tender::Card);
     assert_eq!(
         lines.iter().map(|l| (l.sku.as_str(), l.quantity, l.line_total.minor)).collect::<Vec<_>>(),
@@ -102,7 +102,13 @@ fn scan_weigh_and_pay() {
     assert!(lines.iter().all(|l| l.price == Some(version(1))));
     // Scans while paying are refused; the ledger's answer ends the basket.
     assert_eq!(messages(&lane.handle(scan(MILK), 0, &shelf))[0].0, MessageCode::Info);
-    let out = lane.handle(LaneInput::Committed { receipt_id: "s1-00000042".into(), total: eur(857) }, 0, &shelf);
+    let stale = LaneInput::Committed { key: "lane:s1:lane-1:0000000000000abc:0".into(), receipt_id: "x".into(), total: eur(1) };
+    assert!(lane.handle(stale, 0, &shelf).is_empty(), "an answer for another basket is ignored");
+    let out = lane.handle(
+        LaneInput::Committed { key: key.clone(), receipt_id: "s1-00000042".into(), total: eur(857) },
+        0,
+        &shelf,
+    );
     assert!(out.contains(&LaneOutput::Display(Display::Receipt { receipt_id: "s1-00000042".into(), total: eur(857) })));
     assert_eq!(lane.basket().number, 2);
     assert!(lane.basket().lines.is_empty());
@@ -163,20 +169,27 @@ fn a_restart_resumes_the_basket_and_retries_an_interrupted_payment() {
             _ => None,
         })
         .unwrap();
+    assert!(persisted.check(Currency::new("EUR").unwrap()).is_ok());
     let restarted = Lane::new(
         DeviceId::new("lane-1").unwrap(),
         StoreId::new("s1").unwrap(),
         Currency::new("EUR").unwrap(),
         Some(persisted),
+        0xdef,
     );
     let out = restarted.resume();
-    assert!(out.iter().any(|o| matches!(o, LaneOutput::Commit { key, .. } if key == "lane:s1:lane-1:basket:1")));
+    assert!(out.iter().any(|o| matches!(o, LaneOutput::Commit { key, .. } if key == "lane:s1:lane-1:0000000000000abc:1")));
     assert!(out.iter().any(|o| matches!(o, LaneOutput::Display(Display::Line { line: 1, .. }))));
     // A failed commit gives the basket back to the customer.
     let mut lane = restarted;
-    let out = lane.handle(LaneInput::CommitFailed { reason: "disk full".into() }, 0, &shelf);
+    let out = lane.handle(LaneInput::CommitFailed { reason: "disk full".into(), key_taken: false }, 0, &shelf);
     assert_eq!(messages(&out)[0].0, MessageCode::Error);
     assert!(lane.basket().tendering.is_none());
+    assert_eq!(lane.sale_key(), "lane:s1:lane-1:0000000000000abc:1", "not applied: retry under the same key");
+    lane.handle(LaneInput::Tender(Tender::Cash), 0, &shelf);
+    lane.handle(LaneInput::CommitFailed { reason: "key names another sale".into(), key_taken: true }, 0, &shelf);
+    assert_eq!(lane.sale_key(), "lane:s1:lane-1:0000000000000abc:2", "a taken key is never reused");
+    assert_eq!(lane.basket().lines.len(), 1, "the customer's basket stays");
 }
 
 #[test]
@@ -186,4 +199,22 @@ fn weighed_amounts_round_half_up() {
     assert_eq!(weighed_amount(eur(100), 4).unwrap().minor, 0); // 0.4 -> 0
     assert_eq!(weighed_amount(eur(1999), 1000).unwrap().minor, 1999);
     assert!(weighed_amount(eur(i64::MAX), 1_000_000).is_none());
+}
+
+#[test]
+fn a_stale_weight_is_not_sold_and_a_damaged_saved_basket_is_detected() {
+    let (shelf, mut lane) = (shelf(), lane());
+    lane.handle(stable(500), 0, &shelf);
+    let out = lane.handle(scan(APPLES), MAX_WEIGHT_AGE_MS + 1, &shelf);
+    assert_eq!(messages(&out)[0].0, MessageCode::WaitForStableWeight, "a reading from long ago is not this item's");
+    assert_eq!(last_total(&lane.handle(stable(1000), MAX_WEIGHT_AGE_MS + 2, &shelf)), Some(299));
+
+    let eur_ = Currency::new("EUR").unwrap();
+    let mut b = lane.basket().clone();
+    assert!(b.check(eur_).is_ok());
+    b.lines[0].line = 0;
+    assert!(b.check(eur_).unwrap_err().contains("numbered 0"));
+    let mut b = lane.basket().clone();
+    b.lines[0].amount = Money::new(1, Currency::new("USD").unwrap());
+    assert!(b.check(eur_).is_err());
 }
