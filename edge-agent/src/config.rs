@@ -281,10 +281,16 @@ impl Config {
             ));
         }
         if !(1..=86_400_000).contains(&self.clock.max_skew_ms) {
-            return Err(("clock.max_skew_ms", format!("must be between 1 and 86400000 (a day), got {}", self.clock.max_skew_ms)));
+            return Err((
+                "clock.max_skew_ms",
+                format!("must be between 1 and 86400000 (a day), got {}", self.clock.max_skew_ms),
+            ));
         }
         if !(1..=86_400_000).contains(&self.clock.jump_warn_ms) {
-            return Err(("clock.jump_warn_ms", format!("must be between 1 and 86400000 (a day), got {}", self.clock.jump_warn_ms)));
+            return Err((
+                "clock.jump_warn_ms",
+                format!("must be between 1 and 86400000 (a day), got {}", self.clock.jump_warn_ms),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(("log.level", format!("not a valid filter ({e}); use error, warn, info, debug or trace")));

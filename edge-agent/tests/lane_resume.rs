@@ -39,7 +39,8 @@ async fn a_sale_committed_just_before_a_crash_is_not_sold_again_on_resume() {
         amount: Money::new(238, eur),
         voided: false,
     };
-    let basket = Basket { session: 42, number: 7, lines: vec![line], awaiting_weight: None, tendering: Some(Tender::Card) };
+    let basket =
+        Basket { session: 42, number: 7, lines: vec![line], awaiting_weight: None, tendering: Some(Tender::Card) };
     // What the crashed daemon left: the basket saved mid-payment, and its sale committed.
     handle.save_basket(lane_id.as_str(), Some(encode_basket(&basket))).await.unwrap();
     let key = Lane::new(lane_id.clone(), store.clone(), eur, Some(basket.clone()), 0).sale_key();

@@ -229,11 +229,13 @@ fn write_foreign_database(path: &Path) {
 fn a_retry_gets_its_first_result_even_if_the_command_would_be_refused_today() {
     let dir = tempfile::tempdir().unwrap();
     let (h, w) = start(dir.path(), &opts("s1"));
-    let receive = |k: &str, quantity: i64| h.blocking_submit(key(k), Command::Receipt { sku: sku("A"), quantity, reference: String::new() });
+    let receive = |k: &str, quantity: i64| {
+        h.blocking_submit(key(k), Command::Receipt { sku: sku("A"), quantity, reference: String::new() })
+    };
     let big = |k: &str| receive(k, 1 << 62);
     let first = big("k1").unwrap();
     receive("k2", (1 << 62) - 1).unwrap(); // the slot is now full: i64::MAX
-    // Applying k1 again would overflow the slot; its retry must still return k1's result.
+                                           // Applying k1 again would overflow the slot; its retry must still return k1's result.
     let retry = big("k1").unwrap();
     assert!(retry.replayed);
     assert_eq!(retry.seq, first.seq);

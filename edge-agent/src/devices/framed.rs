@@ -23,9 +23,9 @@ use crate::ledger::Tender;
 
 /// Hub messages in flight to one device before it must ack.
 pub const WINDOW: usize = 8;
-/// Display updates waiting for room in the window; past this the oldest are dropped and the
-/// lane is asked to redraw everything once the device catches up.
-pub const PENDING_MAX: usize = 256;
+/// Display updates waiting for room in the window: a full redraw (every line, its void, the
+/// total, a message) fits. Past this they are dropped and the lane asked for one redraw.
+pub const PENDING_MAX: usize = 2 * crate::lane::MAX_LINES + 112;
 const RETRY_AFTER_MS: u64 = 300;
 const MAX_ATTEMPTS: u8 = 10;
 
@@ -59,6 +59,10 @@ pub struct Session {
     /// Seq of the last weight applied from the current device boot: an older weight that
     /// arrives late (a resend overtaken by a newer reading) is not applied (SPEC "latest wins").
     last_weight_seq: Option<u32>,
+    /// A redraw was asked of the lane and has not started yet: ask once, not per overflow.
+    redraw_requested: bool,
+    /// The device stopped acking; its display is redrawn once it is heard from again.
+    stalled: bool,
     pub refused_frames: u64,
 }
 
@@ -82,6 +86,8 @@ impl Session {
             pending: VecDeque::new(),
             doubles,
             last_weight_seq: None,
+            redraw_requested: false,
+            stalled: false,
             refused_frames: 0,
         }
     }
@@ -141,23 +147,24 @@ impl Session {
             match refusal {
                 Some((why, reason)) => {
                     self.refused_frames += 1;
+                    self.peer = None;
                     tracing::error!(device_id = %id, firmware = %hello.firmware, reason = %why, error_code = "DEVICE_INCOMPATIBLE",
                         "Device refused: incompatible firmware");
                     self.unreliable(fp::Body::HelloRefused(fp::HelloRefused { reason }), &mut out);
                 }
                 None => {
-                    let again = self.peer == Some(env.boot_id);
-                    self.peer = Some(env.boot_id);
-                    if !again {
+                    // The same boot saying HELLO again (the link was reopened) keeps its
+                    // duplicate window: a message it re-sends after a lost ack is still known.
+                    if self.dedup.boot_id() != Some(env.boot_id) {
                         self.last_weight_seq = None;
                         self.dedup = Dedup::new();
-                        self.dedup.check(env.boot_id, env.seq);
                         tracing::info!(device_id = %id, firmware = %hello.firmware, boot_id = env.boot_id, "Device connected");
                     }
+                    self.dedup.check(env.boot_id, env.seq);
+                    self.peer = Some(env.boot_id);
+                    self.stalled = false;
                     self.unreliable(fp::Body::HelloAck(fp::HelloAck { hub_time_ms: now_ms }), &mut out);
-                    if self.settings.kind == SerialKind::Lane {
-                        out.push(Action::Lane(LaneInput::DisplayReconnected));
-                    }
+                    self.request_redraw(&mut out);
                 }
             }
             return out;
@@ -171,6 +178,11 @@ impl Session {
             self.refused_frames += 1;
             tracing::warn!(device_id = %id, "Message from a new boot without HELLO ignored");
             return out;
+        }
+        if self.stalled {
+            self.stalled = false;
+            tracing::info!(device_id = %id, "Device acknowledging again");
+            self.request_redraw(&mut out);
         }
         if let fp::Body::Ack(ack) = env.body {
             self.outbox.ack(ack.of_seq);
@@ -230,16 +242,28 @@ impl Session {
         }
     }
 
+    /// Asks the lane to redraw the display, unless a redraw is already on its way.
+    fn request_redraw(&mut self, out: &mut Vec<Action>) {
+        if self.settings.kind == SerialKind::Lane && !self.redraw_requested {
+            self.redraw_requested = true;
+            out.push(Action::Lane(LaneInput::DisplayReconnected));
+        }
+    }
+
     /// Queues a lane display update for the device.
     pub fn on_display(&mut self, display: Display, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        if !self.is_ready() {
-            return out; // redrawn in full after the next HELLO
+        if display == Display::Cleared {
+            self.redraw_requested = false; // a redraw (or a new basket) starts from a clear screen
+        }
+        if !self.is_ready() || self.stalled {
+            return out; // redrawn in full once the device is heard from
         }
         if self.pending.len() >= PENDING_MAX {
             self.pending.clear();
-            out.push(Action::Lane(LaneInput::DisplayReconnected));
             tracing::warn!(device_id = %self.settings.device_id, error_code = "DISPLAY_BEHIND", "Lane display fell behind; redrawing it");
+            self.request_redraw(&mut out);
+            return out;
         }
         self.pending.push_back(fp::Body::LaneDisplay(to_wire(display)));
         self.fill_window(now_ms, &mut out);
@@ -276,9 +300,13 @@ impl Session {
                 }
                 Due::GaveUp { seq, .. } => {
                     tracing::warn!(device_id = %self.settings.device_id, seq, error_code = "DEVICE_NO_ACK",
-                        "Device stopped acknowledging; waiting for it to say HELLO again");
-                    let boot = self.hub_boot.wrapping_add(1);
-                    self.reset(boot);
+                        "Device stopped acknowledging; its display is redrawn when it is heard from again");
+                    // Start a new hub-side session (fresh sequence numbers under a new boot id)
+                    // but keep listening: its inputs still count, and they prove it is back.
+                    self.hub_boot = self.hub_boot.wrapping_add(1);
+                    self.outbox = Outbox::new(RETRY_AFTER_MS, MAX_ATTEMPTS);
+                    self.pending.clear();
+                    self.stalled = true;
                     return out;
                 }
             }
@@ -448,6 +476,21 @@ mod tests {
     }
 
     #[test]
+    fn a_resend_after_a_reopened_link_is_still_a_duplicate() {
+        let mut s = session(SerialKind::Scanner);
+        s.on_envelope(env(1, 1, hello(fp::DeviceKind::Scanner)), 0);
+        let scan = fp::Body::Scan(fp::Scan::new("", b"96385074").unwrap());
+        assert_eq!(lane_inputs(&s.on_envelope(env(1, 2, scan.clone()), 0)).len(), 1);
+        // The ack is lost as the cable is pulled; the device (same boot) says HELLO again and
+        // re-sends the scan.
+        s.reset(99);
+        s.on_envelope(env(1, 3, hello(fp::DeviceKind::Scanner)), 2_000);
+        let resent = s.on_envelope(env(1, 2, scan), 2_000);
+        assert_eq!(sent(&resent), vec![fp::Body::Ack(fp::Ack { of_seq: 2 })]);
+        assert!(lane_inputs(&resent).is_empty(), "sold once");
+    }
+
+    #[test]
     fn duplicates_are_acked_again_but_applied_once_and_old_weights_lose() {
         let mut s = session(SerialKind::Scale);
         let out = s.on_envelope(env(1, 1, hello(fp::DeviceKind::Scale)), 0);
@@ -466,7 +509,7 @@ mod tests {
     }
 
     #[test]
-    fn display_updates_are_resent_until_acked_and_a_silent_device_is_dropped() {
+    fn display_updates_are_resent_until_acked_and_a_stalled_display_is_redrawn_when_heard_from() {
         let mut s = session(SerialKind::Lane);
         let out = s.on_envelope(env(1, 1, hello(fp::DeviceKind::Lane)), 0);
         assert_eq!(lane_inputs(&out), vec![LaneInput::DisplayReconnected], "a (re)connected display is redrawn");
@@ -485,6 +528,9 @@ mod tests {
             now += RETRY_AFTER_MS + 1;
             s.poll(now);
         }
-        assert!(!s.is_ready(), "a device that never acks must HELLO again");
+        assert!(s.on_display(Display::Cleared, now).is_empty(), "nothing is sent to a device that stopped acking");
+        // Its customer still presses pay: the input counts, and the display is redrawn.
+        let out = s.on_envelope(env(1, 3, fp::Body::LaneInput(fp::LaneInput::Tender(fp::TenderKind::Card))), now);
+        assert_eq!(lane_inputs(&out), vec![LaneInput::DisplayReconnected, LaneInput::Tender(Tender::Card)]);
     }
 }

@@ -64,10 +64,17 @@ pub enum LaneInput {
     /// The lane display's link came back: show it everything again.
     DisplayReconnected,
     /// The ledger made the sale under `key` durable (now, or on an earlier try).
-    Committed { key: String, receipt_id: String, total: Money },
+    Committed {
+        key: String,
+        receipt_id: String,
+        total: Money,
+    },
     /// The ledger could not record the sale; the basket stays and payment can be retried.
     /// `key_taken`: the key already names a different sale, so the retry needs a new key.
-    CommitFailed { reason: String, key_taken: bool },
+    CommitFailed {
+        reason: String,
+        key_taken: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,7 +469,12 @@ impl Lane {
 
     fn line_display(&self, line: u16) -> LaneOutput {
         match self.basket.lines.iter().find(|l| l.line == line) {
-            Some(l) => LaneOutput::Display(Display::Line { line, text: l.name.clone(), quantity: l.quantity, amount: l.amount }),
+            Some(l) => LaneOutput::Display(Display::Line {
+                line,
+                text: l.name.clone(),
+                quantity: l.quantity,
+                amount: l.amount,
+            }),
             None => msg(MessageCode::Error, format!("There is no line {line}")),
         }
     }

@@ -44,6 +44,8 @@ pub struct LaneTask {
     pub catalog: LedgerCatalog,
     pub ledger: LedgerHandle,
     pub display: mpsc::Sender<Display>,
+    /// Display updates were dropped because the display's queue was full: redraw when it drains.
+    display_behind: bool,
 }
 
 impl LaneTask {
@@ -75,17 +77,26 @@ impl LaneTask {
             tracing::info!(lane_id = %id, basket = b.number, lines = b.lines.len(), "Lane basket resumed");
         }
         let lane = Lane::new(id.clone(), store.clone(), currency, restored, rand::random());
-        LaneTask { lane, id, store, catalog: LedgerCatalog::new(reader), ledger, display }
+        LaneTask { lane, id, store, catalog: LedgerCatalog::new(reader), ledger, display, display_behind: false }
     }
 
     /// Runs until `stop` or until every input sender is gone.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<LaneInput>, stop: CancellationToken) {
         let resume = self.lane.resume();
         self.process(resume).await;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let input = tokio::select! {
                 _ = stop.cancelled() => return,
                 input = inputs.recv() => match input { Some(i) => i, None => return },
+                _ = tick.tick() => {
+                    if !(self.display_behind && self.display.capacity() == self.display.max_capacity()) {
+                        continue;
+                    }
+                    self.display_behind = false;
+                    LaneInput::DisplayReconnected
+                }
             };
             let out = self.lane.handle(input, now_ms(), &self.catalog);
             self.process(out).await;
@@ -101,7 +112,12 @@ impl LaneTask {
         while let Some(output) = queue.pop_front() {
             match output {
                 LaneOutput::Display(d) => {
-                    let _ = self.display.send(d).await;
+                    // Never wait on the display: its session may itself be waiting on this
+                    // lane's input queue. A full queue means it is far behind: drop, redraw later.
+                    if self.display.try_send(d).is_err() && !self.display_behind {
+                        self.display_behind = true;
+                        tracing::warn!(lane_id = %self.id, error_code = "DISPLAY_BEHIND", "Lane display queue full; it will be redrawn");
+                    }
                 }
                 LaneOutput::Persist(basket) => {
                     if let Err(e) = self.ledger.save_basket(self.id.as_str(), Some(encode_basket(&basket))).await {

@@ -102,7 +102,8 @@ fn scan_weigh_and_pay() {
     assert!(lines.iter().all(|l| l.price == Some(version(1))));
     // Scans while paying are refused; the ledger's answer ends the basket.
     assert_eq!(messages(&lane.handle(scan(MILK), 0, &shelf))[0].0, MessageCode::Info);
-    let stale = LaneInput::Committed { key: "lane:s1:lane-1:0000000000000abc:0".into(), receipt_id: "x".into(), total: eur(1) };
+    let stale =
+        LaneInput::Committed { key: "lane:s1:lane-1:0000000000000abc:0".into(), receipt_id: "x".into(), total: eur(1) };
     assert!(lane.handle(stale, 0, &shelf).is_empty(), "an answer for another basket is ignored");
     let out = lane.handle(
         LaneInput::Committed { key: key.clone(), receipt_id: "s1-00000042".into(), total: eur(857) },
@@ -178,7 +179,9 @@ fn a_restart_resumes_the_basket_and_retries_an_interrupted_payment() {
         0xdef,
     );
     let out = restarted.resume();
-    assert!(out.iter().any(|o| matches!(o, LaneOutput::Commit { key, .. } if key == "lane:s1:lane-1:0000000000000abc:1")));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, LaneOutput::Commit { key, .. } if key == "lane:s1:lane-1:0000000000000abc:1")));
     assert!(out.iter().any(|o| matches!(o, LaneOutput::Display(Display::Line { line: 1, .. }))));
     // A failed commit gives the basket back to the customer.
     let mut lane = restarted;

@@ -242,7 +242,10 @@ impl Command {
                 }
                 if let CatalogField::Gtins(g) = field {
                     if g.len() > MAX_GTINS {
-                        return Err(Rejection::new(format!("{sku}: at most {MAX_GTINS} GTINs per product, got {}", g.len())));
+                        return Err(Rejection::new(format!(
+                            "{sku}: at most {MAX_GTINS} GTINs per product, got {}",
+                            g.len()
+                        )));
                     }
                 }
                 if let CatalogField::TaxClass(t) = field {

@@ -110,7 +110,8 @@ impl Ledger {
         // refused with the reason, never panic or make the writer reuse a sequence number.
         let corrupt = |detail: String| LedgerError::Corrupt { seq: None, detail };
         let meta_u64 = |key: &str| -> Result<u64, LedgerError> {
-            let v = conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0)).optional()?;
+            let v =
+                conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0)).optional()?;
             u64::try_from(v.unwrap_or(0)).map_err(|_| corrupt(format!("meta {key} is negative")))
         };
         let last: Option<(i64, Vec<u8>)> = conn
@@ -140,7 +141,8 @@ impl Ledger {
         }
         let next_seq = last_seq.checked_add(1).ok_or_else(|| corrupt("event sequence exhausted".into()))?;
         let head = writer::Head { next_seq, hash, change_version: meta_u64("change_version")? };
-        let logical = u32::try_from(meta_u64("hlc_logical")?).map_err(|_| corrupt("meta hlc_logical is out of range".into()))?;
+        let logical =
+            u32::try_from(meta_u64("hlc_logical")?).map_err(|_| corrupt("meta hlc_logical is out of range".into()))?;
         let wall = meta_u64("hlc_wall")?;
         if wall > i64::MAX as u64 / 2 {
             return Err(corrupt(format!("meta hlc_wall {wall} is not a plausible time")));

@@ -130,7 +130,10 @@ fn check_identity(conn: &Connection, path: &Path) -> Result<i64, LedgerError> {
         return Err(LedgerError::TooNew { path: path.to_owned(), found: version, known: latest_version() });
     }
     if version < 0 {
-        return Err(LedgerError::Corrupt { seq: None, detail: format!("{}: schema version {version} is negative", path.display()) });
+        return Err(LedgerError::Corrupt {
+            seq: None,
+            detail: format!("{}: schema version {version} is negative", path.display()),
+        });
     }
     Ok(version)
 }

@@ -46,7 +46,11 @@ enum Request {
     /// Append an event. The body was validated on the caller's task (off the writer thread);
     /// a count is completed by the writer. A body refused by validation still comes here, so
     /// that a retry of a command applied earlier gets its first result, not today's refusal.
-    Event { key: IdempotencyKey, body: Result<EventBody, Rejection>, reply: oneshot::Sender<Result<Applied, SubmitError>> },
+    Event {
+        key: IdempotencyKey,
+        body: Result<EventBody, Rejection>,
+        reply: oneshot::Sender<Result<Applied, SubmitError>>,
+    },
     /// Save (or with `None` clear) a lane's basket in progress: state, not an event.
     SaveBasket { lane: String, basket: Option<Vec<u8>>, reply: oneshot::Sender<Result<(), SubmitError>> },
 }
@@ -494,7 +498,8 @@ fn first_result(conn: &Connection, key: &IdempotencyKey) -> Result<Option<Applie
         })
         .optional()?;
     let Some((seq, stamp, body)) = found else { return Ok(None) };
-    let seq = u64::try_from(seq).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative sequence {seq}") })?;
+    let seq = u64::try_from(seq)
+        .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative sequence {seq}") })?;
     let body = EventBody::decode(&body).map_err(|detail| LedgerError::Corrupt { seq: Some(seq), detail })?;
     Ok(Some(Applied { seq, stamp: stamp?, body, replayed: true }))
 }
@@ -508,7 +513,11 @@ fn replay(conn: &Connection, key: &IdempotencyKey) -> Result<Applied, LedgerErro
 
 /// A command refused now may have been applied before (a retry after the configuration
 /// changed, or after stock moved): the first result wins over today's refusal.
-fn first_result_or(conn: &Connection, key: &IdempotencyKey, rejection: Rejection) -> Result<Result<Applied, Rejection>, LedgerError> {
+fn first_result_or(
+    conn: &Connection,
+    key: &IdempotencyKey,
+    rejection: Rejection,
+) -> Result<Result<Applied, Rejection>, LedgerError> {
     Ok(first_result(conn, key)?.ok_or(rejection))
 }
 
