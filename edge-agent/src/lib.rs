@@ -4,6 +4,7 @@
 pub mod config;
 pub mod daemon;
 pub mod devices;
+pub mod labels;
 pub mod lane;
 pub mod ledger;
 pub mod telemetry;
