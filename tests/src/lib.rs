@@ -10,7 +10,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// Path of a binary of the workspace, built by `cargo test --workspace` next to the test
-/// executables (`target/<profile>/`).
+/// executables (`target/<profile>/`). Cargo builds a package's binaries for the test run only
+/// when that package has integration tests of its own: every binary crate here has some.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
