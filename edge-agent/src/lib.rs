@@ -7,4 +7,5 @@ pub mod devices;
 pub mod labels;
 pub mod lane;
 pub mod ledger;
+pub mod rfid;
 pub mod telemetry;

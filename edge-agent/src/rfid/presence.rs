@@ -1,0 +1,224 @@
+//! Tag presence per zone (a reader's antenna): repeated reads of a tag in its zone within the
+//! dedup window are one sighting; a tag seen in a new zone has arrived (or moved); a tag not
+//! seen for `depart_after_ms` has departed. A zone's cycle count groups its present SGTIN tags
+//! by GTIN; other EPCs are counted apart. An exit-gate zone raises an alarm for a tag whose EPC
+//! was not recorded as sold.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use shared::{decode_sgtin96, Gtin};
+
+/// A reader antenna: where a tag was seen.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Zone {
+    pub reader: String,
+    pub antenna: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRead {
+    pub epc: Vec<u8>,
+    pub zone: Zone,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceEvent {
+    Arrived {
+        epc: Vec<u8>,
+        zone: Zone,
+    },
+    Moved {
+        epc: Vec<u8>,
+        from: Zone,
+        to: Zone,
+    },
+    Departed {
+        epc: Vec<u8>,
+        zone: Zone,
+    },
+    /// A tag in an exit zone that was not sold.
+    ExitAlarm {
+        epc: Vec<u8>,
+        zone: Zone,
+        gtin: Option<Gtin>,
+        serial: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceConfig {
+    /// Reads of a tag in the same zone closer than this are duplicates.
+    pub dedup_window_ms: u64,
+    /// A tag not read for this long has departed.
+    pub depart_after_ms: u64,
+    /// Most tags tracked; past it new tags are refused and counted (`dropped`).
+    pub max_tags: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig { dedup_window_ms: 2_000, depart_after_ms: 60_000, max_tags: 200_000 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    zone: Zone,
+    last_ms: u64,
+}
+
+/// Totals for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresenceStats {
+    pub reads: u64,
+    pub duplicates: u64,
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Presence {
+    config: PresenceConfig,
+    tags: HashMap<Vec<u8>, Seen>,
+    exit_zones: HashSet<Zone>,
+    pub stats: PresenceStats,
+}
+
+/// A zone's cycle count: units per GTIN, and tags that are not SGTIN-96.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ZoneCount {
+    pub by_gtin: BTreeMap<Gtin, u64>,
+    pub not_sgtin: u64,
+}
+
+impl Presence {
+    pub fn new(config: PresenceConfig, exit_zones: impl IntoIterator<Item = Zone>) -> Presence {
+        Presence { config, exit_zones: exit_zones.into_iter().collect(), ..Presence::default() }
+    }
+
+    /// One read; `sold` says whether an EPC was recorded as sold (for the exit gate).
+    pub fn on_read(&mut self, read: TagRead, sold: impl Fn(&[u8]) -> bool) -> Vec<PresenceEvent> {
+        self.stats.reads += 1;
+        let mut out = Vec::new();
+        match self.tags.get_mut(&read.epc) {
+            Some(seen) if seen.zone == read.zone => {
+                if read.at_ms.saturating_sub(seen.last_ms) < self.config.dedup_window_ms {
+                    self.stats.duplicates += 1;
+                }
+                seen.last_ms = seen.last_ms.max(read.at_ms);
+                return out;
+            }
+            Some(seen) => {
+                let from = std::mem::replace(&mut seen.zone, read.zone.clone());
+                seen.last_ms = read.at_ms;
+                out.push(PresenceEvent::Moved { epc: read.epc.clone(), from, to: read.zone.clone() });
+            }
+            None => {
+                if self.tags.len() >= self.config.max_tags {
+                    self.stats.dropped += 1;
+                    return out;
+                }
+                self.tags.insert(read.epc.clone(), Seen { zone: read.zone.clone(), last_ms: read.at_ms });
+                out.push(PresenceEvent::Arrived { epc: read.epc.clone(), zone: read.zone.clone() });
+            }
+        }
+        if self.exit_zones.contains(&read.zone) && !sold(&read.epc) {
+            let decoded = decode_sgtin96(&read.epc).ok();
+            out.push(PresenceEvent::ExitAlarm {
+                epc: read.epc,
+                zone: read.zone,
+                gtin: decoded.map(|s| s.gtin),
+                serial: decoded.map(|s| s.serial),
+            });
+        }
+        out
+    }
+
+    /// Tags not seen for `depart_after_ms` have departed.
+    pub fn poll(&mut self, now_ms: u64) -> Vec<PresenceEvent> {
+        let gone: Vec<Vec<u8>> = self
+            .tags
+            .iter()
+            .filter(|(_, s)| now_ms.saturating_sub(s.last_ms) >= self.config.depart_after_ms)
+            .map(|(e, _)| e.clone())
+            .collect();
+        let mut out: Vec<PresenceEvent> = gone
+            .into_iter()
+            .filter_map(|epc| self.tags.remove(&epc).map(|s| PresenceEvent::Departed { epc, zone: s.zone }))
+            .collect();
+        out.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        out
+    }
+
+    /// What a cycle count of `zone` finds now.
+    pub fn count(&self, zone: &Zone) -> ZoneCount {
+        let mut c = ZoneCount::default();
+        for (epc, seen) in &self.tags {
+            if &seen.zone != zone {
+                continue;
+            }
+            match decode_sgtin96(epc) {
+                Ok(s) => *c.by_gtin.entry(s.gtin).or_default() += 1,
+                Err(_) => c.not_sgtin += 1,
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone(reader: &str, antenna: u8) -> Zone {
+        Zone { reader: reader.into(), antenna }
+    }
+    fn epc(serial: u64) -> Vec<u8> {
+        // SGTIN-96 of GTIN 80614141123458 (TDS example) with the given serial.
+        let base = u128::from_str_radix("3074257BF7194E4000000000", 16).unwrap() | u128::from(serial);
+        base.to_be_bytes()[4..].to_vec()
+    }
+    fn read(e: Vec<u8>, z: Zone, at_ms: u64) -> TagRead {
+        TagRead { epc: e, zone: z, at_ms }
+    }
+
+    #[test]
+    fn duplicates_arrivals_moves_departures_and_counts() {
+        let mut p = Presence::new(PresenceConfig { dedup_window_ms: 1_000, depart_after_ms: 10_000, max_tags: 10 }, []);
+        let shelf = zone("reader-1", 1);
+        let fitting = zone("reader-1", 2);
+        assert_eq!(p.on_read(read(epc(1), shelf.clone(), 0), |_| false).len(), 1);
+        assert!(p.on_read(read(epc(1), shelf.clone(), 500), |_| false).is_empty());
+        assert_eq!(p.stats.duplicates, 1);
+        p.on_read(read(epc(2), shelf.clone(), 600), |_| false);
+        p.on_read(read(vec![0xE2, 0x00, 0x12], shelf.clone(), 700), |_| false);
+        let count = p.count(&shelf);
+        assert_eq!(count.by_gtin.get(&Gtin::parse("80614141123458").unwrap()), Some(&2));
+        assert_eq!(count.not_sgtin, 1, "a non-SGTIN tag is counted apart, not crashed on");
+        let moved = p.on_read(read(epc(2), fitting.clone(), 5_000), |_| false);
+        assert_eq!(moved, vec![PresenceEvent::Moved { epc: epc(2), from: shelf.clone(), to: fitting.clone() }]);
+        let departed = p.poll(12_000);
+        assert_eq!(departed.len(), 2, "tag 1 and the non-SGTIN tag, last seen before 2 000 ms: {departed:?}");
+        assert_eq!(p.count(&fitting).by_gtin.values().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn the_exit_gate_alarms_for_unsold_tags_only() {
+        let gate = zone("gate-1", 1);
+        let mut p = Presence::new(PresenceConfig::default(), [gate.clone()]);
+        let sold = epc(7);
+        let events = p.on_read(read(epc(8), gate.clone(), 0), |e| e == sold.as_slice());
+        assert!(matches!(&events[1], PresenceEvent::ExitAlarm { serial: Some(8), gtin: Some(_), .. }), "{events:?}");
+        let events = p.on_read(read(sold.clone(), gate.clone(), 0), |e| e == sold.as_slice());
+        assert_eq!(events.len(), 1, "a sold item passes: {events:?}");
+    }
+
+    #[test]
+    fn the_tag_table_is_bounded() {
+        let mut p = Presence::new(PresenceConfig { max_tags: 2, ..PresenceConfig::default() }, []);
+        for s in 0..5 {
+            p.on_read(read(epc(s), zone("r", 1), 0), |_| false);
+        }
+        assert_eq!(p.stats.dropped, 3);
+    }
+}
