@@ -24,12 +24,108 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// MQTT devices (labels, RFID readers, device health). Absent: no MQTT at all.
+    pub mqtt: Option<MqttSection>,
+    #[serde(default)]
+    pub rfid: RfidSection,
     /// Self-checkout lanes of this store.
     #[serde(default)]
     pub lanes: Vec<LaneSection>,
     /// Devices on serial ports (scanners, scales, lane displays).
     #[serde(default)]
     pub serial: Vec<SerialSection>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// The store's broker, `mqtt://host:port`. Absent: an embedded broker on `embedded_listen`.
+    pub broker: Option<String>,
+    #[serde(default = "default_embedded_listen")]
+    pub embedded_listen: std::net::SocketAddr,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Client id at the broker; default `edge-agent-{store}`.
+    pub client_id: Option<String>,
+    /// Largest payload accepted from a device, in bytes; larger ones are refused and counted.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
+    /// When not empty, only these devices are adopted; others are quarantined and reported.
+    #[serde(default)]
+    pub allow_list: Vec<DeviceId>,
+    /// A device not heard from for this long is offline.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for MqttSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSection")
+            .field("broker", &self.broker)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_embedded_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+fn default_max_payload() -> usize {
+    65_536
+}
+fn default_heartbeat_timeout() -> u64 {
+    60_000
+}
+
+impl MqttSection {
+    /// `(host, port)` of the broker to connect to (the embedded one when none is configured).
+    pub fn broker_address(&self) -> Result<(String, u16), String> {
+        let Some(url) = &self.broker else {
+            return Ok((self.embedded_listen.ip().to_string(), self.embedded_listen.port()));
+        };
+        let rest = url.strip_prefix("mqtt://").ok_or_else(|| format!("{url:?} does not start with mqtt://"))?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{url:?} has no :port"))?;
+        let port: u16 = port.parse().map_err(|_| format!("{url:?} has no valid port"))?;
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RfidSection {
+    /// Impinj readers publishing IoT device interface JSON: the topic, and the reader id zones
+    /// are named after.
+    pub impinj: Vec<ImpinjSource>,
+    /// Exit-gate zones, as `reader:antenna`: an unsold tag read there raises an alarm.
+    pub exit_zones: Vec<String>,
+    pub dedup_window_ms: Option<u64>,
+    pub depart_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImpinjSource {
+    pub topic: String,
+    pub reader: DeviceId,
+}
+
+impl RfidSection {
+    pub fn exit_zones(&self) -> Result<Vec<crate::rfid::presence::Zone>, (usize, String)> {
+        self.exit_zones
+            .iter()
+            .enumerate()
+            .map(|(i, z)| {
+                let (reader, antenna) = z.rsplit_once(':').ok_or((i, format!("{z:?} is not reader:antenna")))?;
+                let antenna: u8 = antenna.parse().map_err(|_| (i, format!("{z:?}: antenna must be 0-255")))?;
+                DeviceId::new(reader).map_err(|e| (i, e.to_string()))?;
+                Ok(crate::rfid::presence::Zone { reader: reader.to_owned(), antenna })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +312,36 @@ impl Config {
     }
 
     fn validate_devices(&self) -> Result<(), (String, String)> {
+        if let Some(m) = &self.mqtt {
+            m.broker_address().map_err(|e| ("mqtt.broker".to_owned(), e))?;
+            if !(1_024..=1_048_576).contains(&m.max_payload) {
+                return Err((
+                    "mqtt.max_payload".into(),
+                    format!("must be between 1024 and 1048576, got {}", m.max_payload),
+                ));
+            }
+            if !(1_000..=86_400_000).contains(&m.heartbeat_timeout_ms) {
+                return Err((
+                    "mqtt.heartbeat_timeout_ms".into(),
+                    format!("must be between 1000 and 86400000, got {}", m.heartbeat_timeout_ms),
+                ));
+            }
+            if m.username.is_some() != m.password.is_some() {
+                return Err(("mqtt.password".into(), "give both mqtt.username and mqtt.password, or neither".into()));
+            }
+        }
+        self.rfid.exit_zones().map_err(|(i, e)| (format!("rfid.exit_zones[{i}]"), e))?;
+        for (i, src) in self.rfid.impinj.iter().enumerate() {
+            if src.topic.is_empty() || src.topic.contains(['+', '#']) {
+                return Err((format!("rfid.impinj[{i}].topic"), "must be a topic name without wildcards".into()));
+            }
+            if self.mqtt.is_none() {
+                return Err((
+                    format!("rfid.impinj[{i}]"),
+                    "Impinj readers publish over MQTT: add an [mqtt] section".into(),
+                ));
+            }
+        }
         let mut ids = std::collections::BTreeSet::new();
         for (i, lane) in self.lanes.iter().enumerate() {
             if !ids.insert(lane.id.as_str()) {

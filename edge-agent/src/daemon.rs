@@ -16,6 +16,8 @@ use crate::ledger::{Ledger, LedgerError, LedgerHandle, LedgerOptions};
 pub enum DaemonError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Mqtt(crate::mqtt::broker::BrokerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("the ledger writer did not drain within {0:?}; exiting anyway (SQLite's WAL keeps committed data)")]
@@ -41,19 +43,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (handle, writer) = ledger.start_writer(opts.queue_capacity)?;
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    if let Err(e) = crate::devices::wiring::start(&config, &handle, &tasks, &stop) {
+    let started = crate::devices::wiring::start(&config, &handle, &tasks, &stop)
+        .map_err(DaemonError::from)
+        .and_then(|()| crate::mqtt::start(&config, &tasks, &stop).map_err(DaemonError::Mqtt));
+    if let Err(e) = started {
         stop.cancel();
         tasks.close();
         tasks.wait().await;
         drop(handle);
         writer.join();
-        return Err(e.into());
+        return Err(e);
     }
     tracing::info!(
         store_id = %config.store.id,
         data_dir = %config.ledger.data_dir.display(),
         lanes = config.lanes.len(),
         serial_devices = config.serial.len(),
+        mqtt = config.mqtt.is_some(),
         "edge-agent ready"
     );
 

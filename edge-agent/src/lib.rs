@@ -7,5 +7,6 @@ pub mod devices;
 pub mod labels;
 pub mod lane;
 pub mod ledger;
+pub mod mqtt;
 pub mod rfid;
 pub mod telemetry;

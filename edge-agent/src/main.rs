@@ -104,6 +104,7 @@ fn error_code(e: &DaemonError) -> &'static str {
         DaemonError::Ledger(l) if l.is_bad_file() => "LEDGER_BAD_FILE",
         DaemonError::Ledger(_) => "LEDGER_IO",
         DaemonError::Signals(_) => "SIGNALS",
+        DaemonError::Mqtt(_) => "MQTT_BROKER",
         DaemonError::ShutdownTimeout(_) => "SHUTDOWN_TIMEOUT",
     }
 }

@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests: where the real binaries are, and how to run them and
 //! read what they print while they run.
 
+pub mod mqtt;
 pub mod store;
 
 use std::io::{BufRead, BufReader};

@@ -50,6 +50,11 @@ impl StoreFixture {
     /// A store with these lanes, each with a plain scanner, a framed scale and a framed lane
     /// display at `by_id/{lane}-scanner|scale|display`; seeded with [`PRODUCTS`].
     pub fn new(lanes: &[&str]) -> StoreFixture {
+        StoreFixture::with_config(lanes, "")
+    }
+
+    /// Like [`StoreFixture::new`], with more configuration appended (e.g. `[mqtt]`, `[rfid]`).
+    pub fn with_config(lanes: &[&str], extra: &str) -> StoreFixture {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let by_id = dir.path().join("by-id");
@@ -68,6 +73,7 @@ impl StoreFixture {
                 ));
             }
         }
+        config.push_str(extra);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let fixture = StoreFixture {

@@ -4,5 +4,6 @@
 pub mod framed;
 pub mod plain_scanner;
 pub mod plain_task;
+pub mod registry;
 pub mod serial;
 pub mod wiring;

@@ -1,0 +1,51 @@
+//! The embedded broker (rumqttd) the daemon starts when no broker is configured: for demos,
+//! tests and small stores. It keeps messages in memory and has no shutdown API (it lives as
+//! long as the process); it is sized with generous segments so acknowledged QoS 1 messages are
+//! not dropped to a slow subscriber (DESIGN 12). Production stores use their own broker.
+
+use std::net::SocketAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("embedded broker configuration rejected: {0}")]
+    Config(String),
+    #[error("cannot start the embedded broker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Starts rumqttd listening on `listen` (MQTT 3.1.1) on a thread of its own.
+pub fn start_embedded(listen: SocketAddr, max_payload: usize) -> Result<(), BrokerError> {
+    let config = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 1000
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "edge-agent-embedded"
+listen = "{listen}"
+next_connection_delay_ms = 1
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = {max_payload}
+    max_inflight_count = 1000
+    dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config = toml::from_str(&config).map_err(|e| BrokerError::Config(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, error_code = "MQTT_BROKER", "Embedded MQTT broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    tracing::info!(listen = %listen, "Embedded MQTT broker started");
+    Ok(())
+}

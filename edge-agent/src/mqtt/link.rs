@@ -1,0 +1,131 @@
+//! The MQTT session, owned by one task. The rumqttc event loop is polled only here (a task that
+//! both polls and publishes can stall: rumqttc issue #1025); everyone else publishes through the
+//! cloned `AsyncClient`, whose request queue is bounded. On every (re)connection the task
+//! publishes the retained `hub/state` `online` (the last will says `offline`) and subscribes
+//! again; after an error it waits with capped, jittered backoff before polling on, so a broker
+//! restart does not meet every store at once.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::devices::serial::next_backoff;
+
+/// Publishes queued for the event loop; publishers wait when it is full.
+pub const REQUEST_QUEUE: usize = 4096;
+/// Messages received and waiting for the router; when full the event loop waits (TCP
+/// backpressure to the broker), nothing is dropped here.
+pub const INCOMING_QUEUE: usize = 8192;
+/// Largest MQTT packet read from the broker (a bound on memory per message).
+pub const INCOMING_PACKET_MAX: usize = 16 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct LinkSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub credentials: Option<(String, String)>,
+    pub max_payload: usize,
+    pub state_topic: String,
+    pub subscriptions: Vec<String>,
+}
+
+impl std::fmt::Debug for LinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.credentials.as_ref().map(|c| &c.0))
+            .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+pub struct MqttLink {
+    pub client: AsyncClient,
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// Whether the session is up, for status and metrics.
+    pub connected: watch::Receiver<bool>,
+}
+
+pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> MqttLink {
+    let mut options = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+    options.set_keep_alive(Duration::from_secs(15));
+    options.set_clean_session(true);
+    // Oversized payloads are refused (and counted) by the router, not by the client: rumqttc
+    // drops the whole connection on a packet over its limit, which would disturb everything
+    // else. Up to this many bytes are read in; a broker should cap messages lower.
+    options.set_max_packet_size(s.max_payload.max(INCOMING_PACKET_MAX), s.max_payload + 1024);
+    options.set_last_will(LastWill::new(s.state_topic.clone(), "offline", QoS::AtLeastOnce, true));
+    if let Some((user, pass)) = &s.credentials {
+        options.set_credentials(user.clone(), pass.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+    let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
+    let (connected_tx, connected) = watch::channel(false);
+    let publisher = client.clone();
+    tasks.spawn(async move {
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(15));
+        let mut backoff = min;
+        let mut logged_down = false;
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => {
+                    // A clean goodbye: the broker keeps `offline` retained (the will covers crashes).
+                    let _ = publisher.publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "offline").await;
+                    let _ = publisher.disconnect().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async { while eventloop.poll().await.is_ok() {} }).await;
+                    return;
+                }
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = min;
+                    logged_down = false;
+                    let _ = connected_tx.send(true);
+                    tracing::info!(broker = %format!("{}:{}", s.host, s.port), "MQTT connected");
+                    // From inside the poll loop only queue (try_*): awaiting here could wait on
+                    // the very loop that drains the queue.
+                    let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
+                    for topic in &s.subscriptions {
+                        if let Err(e) = publisher.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(topic = %topic, error = %e, "MQTT subscribe not queued");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let msg = Incoming { topic: p.topic, payload: p.payload.to_vec() };
+                    if incoming_tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = connected_tx.send(false);
+                    if !logged_down {
+                        tracing::warn!(broker = %format!("{}:{}", s.host, s.port), error = %e, error_code = "MQTT_DOWN",
+                            "MQTT connection lost or refused; retrying with backoff");
+                        logged_down = true;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = next_backoff(backoff, min, max);
+                }
+            }
+        }
+    });
+    MqttLink { client, incoming, connected }
+}

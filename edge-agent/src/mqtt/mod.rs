@@ -1,0 +1,57 @@
+//! The MQTT side of the hub: the link to the store's broker (or an embedded one), topic names,
+//! and the router that turns device messages into registry updates and RFID presence.
+
+pub mod broker;
+pub mod link;
+pub mod router;
+pub mod topics;
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::devices::registry::Registry;
+use crate::rfid::presence::{Presence, PresenceConfig};
+
+/// Starts the MQTT side when the config has an `[mqtt]` section: the embedded broker if no
+/// broker is named, the link task, and the router. Returns whether MQTT runs.
+pub fn start(config: &Config, tasks: &TaskTracker, stop: &CancellationToken) -> Result<bool, broker::BrokerError> {
+    let Some(m) = &config.mqtt else { return Ok(false) };
+    if m.broker.is_none() {
+        broker::start_embedded(m.embedded_listen, m.max_payload)?;
+    }
+    let (host, port) = m.broker_address().map_err(broker::BrokerError::Config)?;
+    let store = config.store.id.clone();
+    let mut subscriptions = topics::hub_subscriptions(&store);
+    subscriptions.extend(config.rfid.impinj.iter().map(|s| s.topic.clone()));
+    let link = link::spawn(
+        link::LinkSettings {
+            host,
+            port,
+            client_id: m.client_id.clone().unwrap_or_else(|| format!("edge-agent-{store}")),
+            credentials: m.username.clone().zip(m.password.clone()),
+            max_payload: m.max_payload,
+            state_topic: topics::hub_state(&store),
+            subscriptions,
+        },
+        tasks,
+        stop.child_token(),
+    );
+    let allow: HashSet<_> = m.allow_list.iter().cloned().collect();
+    let registry = Registry::new((!allow.is_empty()).then_some(allow), m.heartbeat_timeout_ms);
+    let defaults = PresenceConfig::default();
+    let presence = Presence::new(
+        PresenceConfig {
+            dedup_window_ms: config.rfid.dedup_window_ms.unwrap_or(defaults.dedup_window_ms),
+            depart_after_ms: config.rfid.depart_after_ms.unwrap_or(defaults.depart_after_ms),
+            max_tags: defaults.max_tags,
+        },
+        config.rfid.exit_zones().unwrap_or_default(),
+    );
+    let impinj: HashMap<_, _> = config.rfid.impinj.iter().map(|s| (s.topic.clone(), s.reader.clone())).collect();
+    let router = router::Router::new(store, m.max_payload, registry, presence, impinj);
+    tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
+    Ok(true)
+}

@@ -1,0 +1,120 @@
+//! Topic names under `se/v1/{store}/` (DESIGN section 7), built and parsed in one place.
+
+use shared::{DeviceId, StoreId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    Esl,
+    Scanner,
+    Scale,
+    Rfid,
+    Lane,
+}
+
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Esl => "esl",
+            DeviceKind::Scanner => "scanner",
+            DeviceKind::Scale => "scale",
+            DeviceKind::Rfid => "rfid",
+            DeviceKind::Lane => "lane",
+        }
+    }
+
+    fn parse(s: &str) -> Option<DeviceKind> {
+        Some(match s {
+            "esl" => DeviceKind::Esl,
+            "scanner" => DeviceKind::Scanner,
+            "scale" => DeviceKind::Scale,
+            "rfid" => DeviceKind::Rfid,
+            "lane" => DeviceKind::Lane,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaf {
+    Status,
+    Evt,
+    Cmd,
+    Ack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTopic {
+    pub kind: DeviceKind,
+    pub device: DeviceId,
+    pub leaf: Leaf,
+}
+
+pub fn root(store: &StoreId) -> String {
+    format!("se/v1/{store}")
+}
+
+pub fn hub_state(store: &StoreId) -> String {
+    format!("se/v1/{store}/hub/state")
+}
+
+/// Where the hub publishes alarms (exit gate), as JSON.
+pub fn hub_alarm(store: &StoreId) -> String {
+    format!("se/v1/{store}/hub/alarm")
+}
+
+pub fn device(store: &StoreId, kind: DeviceKind, device: &DeviceId, leaf: Leaf) -> String {
+    let leaf = match leaf {
+        Leaf::Status => "status",
+        Leaf::Evt => "evt",
+        Leaf::Cmd => "cmd",
+        Leaf::Ack => "ack",
+    };
+    format!("se/v1/{store}/dev/{}/{device}/{leaf}", kind.as_str())
+}
+
+/// The subscriptions of the hub: every device's status, events and acks.
+pub fn hub_subscriptions(store: &StoreId) -> Vec<String> {
+    ["status", "evt", "ack"].iter().map(|leaf| format!("se/v1/{store}/dev/+/+/{leaf}")).collect()
+}
+
+/// Parses a device topic of this store; `Err` says what is wrong with it.
+pub fn parse(store: &StoreId, topic: &str) -> Result<DeviceTopic, String> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    let [se, v1, s, dev, kind, id, leaf] = parts[..] else {
+        return Err(format!("topic {topic:?} is not se/v1/{{store}}/dev/{{kind}}/{{id}}/{{leaf}}"));
+    };
+    if se != "se" || v1 != "v1" || dev != "dev" {
+        return Err(format!("topic {topic:?} is not a store-edge v1 device topic"));
+    }
+    if s != store.as_str() {
+        return Err(format!("topic {topic:?} is for store {s}, not {store}"));
+    }
+    let kind = DeviceKind::parse(kind).ok_or_else(|| format!("unknown device kind {kind:?} in {topic:?}"))?;
+    let device = DeviceId::new(id).map_err(|e| e.to_string())?;
+    let leaf = match leaf {
+        "status" => Leaf::Status,
+        "evt" => Leaf::Evt,
+        "cmd" => Leaf::Cmd,
+        "ack" => Leaf::Ack,
+        other => return Err(format!("unknown leaf {other:?} in {topic:?}")),
+    };
+    Ok(DeviceTopic { kind, device, leaf })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let s1 = StoreId::new("s1").unwrap();
+        let id = DeviceId::new("esl-42").unwrap();
+        let t = device(&s1, DeviceKind::Esl, &id, Leaf::Evt);
+        assert_eq!(t, "se/v1/s1/dev/esl/esl-42/evt");
+        assert_eq!(parse(&s1, &t).unwrap(), DeviceTopic { kind: DeviceKind::Esl, device: id, leaf: Leaf::Evt });
+        assert!(parse(&s1, "se/v1/s2/dev/esl/esl-42/evt").unwrap_err().contains("store s2"));
+        assert!(parse(&s1, "se/v1/s1/dev/toaster/t1/evt").unwrap_err().contains("toaster"));
+        assert!(parse(&s1, "se/v1/s1/dev/esl/bad id/evt").is_err());
+        assert!(parse(&s1, "a/b").is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Brokers for the MQTT stories: the daemon's embedded rumqttd, or a real mosquitto the test
+//! starts on a free loopback port (so it can restart it at will), and a test client.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+/// A free loopback port (rumqttd cannot report one it chose itself).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+/// Which brokers to run a story against: always the embedded one; mosquitto when installed
+/// (required under CI=true).
+pub fn brokers() -> Vec<BrokerKind> {
+    let mut b = vec![BrokerKind::Embedded];
+    if Path::new(SBIN_MOSQUITTO).exists() || crate::tool("mosquitto").is_some() {
+        b.push(BrokerKind::Mosquitto);
+    }
+    b
+}
+
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    conf: std::path::PathBuf,
+}
+
+/// Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
+const SBIN_MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+fn mosquitto_bin() -> std::path::PathBuf {
+    if Path::new(SBIN_MOSQUITTO).exists() {
+        return SBIN_MOSQUITTO.into();
+    }
+    crate::tool("mosquitto").expect("mosquitto is installed")
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmessage_size_limit 0\n"),
+        )
+        .unwrap();
+        let child = Self::spawn(&conf);
+        let m = Mosquitto { child, port, conf };
+        m.wait_listening();
+        m
+    }
+
+    fn spawn(conf: &Path) -> Child {
+        Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto")
+    }
+
+    fn wait_listening(&self) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mosquitto did not listen on {}", self.port);
+    }
+
+    /// Stops and starts it again on the same port (a broker restart).
+    pub fn restart(&mut self, down_for: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        self.child = Self::spawn(&self.conf);
+        self.wait_listening();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A broker for a story and the `[mqtt]` config section that points the daemon at it.
+pub struct Broker {
+    pub kind: BrokerKind,
+    pub port: u16,
+    pub mosquitto: Option<Mosquitto>,
+}
+
+impl Broker {
+    pub fn start(kind: BrokerKind, dir: &Path) -> Broker {
+        match kind {
+            BrokerKind::Embedded => Broker { kind, port: free_port(), mosquitto: None },
+            BrokerKind::Mosquitto => {
+                let m = Mosquitto::start(dir);
+                Broker { kind, port: m.port, mosquitto: Some(m) }
+            }
+        }
+    }
+
+    pub fn config_section(&self) -> String {
+        match self.kind {
+            BrokerKind::Embedded => format!("[mqtt]\nembedded_listen = \"127.0.0.1:{}\"\n", self.port),
+            BrokerKind::Mosquitto => format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{}\"\n", self.port),
+        }
+    }
+}
+
+/// A test client with its event loop polled in a task; received publishes come out of `rx`.
+pub struct TestClient {
+    pub client: AsyncClient,
+    pub rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl TestClient {
+    pub async fn connect(port: u16, id: &str, subscribe: &[&str]) -> TestClient {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_max_packet_size(32 * 1024 * 1024, 32 * 1024 * 1024);
+        opts.set_keep_alive(Duration::from_secs(10));
+        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(pump(eventloop, tx));
+        for topic in subscribe {
+            client.subscribe(*topic, QoS::AtLeastOnce).await.unwrap();
+        }
+        TestClient { client, rx }
+    }
+
+    /// Waits for a message on `topic` whose payload satisfies `pred`.
+    pub async fn wait_for(&mut self, topic: &str, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some((t, p))) if t == topic && pred(&p) => return p,
+                Ok(Some(_)) => continue,
+                _ => panic!("no message on {topic} within {timeout:?}"),
+            }
+        }
+    }
+}
+
+async fn pump(mut eventloop: EventLoop, tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send((p.topic, p.payload.to_vec())).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
