@@ -28,6 +28,8 @@ pub struct Config {
     pub mqtt: Option<MqttSection>,
     #[serde(default)]
     pub rfid: RfidSection,
+    /// Electronic shelf labels (over MQTT). Absent: no labels.
+    pub labels: Option<LabelsSection>,
     /// Self-checkout lanes of this store.
     #[serde(default)]
     pub lanes: Vec<LaneSection>,
@@ -92,6 +94,26 @@ impl MqttSection {
         }
         Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsSection {
+    /// CSV of `label,sku` (header line first): which label shows which product.
+    pub bindings: PathBuf,
+    /// A price increase reaches the till once every label shows it, or after this long.
+    #[serde(default = "default_increase_deadline")]
+    pub increase_deadline_ms: u64,
+    /// Most label commands sent per 100 ms tick.
+    #[serde(default = "default_label_batch")]
+    pub batch_max: usize,
+}
+
+fn default_increase_deadline() -> u64 {
+    30 * 60_000
+}
+fn default_label_batch() -> usize {
+    500
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -331,6 +353,14 @@ impl Config {
             }
         }
         self.rfid.exit_zones().map_err(|(i, e)| (format!("rfid.exit_zones[{i}]"), e))?;
+        if let Some(l) = &self.labels {
+            if self.mqtt.is_none() {
+                return Err(("labels".into(), "shelf labels talk over MQTT: add an [mqtt] section".into()));
+            }
+            if !(1..=100_000).contains(&l.batch_max) {
+                return Err(("labels.batch_max".into(), format!("must be between 1 and 100000, got {}", l.batch_max)));
+            }
+        }
         for (i, src) in self.rfid.impinj.iter().enumerate() {
             if src.topic.is_empty() || src.topic.contains(['+', '#']) {
                 return Err((format!("rfid.impinj[{i}].topic"), "must be a topic name without wildcards".into()));

@@ -43,9 +43,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (handle, writer) = ledger.start_writer(opts.queue_capacity)?;
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let started = crate::devices::wiring::start(&config, &handle, &tasks, &stop)
+    let till = std::sync::Arc::new(std::sync::Mutex::new(crate::labels::sequencing::TillPrices::new()));
+    let started = crate::devices::wiring::start(&config, &handle, &till, &tasks, &stop)
         .map_err(DaemonError::from)
-        .and_then(|()| crate::mqtt::start(&config, &tasks, &stop).map_err(DaemonError::Mqtt));
+        .and_then(|()| crate::mqtt::start(&config, &handle, &till, &tasks, &stop).map_err(DaemonError::Mqtt));
     if let Err(e) = started {
         stop.cancel();
         tasks.close();

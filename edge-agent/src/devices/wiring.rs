@@ -2,6 +2,7 @@
 //! state machine and its read-only ledger connection), one per serial port (owning the port),
 //! one per device protocol session. All run on the daemon's task tracker under its stop token.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -12,12 +13,14 @@ use super::plain_scanner::PlainConfig;
 use super::serial::{self, SerialSettings};
 use super::{framed, plain_task};
 use crate::config::{Config, SerialKind, SerialMode};
+use crate::labels::sequencing::TillPrices;
 use crate::lane::runtime::{LaneTask, DISPLAY_QUEUE, LANE_QUEUE};
 use crate::ledger::{LedgerError, LedgerHandle, LedgerReader};
 
 pub fn start(
     config: &Config,
     ledger: &LedgerHandle,
+    till: &Arc<Mutex<TillPrices>>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<(), LedgerError> {
@@ -32,7 +35,8 @@ pub fn start(
             reader,
             ledger.clone(),
             display_tx,
-        );
+        )
+        .with_till(till.clone());
         tasks.spawn(lane.run(lane_rx, stop.child_token()));
         let mut display_rx = Some(display_rx);
         for dev in config.serial.iter().filter(|d| d.lane == lane_cfg.id) {

@@ -3,4 +3,5 @@
 //! state machines; the MQTT link that carries their commands is wired by the daemon.
 
 pub mod planner;
+pub mod runtime;
 pub mod sequencing;

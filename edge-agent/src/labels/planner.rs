@@ -135,6 +135,15 @@ impl Planner {
         self.labels.insert(label, Label { sku, desired: None, displayed: None });
     }
 
+    pub fn sku_of(&self, label: &DeviceId) -> Option<&Sku> {
+        self.labels.get(label).map(|l| &l.sku)
+    }
+
+    /// Every SKU with at least one label.
+    pub fn skus(&self) -> impl Iterator<Item = &Sku> {
+        self.by_sku.iter().filter(|(_, l)| !l.is_empty()).map(|(s, _)| s)
+    }
+
     pub fn labels_of(&self, sku: &Sku) -> impl Iterator<Item = &DeviceId> {
         self.by_sku.get(sku).into_iter().flatten()
     }

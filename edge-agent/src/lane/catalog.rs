@@ -2,20 +2,30 @@
 //! index, price registers) on the lane's own read-only connection, so a lookup never waits for
 //! the writer.
 
+use std::sync::{Arc, Mutex};
+
 use shared::{effective_price, Gtin, StoreId, Unit};
 
 use super::{Catalog, Product};
+use crate::labels::sequencing::{ChargePolicy, TillPrices};
 use crate::ledger::LedgerReader;
 
 pub struct LedgerCatalog {
     reader: LedgerReader,
     store: StoreId,
+    /// Price increases held until the shelf shows them.
+    till: Option<Arc<Mutex<TillPrices>>>,
 }
 
 impl LedgerCatalog {
     pub fn new(reader: LedgerReader) -> LedgerCatalog {
         let store = reader.store().clone();
-        LedgerCatalog { reader, store }
+        LedgerCatalog { reader, store, till: None }
+    }
+
+    pub fn with_till(mut self, till: Arc<Mutex<TillPrices>>) -> LedgerCatalog {
+        self.till = Some(till);
+        self
     }
 
     pub fn reader(&self) -> &LedgerReader {
@@ -42,7 +52,11 @@ impl Catalog for LedgerCatalog {
         };
         let entries = self.reader.prices(&sku).map_err(|e| e.to_string())?;
         let price = effective_price(&entries, &sku, &self.store, at_ms)
-            .and_then(|e| e.value.as_ref().map(|v| (v.amount, e.version())));
+            .and_then(|e| e.value.as_ref().map(|v| (v.amount, e.version())))
+            .map(|effective| match self.till.as_ref().and_then(|t| t.lock().ok()) {
+                Some(till) => till.charge(&sku, effective, None, ChargePolicy::System),
+                None => effective,
+            });
         Ok(Some(Product { sku, name, unit, discontinued, price }))
     }
 }

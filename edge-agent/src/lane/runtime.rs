@@ -5,11 +5,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::LedgerCatalog;
 use super::{Basket, Display, Lane, LaneInput, LaneOutput};
+use crate::labels::sequencing::TillPrices;
 use crate::ledger::{Command, EventBody, IdempotencyKey, LedgerHandle, LedgerReader};
 use shared::{Currency, DeviceId, StoreId};
 
@@ -78,6 +81,12 @@ impl LaneTask {
         }
         let lane = Lane::new(id.clone(), store.clone(), currency, restored, rand::random());
         LaneTask { lane, id, store, catalog: LedgerCatalog::new(reader), ledger, display, display_behind: false }
+    }
+
+    /// Charges what the till may charge while label changes are pending (see `labels::sequencing`).
+    pub fn with_till(mut self, till: Arc<Mutex<TillPrices>>) -> LaneTask {
+        self.catalog = self.catalog.with_till(till);
+        self
     }
 
     /// Runs until `stop` or until every input sender is gone.

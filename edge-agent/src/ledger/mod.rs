@@ -21,7 +21,7 @@ use shared::{ActorId, CatalogItem, Currency, Gtin, Hlc, PriceEntry, Sku, Slot, S
 
 pub use command::{Command, EventBody, IdempotencyKey, Rejection, SaleLine, StoreContext, Tender};
 pub use verify::{ChainBreak, VerifyReport};
-pub use writer::{Applied, LedgerHandle, SubmitError, WriterStats, WriterThread};
+pub use writer::{Applied, Change, LedgerHandle, SubmitError, WriterStats, WriterThread};
 
 /// File name of the ledger inside the data folder.
 pub const LEDGER_FILE: &str = "ledger.db";

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, Sku, Slot, SlotKey};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::chain::{event_hash, Hash};
 use super::command::{Command, EventBody, IdempotencyKey, Rejection, StoreContext};
@@ -67,7 +67,19 @@ pub struct LedgerHandle {
     tx: mpsc::Sender<Request>,
     ctx: Arc<StoreContext>,
     stats: Arc<Counters>,
+    changes: broadcast::Sender<Change>,
 }
+
+/// A committed change others react to (the label planner re-renders the SKU's labels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A price register or catalog field of this SKU changed.
+    Product(shared::Sku),
+}
+
+/// Changes buffered per subscriber; one that falls further behind gets `Lagged` and must
+/// re-read the projections.
+pub const CHANGE_QUEUE: usize = 4096;
 
 /// Running totals of the writer, for metrics and benchmarks.
 #[derive(Debug, Default)]
@@ -117,6 +129,11 @@ impl LedgerHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.blocking_send(Request::Event { key, body, reply }).map_err(|_| SubmitError::Closed)?;
         rx.blocking_recv().map_err(|_| SubmitError::Closed)?
+    }
+
+    /// Committed changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -176,15 +193,17 @@ pub(super) fn spawn(writer: Writer, queue_capacity: usize) -> Result<(LedgerHand
     let stats = Arc::new(Counters::default());
     let counters = stats.clone();
     let ctx = Arc::new(writer.ctx.clone());
+    let (changes, _) = broadcast::channel(CHANGE_QUEUE);
+    let publish = changes.clone();
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || writer.run(rx, &counters))
+        .spawn(move || writer.run(rx, &counters, &publish))
         .map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("cannot start the writer thread: {e}") })?;
-    Ok((LedgerHandle { tx, ctx, stats }, WriterThread(thread)))
+    Ok((LedgerHandle { tx, ctx, stats, changes }, WriterThread(thread)))
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>, counters: &Counters) {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>, counters: &Counters, changes: &broadcast::Sender<Change>) {
         let mut batch = Vec::with_capacity(self.batch_max);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -209,6 +228,19 @@ impl Writer {
                     counters.batches.fetch_add(1, Ordering::Relaxed);
                     counters.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     counters.events.fetch_add(new_events as u64, Ordering::Relaxed);
+                    for r in &results {
+                        if let Outcome::Event(Ok(a)) = r {
+                            match &a.body {
+                                EventBody::PriceChange { key, .. } if !a.replayed => {
+                                    let _ = changes.send(Change::Product(key.sku.clone()));
+                                }
+                                EventBody::CatalogChange { sku, .. } if !a.replayed => {
+                                    let _ = changes.send(Change::Product(sku.clone()));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
                     for (req, result) in batch.drain(..).zip(results) {
                         match (req, result) {
                             (Request::Event { reply, .. }, Outcome::Event(r)) => {

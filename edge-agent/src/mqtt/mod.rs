@@ -11,13 +11,25 @@ use std::collections::{HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::sync::{Arc, Mutex};
+
 use crate::config::Config;
+use crate::labels::planner::PlannerConfig;
+use crate::labels::runtime::{read_bindings, LabelTask};
+use crate::labels::sequencing::TillPrices;
+use crate::ledger::{LedgerHandle, LedgerReader};
 use crate::devices::registry::Registry;
 use crate::rfid::presence::{Presence, PresenceConfig};
 
 /// Starts the MQTT side when the config has an `[mqtt]` section: the embedded broker if no
 /// broker is named, the link task, and the router. Returns whether MQTT runs.
-pub fn start(config: &Config, tasks: &TaskTracker, stop: &CancellationToken) -> Result<bool, broker::BrokerError> {
+pub fn start(
+    config: &Config,
+    ledger: &LedgerHandle,
+    till: &Arc<Mutex<TillPrices>>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<bool, broker::BrokerError> {
     let Some(m) = &config.mqtt else { return Ok(false) };
     if m.broker.is_none() {
         broker::start_embedded(m.embedded_listen, m.max_payload)?;
@@ -51,7 +63,19 @@ pub fn start(config: &Config, tasks: &TaskTracker, stop: &CancellationToken) -> 
         config.rfid.exit_zones().unwrap_or_default(),
     );
     let impinj: HashMap<_, _> = config.rfid.impinj.iter().map(|s| (s.topic.clone(), s.reader.clone())).collect();
-    let router = router::Router::new(store, m.max_payload, registry, presence, impinj);
+    let mut router = router::Router::new(store.clone(), m.max_payload, registry, presence, impinj);
+    if let Some(l) = &config.labels {
+        let text = std::fs::read_to_string(&l.bindings)
+            .map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;
+        let bindings = read_bindings(&text).map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;
+        let reader = LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::labels::runtime::INPUT_QUEUE);
+        router.labels = Some(tx);
+        tracing::info!(labels = bindings.len(), "Shelf labels bound");
+        let planner = PlannerConfig { batch_max: l.batch_max, ..PlannerConfig::default() };
+        let task = LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone(), l.increase_deadline_ms);
+        tasks.spawn(task.run(rx, ledger.subscribe(), stop.child_token()));
+    }
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
     Ok(true)
 }

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::link::Incoming;
 use super::topics::{self, DeviceKind, Leaf};
 use crate::devices::registry::{Registry, Seen};
+use crate::labels::planner::AckStage;
+use crate::labels::runtime::LabelInput;
 use crate::rfid::impinj;
 use crate::rfid::presence::{Presence, PresenceEvent, TagRead, Zone};
 
@@ -32,6 +34,8 @@ pub struct RouterStats {
     pub tag_reads: u64,
     pub reader_overflows: u64,
     pub exit_alarms: u64,
+    /// Label acks and check-ins dropped because the label task was behind (retries cover them).
+    pub label_inputs_dropped: u64,
 }
 
 pub struct Router {
@@ -41,6 +45,8 @@ pub struct Router {
     pub presence: Presence,
     /// Impinj topic -> reader id.
     pub impinj: HashMap<String, DeviceId>,
+    /// Where label check-ins and acks go, when labels are configured.
+    pub labels: Option<mpsc::Sender<LabelInput>>,
     pub stats: RouterStats,
     started: Instant,
 }
@@ -65,6 +71,7 @@ impl Router {
             registry,
             presence,
             impinj,
+            labels: None,
             stats: RouterStats::default(),
             started: Instant::now(),
         }
@@ -139,6 +146,28 @@ impl Router {
                 self.stats.accepted += 1;
                 if came_online || new_boot {
                     tracing::info!(device_id = %topic.device, device_kind = topic.kind.as_str(), boot_id = env.boot_id, "Device online");
+                }
+            }
+        }
+        if topic.kind == DeviceKind::Esl {
+            let input = match env.body {
+                fp::Body::LabelCheckIn(c) => Some(LabelInput::CheckIn { label: topic.device.clone(), shown_hash: c.shown_hash }),
+                fp::Body::CommandAck(a) => Some(LabelInput::Ack {
+                    label: topic.device.clone(),
+                    command_id: a.of_seq,
+                    stage: match a.stage {
+                        fp::AckStage::Queued => AckStage::Queued,
+                        fp::AckStage::Delivered => AckStage::Delivered,
+                        fp::AckStage::Applied => AckStage::Applied,
+                        fp::AckStage::Failed => AckStage::Failed,
+                    },
+                    shown_hash: a.content_hash,
+                }),
+                _ => None,
+            };
+            if let (Some(input), Some(labels)) = (input, &self.labels) {
+                if labels.try_send(input).is_err() {
+                    self.stats.label_inputs_dropped += 1;
                 }
             }
         }

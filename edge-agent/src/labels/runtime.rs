@@ -1,0 +1,251 @@
+//! The label task: owns the [`Planner`] and, shared with the lanes, the [`TillPrices`]. It
+//! renders each bound SKU's content from the ledger's projections, re-renders on every
+//! committed price or catalog change, sends due render commands over MQTT in bounded batches
+//! (one per tick, so a chain-wide change of tens of thousands of labels never floods the
+//! broker), and tracks the labels' staged acks and check-ins. A price increase is held at the
+//! till until every label of the SKU confirmed it, or until its deadline (logged, with the
+//! labels still showing something else).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use firmware_proto as fp;
+use rumqttc::{AsyncClient, QoS};
+use shared::{effective_price, DeviceId, Money, PriceSlot, PriceVersion, Sku, StoreId, Unit};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::planner::{AckStage, LabelContent, Planner, PlannerConfig};
+use super::sequencing::TillPrices;
+use crate::ledger::{Change, LedgerReader};
+use crate::mqtt::topics::{self, DeviceKind, Leaf};
+
+/// What labels tell the hub, routed here from MQTT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelInput {
+    CheckIn { label: DeviceId, shown_hash: u64 },
+    Ack { label: DeviceId, command_id: u32, stage: AckStage, shown_hash: Option<u64> },
+}
+
+/// Label inputs waiting for the task; the router drops (and counts) past this, as a label
+/// checks in again and unacked commands are retried.
+pub const INPUT_QUEUE: usize = 65_536;
+
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Renders what the labels of `sku` should show now, from the projections.
+pub fn render(reader: &LedgerReader, store: &StoreId, sku: &Sku, at_ms: u64) -> Option<(LabelContent, PriceVersion)> {
+    let entries = reader.prices(sku).ok()?;
+    let effective = effective_price(&entries, sku, store, at_ms)?;
+    let value = effective.value.as_ref()?;
+    let item = reader.catalog_item(sku).ok().flatten();
+    let name = item.as_ref().and_then(|i| i.name.as_ref().map(|n| n.value.clone())).unwrap_or_else(|| sku.to_string());
+    let unit = item.as_ref().and_then(|i| i.unit.as_ref().map(|u| u.value)).unwrap_or(Unit::Piece);
+    let (price, promo) = if effective.key.slot == PriceSlot::Promotion {
+        let regular: Vec<_> = entries.iter().filter(|e| e.key.slot == PriceSlot::Regular).cloned().collect();
+        let regular = effective_price(&regular, sku, store, at_ms).and_then(|e| e.value.as_ref().map(|v| v.amount));
+        (regular.unwrap_or(value.amount), Some((value.amount, value.window.map_or(u64::MAX, |w| w.until_ms))))
+    } else {
+        (value.amount, None)
+    };
+    let unit_price = (unit == Unit::Gram).then(|| (value.amount, "kg".to_owned()));
+    Some((LabelContent { sku: sku.clone(), name, price, promo, unit_price }, effective.version()))
+}
+
+pub struct LabelTask {
+    pub store: StoreId,
+    pub planner: Planner,
+    pub reader: LedgerReader,
+    pub till: Arc<Mutex<TillPrices>>,
+    pub client: AsyncClient,
+    pub increase_deadline_ms: u64,
+    /// The price each SKU's labels were last rendered with (increase detection).
+    charged: HashMap<Sku, (Money, PriceVersion)>,
+    hub_boot: u32,
+    started: Instant,
+}
+
+impl LabelTask {
+    pub fn new(
+        store: StoreId,
+        bindings: Vec<(DeviceId, Sku)>,
+        config: PlannerConfig,
+        reader: LedgerReader,
+        till: Arc<Mutex<TillPrices>>,
+        client: AsyncClient,
+        increase_deadline_ms: u64,
+    ) -> LabelTask {
+        let mut planner = Planner::new(config);
+        for (label, sku) in bindings {
+            planner.bind(label, sku);
+        }
+        LabelTask {
+            store,
+            planner,
+            reader,
+            till,
+            client,
+            increase_deadline_ms,
+            charged: HashMap::new(),
+            hub_boot: rand::random(),
+            started: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Re-renders `sku` and tells its labels; holds an increase at the till.
+    fn refresh(&mut self, sku: &Sku) {
+        let now = self.now_ms();
+        let Some((content, version)) = render(&self.reader, &self.store, sku, wall_ms()) else { return };
+        let new = (content.promo.map_or(content.price, |p| p.0), version);
+        let old = self.charged.insert(sku.clone(), new.clone());
+        if old.as_ref().is_some_and(|o| o.1 != new.1) || old.is_none() {
+            let held = match self.till.lock() {
+                Ok(mut till) => till.on_price_change(sku, old, &new, now, self.increase_deadline_ms),
+                Err(_) => false,
+            };
+            if held {
+                tracing::info!(sku = %sku, price = %new.0, "Price increase held at the till until the labels show it");
+            }
+        }
+        let labels: Vec<DeviceId> = self.planner.labels_of(sku).cloned().collect();
+        for label in labels {
+            self.planner.set_content(&label, content.clone(), now);
+        }
+        self.confirm_if_shown(sku);
+    }
+
+    fn expected_hash(&self, sku: &Sku) -> Option<u64> {
+        render(&self.reader, &self.store, sku, wall_ms()).map(|(c, _)| c.hash())
+    }
+
+    fn confirm_if_shown(&mut self, sku: &Sku) {
+        let Some(hash) = self.expected_hash(sku) else { return };
+        if self.planner.all_show(sku, |_| Some(hash)) {
+            if let (Some((_, version)), Ok(mut till)) = (self.charged.get(sku), self.till.lock()) {
+                if till.on_labels_confirmed(sku, version) {
+                    tracing::info!(sku = %sku, "Labels confirmed the new price; the till charges it now");
+                }
+            }
+        }
+    }
+
+    fn on_input(&mut self, input: LabelInput) {
+        let now = self.now_ms();
+        match input {
+            LabelInput::CheckIn { label, shown_hash } => self.planner.on_check_in(&label, shown_hash, now),
+            LabelInput::Ack { label, command_id, stage, shown_hash } => {
+                if self.planner.on_ack(&label, command_id, stage, shown_hash, now) {
+                    if let Some(sku) = self.planner.sku_of(&label).cloned() {
+                        self.confirm_if_shown(&sku);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_due(&mut self) {
+        let now = self.now_ms();
+        for cmd in self.planner.next_batch(now) {
+            let c = &cmd.content;
+            let body = fp::Body::LabelRender(fp::LabelRender {
+                content_hash: cmd.hash,
+                name: fp::truncated_str(&c.name),
+                price_minor: c.price.minor,
+                currency: fp::truncated_str(c.price.currency.code()),
+                promo: c.promo.map(|(p, until)| fp::Promo { price_minor: p.minor, until_ms: until }),
+                unit_price: c.unit_price.as_ref().map(|(p, per)| fp::UnitPrice { price_minor: p.minor, per: fp::truncated_str(per) }),
+                expires_ms: 0,
+            });
+            let payload = match fp::Envelope::new(cmd.label.as_str(), self.hub_boot, cmd.command_id, body)
+                .map_err(|e| e.to_string())
+                .and_then(|env| fp::payload::encode_vec(&env).map_err(|e| e.to_string()))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(device_id = %cmd.label, error = %e, "Cannot encode a label command");
+                    continue;
+                }
+            };
+            let topic = topics::device(&self.store, DeviceKind::Esl, &cmd.label, Leaf::Cmd);
+            if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, false, payload).await {
+                tracing::error!(device_id = %cmd.label, error = %e, "Label command not queued");
+            }
+        }
+        let passed = match self.till.lock() {
+            Ok(mut till) => till.poll(now),
+            Err(_) => Vec::new(),
+        };
+        for p in passed {
+            let hash = self.expected_hash(&p.sku);
+            let lagging: Vec<String> =
+                self.planner.mismatches(|s| if s == &p.sku { hash } else { None }).into_iter().map(|(l, _)| l.to_string()).collect();
+            tracing::warn!(sku = %p.sku, lagging = ?lagging, error_code = "LABELS_LAGGING",
+                "Price increase deadline passed: the till charges it now; these labels still show the old price");
+        }
+    }
+
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<LabelInput>, mut changes: broadcast::Receiver<Change>, stop: CancellationToken) {
+        let skus: Vec<Sku> = self.planner.skus().cloned().collect();
+        for sku in &skus {
+            self.refresh(sku);
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.send_due().await,
+                input = inputs.recv() => match input {
+                    Some(i) => self.on_input(i),
+                    None => return,
+                },
+                change = changes.recv() => match change {
+                    Ok(Change::Product(sku)) => self.refresh(&sku),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "Label planner fell behind the ledger; re-rendering every label");
+                        for sku in &skus {
+                            self.refresh(sku);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
+
+/// Reads `label,sku` bindings (a header line, then one label per line); errors name the line.
+pub fn read_bindings(text: &str) -> Result<Vec<(DeviceId, Sku)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || (n == 0 && line.eq_ignore_ascii_case("label,sku")) {
+            continue;
+        }
+        let (label, sku) = line.split_once(',').ok_or_else(|| format!("line {}: expected label,sku", n + 1))?;
+        let label = DeviceId::new(label.trim()).map_err(|e| format!("line {}: {e}", n + 1))?;
+        let sku = Sku::new(sku.trim()).map_err(|e| format!("line {}: {e}", n + 1))?;
+        out.push((label, sku));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings_name_the_bad_line() {
+        let ok = read_bindings("label,sku\nesl-1,MILK\n\n# aisle 3\nesl-2, BREAD\n").unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(read_bindings("label,sku\nesl-1 MILK\n").unwrap_err(), "line 2: expected label,sku");
+        assert!(read_bindings("esl 1,MILK\n").unwrap_err().starts_with("line 1: invalid device id"));
+    }
+}
