@@ -4,6 +4,7 @@
 //! serial port ([`Port::open`]); and each can misbehave on demand (double scans, every suffix,
 //! garbage, truncated frames, NAK re-sends, unplug and replug, motion before a stable weight).
 
+pub mod esl;
 pub mod framed;
 pub mod plain;
 pub mod port;

@@ -43,7 +43,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (handle, writer) = ledger.start_writer(opts.queue_capacity)?;
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let till = std::sync::Arc::new(std::sync::Mutex::new(crate::labels::sequencing::TillPrices::new()));
+    let deadline = config.labels.as_ref().map_or(0, |l| l.increase_deadline_ms);
+    let till = std::sync::Arc::new(std::sync::Mutex::new(crate::labels::sequencing::TillPrices::new(deadline)));
     let started = crate::devices::wiring::start(&config, &handle, &till, &tasks, &stop)
         .map_err(DaemonError::from)
         .and_then(|()| crate::mqtt::start(&config, &handle, &till, &tasks, &stop).map_err(DaemonError::Mqtt));

@@ -91,6 +91,10 @@ struct Desired {
 #[derive(Debug, Clone)]
 struct Label {
     sku: Sku,
+    /// What it should show, kept after it applied it, so a check-in showing anything else
+    /// (a label that rebooted blank) brings it back.
+    target: Option<(LabelContent, u64)>,
+    /// The command in progress toward `target`, if any.
     desired: Option<Desired>,
     displayed: Option<u64>,
 }
@@ -112,6 +116,8 @@ pub struct Planner {
     by_sku: HashMap<Sku, BTreeSet<DeviceId>>,
     /// (due time, label) of every desired content waiting to be (re)sent.
     due: BTreeSet<(u64, DeviceId)>,
+    /// Labels per SKU with a command in progress: zero means they all show their target.
+    unsettled: HashMap<Sku, usize>,
     next_command: u32,
 }
 
@@ -126,13 +132,28 @@ impl Planner {
             if old.sku == sku {
                 return;
             }
-            if let Some(set) = self.by_sku.get_mut(&old.sku) {
+            let (old_sku, pending) = (old.sku.clone(), old.desired.is_some());
+            if let Some(set) = self.by_sku.get_mut(&old_sku) {
                 set.remove(&label);
             }
             self.unschedule(&label);
+            if pending {
+                self.mark(&old_sku, -1);
+            }
         }
         self.by_sku.entry(sku.clone()).or_default().insert(label.clone());
-        self.labels.insert(label, Label { sku, desired: None, displayed: None });
+        self.labels.insert(label, Label { sku, target: None, desired: None, displayed: None });
+    }
+
+    fn mark(&mut self, sku: &Sku, delta: isize) {
+        let n = self.unsettled.entry(sku.clone()).or_default();
+        *n = n.saturating_add_signed(delta);
+    }
+
+    /// Whether every label of `sku` shows what it should (O(1): kept as labels settle).
+    pub fn settled(&self, sku: &Sku) -> bool {
+        self.unsettled.get(sku).copied().unwrap_or(0) == 0
+            && self.labels_of(sku).next().is_some_and(|l| self.labels[l].target.is_some())
     }
 
     pub fn sku_of(&self, label: &DeviceId) -> Option<&Sku> {
@@ -158,7 +179,8 @@ impl Planner {
     /// A newer content supersedes a pending one: only the latest is ever sent.
     pub fn set_content(&mut self, label: &DeviceId, content: LabelContent, now_ms: u64) -> bool {
         let hash = content.hash();
-        let Some(state) = self.labels.get(label) else { return false };
+        let Some(state) = self.labels.get_mut(label) else { return false };
+        state.target = Some((content.clone(), hash));
         if state.displayed == Some(hash) && state.desired.is_none() {
             return false;
         }
@@ -167,8 +189,12 @@ impl Planner {
         }
         self.unschedule(label);
         let state = self.labels.get_mut(label).expect("checked above");
+        let (sku, was_pending) = (state.sku.clone(), state.desired.is_some());
         if state.displayed == Some(hash) {
             state.desired = None;
+            if was_pending {
+                self.mark(&sku, -1);
+            }
             return false;
         }
         state.desired = Some(Desired {
@@ -181,6 +207,9 @@ impl Planner {
             due_ms: now_ms,
         });
         self.due.insert((now_ms, label.clone()));
+        if !was_pending {
+            self.mark(&sku, 1);
+        }
         true
     }
 
@@ -271,10 +300,12 @@ impl Planner {
         let Some(state) = self.labels.get(label) else { return false };
         match &state.desired {
             Some(d) if state.displayed == Some(d.hash) => {
+                let sku = state.sku.clone();
                 self.unschedule(label);
                 if let Some(state) = self.labels.get_mut(label) {
                     state.desired = None;
                 }
+                self.mark(&sku, -1);
                 true
             }
             _ => false,
@@ -285,6 +316,26 @@ impl Planner {
     pub fn on_check_in(&mut self, label: &DeviceId, shown_hash: u64, now_ms: u64) {
         let Some(state) = self.labels.get_mut(label) else { return };
         state.displayed = Some(shown_hash);
+        if state.desired.is_none() {
+            match state.target.clone() {
+                Some((content, hash)) if hash != shown_hash => {
+                    state.desired = Some(Desired {
+                        content,
+                        hash,
+                        since_ms: now_ms,
+                        attempts: 0,
+                        stage: Stage::Pending,
+                        command_id: None,
+                        due_ms: now_ms,
+                    });
+                    self.due.insert((now_ms, label.clone()));
+                    let sku = state.sku.clone();
+                    self.mark(&sku, 1);
+                }
+                _ => {}
+            }
+            return;
+        }
         if self.settle(label) {
             return;
         }
@@ -440,6 +491,10 @@ mod tests {
         p.set_content(&l3, content(119), 80_000);
         p.on_check_in(&l3, content(119).hash(), 80_001);
         assert_eq!(p.stage(&l3), Some(Stage::Applied));
+        // The label reboots blank: its check-in brings the content back.
+        p.on_check_in(&l3, 0, 90_000);
+        let again = p.next_batch(90_000);
+        assert!(again.iter().any(|c| c.label == l3 && c.hash == content(119).hash()), "{again:?}");
     }
 
     proptest::proptest! {
@@ -494,5 +549,23 @@ mod tests {
             p.on_check_in(&id(&format!("esl-{i}")), want, 1);
         }
         assert!(p.all_show(&sku, |_| Some(want)));
+    }
+
+    #[test]
+    fn settled_tracks_every_label_of_a_sku_in_constant_time() {
+        let mut p = planner(10);
+        let sku = Sku::new("MILK").unwrap();
+        assert!(!p.settled(&sku), "nothing to show yet");
+        for i in 0..5 {
+            p.set_content(&id(&format!("esl-{i}")), content(119), 0);
+        }
+        assert!(!p.settled(&sku));
+        for c in p.next_batch(0) {
+            assert!(!p.settled(&sku));
+            p.on_ack(&c.label, c.command_id, AckStage::Applied, Some(c.hash), 1);
+        }
+        assert!(p.settled(&sku));
+        p.on_check_in(&id("esl-0"), 0, 2); // rebooted blank
+        assert!(!p.settled(&sku));
     }
 }

@@ -2,9 +2,9 @@
 //! renders each bound SKU's content from the ledger's projections, re-renders on every
 //! committed price or catalog change, sends due render commands over MQTT in bounded batches
 //! (one per tick, so a chain-wide change of tens of thousands of labels never floods the
-//! broker), and tracks the labels' staged acks and check-ins. A price increase is held at the
-//! till until every label of the SKU confirmed it, or until its deadline (logged, with the
-//! labels still showing something else).
+//! broker), and tracks the labels' staged acks and check-ins. It tells the till the price every
+//! label of a SKU confirmed showing, which is what holds an increase back (see `sequencing`);
+//! an increase whose deadline passes is logged with the labels still showing something else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,9 +61,8 @@ pub struct LabelTask {
     pub reader: LedgerReader,
     pub till: Arc<Mutex<TillPrices>>,
     pub client: AsyncClient,
-    pub increase_deadline_ms: u64,
-    /// The price each SKU's labels were last rendered with (increase detection).
-    charged: HashMap<Sku, (Money, PriceVersion)>,
+    /// The price each SKU's labels were last rendered with.
+    rendered: HashMap<Sku, (Money, PriceVersion)>,
     hub_boot: u32,
     started: Instant,
 }
@@ -76,7 +75,6 @@ impl LabelTask {
         reader: LedgerReader,
         till: Arc<Mutex<TillPrices>>,
         client: AsyncClient,
-        increase_deadline_ms: u64,
     ) -> LabelTask {
         let mut planner = Planner::new(config);
         for (label, sku) in bindings {
@@ -88,8 +86,7 @@ impl LabelTask {
             reader,
             till,
             client,
-            increase_deadline_ms,
-            charged: HashMap::new(),
+            rendered: HashMap::new(),
             hub_boot: rand::random(),
             started: Instant::now(),
         }
@@ -99,21 +96,15 @@ impl LabelTask {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Re-renders `sku` and tells its labels; holds an increase at the till.
+    /// Re-renders `sku` and tells its labels.
     fn refresh(&mut self, sku: &Sku) {
         let now = self.now_ms();
         let Some((content, version)) = render(&self.reader, &self.store, sku, wall_ms()) else { return };
-        let new = (content.promo.map_or(content.price, |p| p.0), version);
-        let old = self.charged.insert(sku.clone(), new.clone());
-        if old.as_ref().is_some_and(|o| o.1 != new.1) || old.is_none() {
-            let held = match self.till.lock() {
-                Ok(mut till) => till.on_price_change(sku, old, &new, now, self.increase_deadline_ms),
-                Err(_) => false,
-            };
-            if held {
-                tracing::info!(sku = %sku, price = %new.0, "Price increase held at the till until the labels show it");
-            }
+        let price = (content.promo.map_or(content.price, |p| p.0), version);
+        if let Ok(mut till) = self.till.lock() {
+            till.on_rendered(sku, price.clone());
         }
+        self.rendered.insert(sku.clone(), price);
         let labels: Vec<DeviceId> = self.planner.labels_of(sku).cloned().collect();
         for label in labels {
             self.planner.set_content(&label, content.clone(), now);
@@ -125,13 +116,12 @@ impl LabelTask {
         render(&self.reader, &self.store, sku, wall_ms()).map(|(c, _)| c.hash())
     }
 
+    /// Tells the till the price every label of `sku` now shows.
     fn confirm_if_shown(&mut self, sku: &Sku) {
-        let Some(hash) = self.expected_hash(sku) else { return };
-        if self.planner.all_show(sku, |_| Some(hash)) {
-            if let (Some((_, version)), Ok(mut till)) = (self.charged.get(sku), self.till.lock()) {
-                if till.on_labels_confirmed(sku, version) {
-                    tracing::info!(sku = %sku, "Labels confirmed the new price; the till charges it now");
-                }
+        if self.planner.settled(sku) {
+            if let (Some(price), Ok(mut till)) = (self.rendered.get(sku), self.till.lock()) {
+                till.on_labels_confirmed(sku, price.clone());
+                tracing::debug!(sku = %sku, price = %price.0, "Every label shows the price");
             }
         }
     }
@@ -160,7 +150,10 @@ impl LabelTask {
                 price_minor: c.price.minor,
                 currency: fp::truncated_str(c.price.currency.code()),
                 promo: c.promo.map(|(p, until)| fp::Promo { price_minor: p.minor, until_ms: until }),
-                unit_price: c.unit_price.as_ref().map(|(p, per)| fp::UnitPrice { price_minor: p.minor, per: fp::truncated_str(per) }),
+                unit_price: c
+                    .unit_price
+                    .as_ref()
+                    .map(|(p, per)| fp::UnitPrice { price_minor: p.minor, per: fp::truncated_str(per) }),
                 expires_ms: 0,
             });
             let payload = match fp::Envelope::new(cmd.label.as_str(), self.hub_boot, cmd.command_id, body)
@@ -179,19 +172,29 @@ impl LabelTask {
             }
         }
         let passed = match self.till.lock() {
-            Ok(mut till) => till.poll(now),
+            // The till's clock is wall time (lanes look prices up at wall time).
+            Ok(mut till) => till.poll(wall_ms()),
             Err(_) => Vec::new(),
         };
         for p in passed {
             let hash = self.expected_hash(&p.sku);
-            let lagging: Vec<String> =
-                self.planner.mismatches(|s| if s == &p.sku { hash } else { None }).into_iter().map(|(l, _)| l.to_string()).collect();
+            let lagging: Vec<String> = self
+                .planner
+                .mismatches(|s| if s == &p.sku { hash } else { None })
+                .into_iter()
+                .map(|(l, _)| l.to_string())
+                .collect();
             tracing::warn!(sku = %p.sku, lagging = ?lagging, error_code = "LABELS_LAGGING",
                 "Price increase deadline passed: the till charges it now; these labels still show the old price");
         }
     }
 
-    pub async fn run(mut self, mut inputs: mpsc::Receiver<LabelInput>, mut changes: broadcast::Receiver<Change>, stop: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<LabelInput>,
+        mut changes: broadcast::Receiver<Change>,
+        stop: CancellationToken,
+    ) {
         let skus: Vec<Sku> = self.planner.skus().cloned().collect();
         for sku in &skus {
             self.refresh(sku);

@@ -1,9 +1,11 @@
 //! When a price change reaches the till, so that no customer pays more than the shelf shows
 //! (weights-and-measures rules: lower the till before the shelf, raise the shelf before the
-//! till). A decrease is charged at once while the labels follow; an increase is charged only
-//! once every label of the SKU confirmed the new content, or at a deadline (then the lagging
-//! labels are listed for staff). Until then the till keeps charging the old, lower price.
-//! Also the charge policy for a shelf that still shows something else.
+//! till). The till charges the effective price, except that for a SKU with labels it never
+//! charges more than the lowest price any of its labels may be showing: the price they all last
+//! *confirmed*, or a lower one sent to them since. That holds until the deadline after the
+//! increase was first seen (then the new price is charged and the lagging labels are listed for
+//! staff). The check happens at the lookup itself, so there is no moment between a price
+//! increase being committed and the hold taking effect.
 
 use std::collections::HashMap;
 
@@ -12,23 +14,25 @@ use shared::{Money, PriceVersion, Sku};
 /// What the till charges when a label and the system disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ChargePolicy {
-    /// Always the system's price (the labels are trusted to follow).
+    /// The system's price, within the increase rule above.
     #[default]
     System,
-    /// The lower of the shelf's and the system's price.
+    /// Also never more than what the shelf shows right now.
     LowerOfShelfAndSystem,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Hold {
-    /// The price the till keeps charging meanwhile.
-    charge: (Money, PriceVersion),
-    /// The new price waiting for its labels.
-    pending: PriceVersion,
-    deadline_ms: u64,
+#[derive(Debug, Clone, Default)]
+struct SkuState {
+    /// The price every label of the SKU confirmed showing.
+    confirmed: Option<(Money, PriceVersion)>,
+    /// The lowest price sent to its labels since they last all confirmed one.
+    floor: Option<(Money, PriceVersion)>,
+    /// An increase not yet confirmed: its version, when it was first seen, whether its deadline
+    /// was reported.
+    increase: Option<(PriceVersion, u64, bool)>,
 }
 
-/// A hold released at its deadline with labels still lagging.
+/// An increase whose deadline passed before its labels confirmed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadlinePassed {
     pub sku: Sku,
@@ -37,71 +41,70 @@ pub struct DeadlinePassed {
 
 #[derive(Debug, Default)]
 pub struct TillPrices {
-    holds: HashMap<Sku, Hold>,
+    deadline_ms: u64,
+    skus: HashMap<Sku, SkuState>,
 }
 
 impl TillPrices {
-    pub fn new() -> TillPrices {
-        TillPrices::default()
+    pub fn new(deadline_ms: u64) -> TillPrices {
+        TillPrices { deadline_ms, skus: HashMap::new() }
     }
 
-    /// The effective price of `sku` changed from `old` to `new`. Returns true when the till
-    /// must wait for the labels (an increase), false when it charges the new price at once.
-    pub fn on_price_change(
-        &mut self,
-        sku: &Sku,
-        old: Option<(Money, PriceVersion)>,
-        new: &(Money, PriceVersion),
-        now_ms: u64,
-        deadline_after_ms: u64,
-    ) -> bool {
-        // The lowest price of a chain of increases is the one still charged.
-        let charged = self.holds.get(sku).map(|h| h.charge.clone()).or(old);
-        match charged {
-            Some(c) if new.0.currency == c.0.currency && new.0.minor > c.0.minor => {
-                let deadline_ms = now_ms.saturating_add(deadline_after_ms);
-                self.holds.insert(sku.clone(), Hold { charge: c, pending: new.1.clone(), deadline_ms });
-                true
-            }
-            _ => {
-                self.holds.remove(sku);
-                false
-            }
+    /// `price` is about to be sent to the labels of `sku` (call before sending).
+    pub fn on_rendered(&mut self, sku: &Sku, price: (Money, PriceVersion)) {
+        let state = self.skus.entry(sku.clone()).or_default();
+        if state.floor.as_ref().is_none_or(|f| price.0.minor < f.0.minor) {
+            state.floor = Some(price);
         }
     }
 
-    /// Every label of `sku` confirmed the content of `version`: the till may charge it.
-    pub fn on_labels_confirmed(&mut self, sku: &Sku, version: &PriceVersion) -> bool {
-        if self.holds.get(sku).is_some_and(|h| &h.pending == version) {
-            self.holds.remove(sku);
-            return true;
+    /// Every label of `sku` shows `price` (from this version).
+    pub fn on_labels_confirmed(&mut self, sku: &Sku, price: (Money, PriceVersion)) {
+        let state = self.skus.entry(sku.clone()).or_default();
+        if state.increase.as_ref().is_some_and(|(v, _, _)| *v == price.1) {
+            state.increase = None;
         }
-        false
+        state.confirmed = Some(price);
+        state.floor = None;
     }
 
-    /// Holds whose deadline passed: released, returned for the log and the mismatch list.
-    pub fn poll(&mut self, now_ms: u64) -> Vec<DeadlinePassed> {
-        let due: Vec<Sku> =
-            self.holds.iter().filter(|(_, h)| h.deadline_ms <= now_ms).map(|(s, _)| s.clone()).collect();
-        let mut out: Vec<_> = due
-            .into_iter()
-            .filter_map(|sku| self.holds.remove(&sku).map(|h| DeadlinePassed { sku, pending: h.pending }))
-            .collect();
-        out.sort_by(|a, b| a.sku.cmp(&b.sku));
-        out
-    }
-
-    /// What the till charges for `sku` whose effective price is `effective`, the shelf showing
-    /// `shelf` (if known), under `policy`.
+    /// What the till charges for `sku` whose effective price is `effective` at `now_ms`.
     pub fn charge(
-        &self,
+        &mut self,
         sku: &Sku,
         effective: (Money, PriceVersion),
         shelf: Option<Money>,
         policy: ChargePolicy,
+        now_ms: u64,
     ) -> (Money, PriceVersion) {
-        let system = match self.holds.get(sku) {
-            Some(h) => h.charge.clone(),
+        let deadline_ms = self.deadline_ms;
+        let system = match self.skus.get_mut(sku) {
+            Some(state) => {
+                // The lowest price a label of this SKU may be showing: the one they all
+                // confirmed, or a lower one sent to them since.
+                let lowest = match (&state.confirmed, &state.floor) {
+                    (Some(c), Some(f)) if f.0.minor < c.0.minor => Some(f.clone()),
+                    (Some(c), _) => Some(c.clone()),
+                    (None, f) => f.clone(),
+                };
+                match lowest {
+                    Some(c) if c.0.currency == effective.0.currency && effective.0.minor > c.0.minor => {
+                        let first_seen = match &state.increase {
+                            Some((v, at, _)) if *v == effective.1 => *at,
+                            _ => {
+                                state.increase = Some((effective.1.clone(), now_ms, false));
+                                now_ms
+                            }
+                        };
+                        if now_ms.saturating_sub(first_seen) >= deadline_ms {
+                            effective
+                        } else {
+                            c
+                        }
+                    }
+                    _ => effective,
+                }
+            }
             None => effective,
         };
         match (policy, shelf) {
@@ -114,8 +117,19 @@ impl TillPrices {
         }
     }
 
-    pub fn held(&self) -> usize {
-        self.holds.len()
+    /// Increases whose deadline passed since the last poll, each reported once.
+    pub fn poll(&mut self, now_ms: u64) -> Vec<DeadlinePassed> {
+        let mut out = Vec::new();
+        for (sku, state) in &mut self.skus {
+            if let Some((v, at, reported)) = &mut state.increase {
+                if !*reported && now_ms.saturating_sub(*at) >= self.deadline_ms {
+                    *reported = true;
+                    out.push(DeadlinePassed { sku: sku.clone(), pending: v.clone() });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.sku.cmp(&b.sku));
+        out
     }
 }
 
@@ -140,38 +154,58 @@ mod tests {
 
     #[test]
     fn a_decrease_is_charged_at_once_an_increase_after_the_labels() {
-        let mut t = TillPrices::new();
-        assert!(!t.on_price_change(&milk(), Some((eur(119), v(1))), &(eur(99), v(2)), 0, 60_000));
-        assert_eq!(t.charge(&milk(), (eur(99), v(2)), None, ChargePolicy::System).0.minor, 99);
-
-        assert!(t.on_price_change(&milk(), Some((eur(99), v(2))), &(eur(129), v(3)), 0, 60_000));
+        let mut t = TillPrices::new(60_000);
+        let sys = ChargePolicy::System;
         assert_eq!(
-            t.charge(&milk(), (eur(129), v(3)), None, ChargePolicy::System),
-            (eur(99), v(2)),
-            "old price until confirmed"
+            t.charge(&milk(), (eur(119), v(1)), None, sys, 0).0.minor,
+            119,
+            "no labels confirmed yet: system price"
         );
-        assert!(!t.on_labels_confirmed(&milk(), &v(2)), "confirmation of another version does not release");
-        assert!(t.on_labels_confirmed(&milk(), &v(3)));
-        assert_eq!(t.charge(&milk(), (eur(129), v(3)), None, ChargePolicy::System).0.minor, 129);
+        t.on_labels_confirmed(&milk(), (eur(119), v(1)));
+        assert_eq!(t.charge(&milk(), (eur(99), v(2)), None, sys, 1).0.minor, 99, "a decrease at once");
+        t.on_labels_confirmed(&milk(), (eur(99), v(2)));
+        assert_eq!(
+            t.charge(&milk(), (eur(129), v(3)), None, sys, 2),
+            (eur(99), v(2)),
+            "the confirmed price until the labels show more"
+        );
+        t.on_labels_confirmed(&milk(), (eur(129), v(3)));
+        assert_eq!(t.charge(&milk(), (eur(129), v(3)), None, sys, 3).0.minor, 129);
     }
 
     #[test]
-    fn the_deadline_releases_and_names_the_sku_and_chained_increases_keep_the_lowest() {
-        let mut t = TillPrices::new();
-        t.on_price_change(&milk(), Some((eur(99), v(1))), &(eur(109), v(2)), 0, 1_000);
-        t.on_price_change(&milk(), Some((eur(109), v(2))), &(eur(119), v(3)), 10, 1_000);
-        assert_eq!(t.charge(&milk(), (eur(119), v(3)), None, ChargePolicy::System).0.minor, 99);
-        assert!(t.poll(999).is_empty());
-        assert_eq!(t.poll(1_010), vec![DeadlinePassed { sku: milk(), pending: v(3) }]);
-        assert_eq!(t.held(), 0);
+    fn the_deadline_releases_an_increase_once_and_reports_it() {
+        let mut t = TillPrices::new(1_000);
+        t.on_labels_confirmed(&milk(), (eur(99), v(1)));
+        let sys = ChargePolicy::System;
+        assert_eq!(t.charge(&milk(), (eur(119), v(2)), None, sys, 10).0.minor, 99);
+        assert!(t.poll(500).is_empty());
+        assert_eq!(t.charge(&milk(), (eur(119), v(2)), None, sys, 1_010).0.minor, 119);
+        assert_eq!(t.poll(1_010), vec![DeadlinePassed { sku: milk(), pending: v(2) }]);
+        assert!(t.poll(5_000).is_empty(), "reported once");
+        // A further increase starts its own clock.
+        assert_eq!(t.charge(&milk(), (eur(139), v(3)), None, sys, 1_020).0.minor, 99);
+    }
+
+    #[test]
+    fn an_increase_racing_an_unconfirmed_decrease_charges_the_lowest_shelf_price() {
+        let mut t = TillPrices::new(60_000);
+        let sys = ChargePolicy::System;
+        t.on_labels_confirmed(&milk(), (eur(119), v(1)));
+        t.on_rendered(&milk(), (eur(99), v(2))); // sent, not all confirmed yet
+        t.on_rendered(&milk(), (eur(129), v(3)));
+        assert_eq!(t.charge(&milk(), (eur(129), v(3)), None, sys, 0).0.minor, 99, "some label may show 0.99");
+        t.on_labels_confirmed(&milk(), (eur(129), v(3)));
+        assert_eq!(t.charge(&milk(), (eur(129), v(3)), None, sys, 1).0.minor, 129);
     }
 
     #[test]
     fn lower_of_shelf_and_system() {
-        let t = TillPrices::new();
+        let mut t = TillPrices::new(1_000);
         let eff = (eur(129), v(3));
-        assert_eq!(t.charge(&milk(), eff.clone(), Some(eur(119)), ChargePolicy::LowerOfShelfAndSystem).0.minor, 119);
-        assert_eq!(t.charge(&milk(), eff.clone(), Some(eur(139)), ChargePolicy::LowerOfShelfAndSystem).0.minor, 129);
-        assert_eq!(t.charge(&milk(), eff, Some(eur(119)), ChargePolicy::System).0.minor, 129);
+        let lower = ChargePolicy::LowerOfShelfAndSystem;
+        assert_eq!(t.charge(&milk(), eff.clone(), Some(eur(119)), lower, 0).0.minor, 119);
+        assert_eq!(t.charge(&milk(), eff.clone(), Some(eur(139)), lower, 0).0.minor, 129);
+        assert_eq!(t.charge(&milk(), eff, Some(eur(119)), ChargePolicy::System, 0).0.minor, 129);
     }
 }

@@ -54,7 +54,7 @@ impl Catalog for LedgerCatalog {
         let price = effective_price(&entries, &sku, &self.store, at_ms)
             .and_then(|e| e.value.as_ref().map(|v| (v.amount, e.version())))
             .map(|effective| match self.till.as_ref().and_then(|t| t.lock().ok()) {
-                Some(till) => till.charge(&sku, effective, None, ChargePolicy::System),
+                Some(mut till) => till.charge(&sku, effective, None, ChargePolicy::System, at_ms),
                 None => effective,
             });
         Ok(Some(Product { sku, name, unit, discontinued, price }))

@@ -14,11 +14,11 @@ use tokio_util::task::TaskTracker;
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
+use crate::devices::registry::Registry;
 use crate::labels::planner::PlannerConfig;
 use crate::labels::runtime::{read_bindings, LabelTask};
 use crate::labels::sequencing::TillPrices;
 use crate::ledger::{LedgerHandle, LedgerReader};
-use crate::devices::registry::Registry;
 use crate::rfid::presence::{Presence, PresenceConfig};
 
 /// Starts the MQTT side when the config has an `[mqtt]` section: the embedded broker if no
@@ -67,13 +67,15 @@ pub fn start(
     if let Some(l) = &config.labels {
         let text = std::fs::read_to_string(&l.bindings)
             .map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;
-        let bindings = read_bindings(&text).map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;
-        let reader = LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?;
+        let bindings = read_bindings(&text)
+            .map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;
+        let reader =
+            LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?;
         let (tx, rx) = tokio::sync::mpsc::channel(crate::labels::runtime::INPUT_QUEUE);
         router.labels = Some(tx);
         tracing::info!(labels = bindings.len(), "Shelf labels bound");
         let planner = PlannerConfig { batch_max: l.batch_max, ..PlannerConfig::default() };
-        let task = LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone(), l.increase_deadline_ms);
+        let task = LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone());
         tasks.spawn(task.run(rx, ledger.subscribe(), stop.child_token()));
     }
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));

@@ -151,7 +151,9 @@ impl Router {
         }
         if topic.kind == DeviceKind::Esl {
             let input = match env.body {
-                fp::Body::LabelCheckIn(c) => Some(LabelInput::CheckIn { label: topic.device.clone(), shown_hash: c.shown_hash }),
+                fp::Body::LabelCheckIn(c) => {
+                    Some(LabelInput::CheckIn { label: topic.device.clone(), shown_hash: c.shown_hash })
+                }
                 fp::Body::CommandAck(a) => Some(LabelInput::Ack {
                     label: topic.device.clone(),
                     command_id: a.of_seq,
