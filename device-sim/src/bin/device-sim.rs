@@ -93,6 +93,23 @@ enum Device {
         #[arg(long, default_value_t = 3)]
         motion: u32,
     },
+    /// A fleet of shelf labels on an MQTT broker: they check in, apply what the hub renders and
+    /// ack it; a summary is printed every few seconds until Ctrl-C.
+    Esl {
+        /// The store's broker, mqtt://host:port.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "store-001")]
+        store: String,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Label ids are PREFIX-00000, PREFIX-00001, ...
+        #[arg(long, default_value = "esl")]
+        prefix: String,
+        /// The last N labels never answer (dead batteries).
+        #[arg(long, default_value_t = 0)]
+        silent: usize,
+    },
     /// A lane display: shows what the hub sends; optionally pays after --tender-after-ms.
     Lane {
         #[command(flatten)]
@@ -198,6 +215,29 @@ async fn main() -> anyhow::Result<()> {
             println!("weighed {grams} g");
             if a.hold {
                 hold_framed(&mut sim).await?;
+            }
+        }
+        Device::Esl { broker, store, count, prefix, silent } => {
+            let (host, port) = broker
+                .strip_prefix("mqtt://")
+                .and_then(|r| r.rsplit_once(':'))
+                .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
+                .with_context(|| format!("--broker {broker:?} is not mqtt://host:port"))?;
+            let labels: Vec<String> = (0..count).map(|i| format!("{prefix}-{i:05}")).collect();
+            let dead = labels.iter().rev().take(silent).cloned().collect();
+            let fleet = device_sim::esl::EslFleet::start(&host, port, &store, &labels, dead);
+            eprintln!("{count} labels of store {store} on {host}:{port}; Ctrl-C stops");
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        let snap = fleet.snapshot();
+                        let showing = snap.values().filter(|s| s.shows.is_some()).count();
+                        let commands: u32 = snap.values().map(|s| s.commands).sum();
+                        let repeats: u32 = snap.values().map(|s| s.repeats).sum();
+                        println!("labels showing content: {showing}/{count}; commands received: {commands}; told twice: {repeats}");
+                    }
+                }
             }
         }
         Device::Lane { attach: a, name, tender, tender_after_ms } => {

@@ -46,6 +46,15 @@ next_connection_delay_ms = 1
             }
         })
         .map_err(BrokerError::Thread)?;
+    // Wait until it accepts connections, so the hub's first connection attempt succeeds
+    // instead of logging a refused connection at every start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect_timeout(&listen, std::time::Duration::from_millis(200)).is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err(BrokerError::Config(format!("the embedded broker is not accepting connections on {listen}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     tracing::info!(listen = %listen, "Embedded MQTT broker started");
     Ok(())
 }

@@ -1,0 +1,203 @@
+//! MQTT throughput, each beside a reference measured in the same run:
+//! - RFID tag reads ingested by the hub's router through the embedded broker, beside a bare
+//!   rumqttc subscriber receiving the same stream;
+//! - a chain-wide price change to 50,000 labels planned and published (target < 2 s), and
+//!   label acks tracked per second (target >= 20k/s).
+//!
+//! Run: `cargo bench -p e2e-tests --bench mqtt_ingest` (`BENCH_MESSAGES` sets the RFID messages,
+//! each of 10 reads; default 20,000).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use e2e_tests::mqtt::free_port;
+use edge_agent::devices::registry::Registry;
+use edge_agent::labels::planner::{AckStage, LabelContent, Planner, PlannerConfig};
+use edge_agent::mqtt::{broker, link, router};
+use edge_agent::rfid::presence::{Presence, PresenceConfig};
+use firmware_proto as fp;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use shared::{Currency, DeviceId, Money, Sku, StoreId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const READS_PER_MESSAGE: usize = 10;
+const TOPIC: &str = "se/v1/s1/dev/rfid/rfid-1/evt";
+
+fn tag_messages(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|m| {
+            let mut reads = heapless::Vec::new();
+            for r in 0..READS_PER_MESSAGE {
+                let serial = (m * READS_PER_MESSAGE + r) as u128;
+                let epc = (u128::from_str_radix("3074257BF7194E4000000000", 16).unwrap() | serial).to_be_bytes();
+                let read = fp::TagRead {
+                    epc: heapless::Vec::from_slice(&epc[4..]).unwrap(),
+                    antenna: 1,
+                    rssi_cdbm: -5000,
+                    count: 1,
+                };
+                let _ = reads.push(read);
+            }
+            let env = fp::Envelope::new("rfid-1", 1, m as u32 + 1, fp::Body::TagReads(fp::TagReads { reads })).unwrap();
+            fp::payload::encode_vec(&env).unwrap()
+        })
+        .collect()
+}
+
+async fn publish_all(port: u16, messages: &[Vec<u8>]) {
+    let mut opts = MqttOptions::new(format!("bench-pub-{}", rand::random::<u32>()), "127.0.0.1", port);
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    for m in messages {
+        client.publish(TOPIC, QoS::AtLeastOnce, false, m.clone()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    poller.abort();
+}
+
+/// A plain subscriber counting messages: the reference.
+async fn bare_subscriber(port: u16, messages: &[Vec<u8>]) -> Duration {
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("bench-bare", "127.0.0.1", port), 10_000);
+    client.subscribe(TOPIC, QoS::AtLeastOnce).await.unwrap();
+    while !matches!(eventloop.poll().await, Ok(Event::Incoming(Packet::SubAck(_)))) {}
+    let total = messages.len();
+    let publisher = publish_all(port, messages);
+    let receiver = async {
+        let started = Instant::now();
+        let mut got = 0;
+        while got < total {
+            if let Ok(Event::Incoming(Packet::Publish(_))) = eventloop.poll().await {
+                got += 1;
+            }
+        }
+        started.elapsed()
+    };
+    let (_, elapsed) = tokio::join!(publisher, receiver);
+    elapsed
+}
+
+/// The hub's own link and router: decoded, deduplicated, SGTIN-decoded and tracked per zone.
+async fn hub_router(port: u16, messages: &[Vec<u8>]) -> Duration {
+    let store = StoreId::new("s1").unwrap();
+    let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+    let mut l = link::spawn(
+        link::LinkSettings {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "bench-hub".into(),
+            credentials: None,
+            max_payload: 65_536,
+            state_topic: "se/v1/s1/hub/state".into(),
+            subscriptions: vec![TOPIC.into()],
+        },
+        &tasks,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // connected and subscribed
+    let mut r = router::Router::new(
+        store,
+        65_536,
+        Registry::new(None, 60_000),
+        Presence::new(PresenceConfig::default(), []),
+        HashMap::new(),
+    );
+    let total_reads = (messages.len() * READS_PER_MESSAGE) as u64;
+    let publisher = publish_all(port, messages);
+    let receiver = async {
+        let started = Instant::now();
+        while r.stats.tag_reads < total_reads {
+            match l.incoming.recv().await {
+                Some(m) => {
+                    r.handle(m);
+                }
+                None => break,
+            }
+        }
+        started.elapsed()
+    };
+    let (_, elapsed) = tokio::join!(publisher, receiver);
+    stop.cancel();
+    elapsed
+}
+
+fn labels_bench(labels: usize) -> (Duration, Duration, usize) {
+    let eur = Currency::new("EUR").unwrap();
+    let mut planner = Planner::new(PlannerConfig { batch_max: labels, ..PlannerConfig::default() });
+    for i in 0..labels {
+        planner.bind(DeviceId::new(format!("esl-{i:06}")).unwrap(), Sku::new(format!("SKU-{:05}", i % 5_000)).unwrap());
+    }
+    let started = Instant::now();
+    for i in 0..labels {
+        let label = DeviceId::new(format!("esl-{i:06}")).unwrap();
+        let content = LabelContent {
+            sku: Sku::new(format!("SKU-{:05}", i % 5_000)).unwrap(),
+            name: format!("Product {}", i % 5_000),
+            price: Money::new(199 + (i % 5_000) as i64, eur),
+            promo: None,
+            unit_price: None,
+        };
+        planner.set_content(&label, content, 0);
+    }
+    let mut payloads = Vec::with_capacity(labels);
+    let batch = planner.next_batch(0);
+    for cmd in &batch {
+        let body = fp::Body::LabelRender(fp::LabelRender {
+            content_hash: cmd.hash,
+            name: fp::truncated_str(&cmd.content.name),
+            price_minor: cmd.content.price.minor,
+            currency: fp::truncated_str("EUR"),
+            promo: None,
+            unit_price: None,
+            expires_ms: 0,
+        });
+        let env = fp::Envelope::new(cmd.label.as_str(), 1, cmd.command_id, body).unwrap();
+        payloads.push((format!("se/v1/s1/dev/esl/{}/cmd", cmd.label), fp::payload::encode_vec(&env).unwrap()));
+    }
+    let planned = started.elapsed();
+    let acks = Instant::now();
+    for cmd in &batch {
+        planner.on_ack(&cmd.label, cmd.command_id, AckStage::Applied, Some(cmd.hash), 1);
+    }
+    (planned, acks.elapsed(), payloads.len())
+}
+
+fn main() {
+    let messages: usize = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let port = free_port();
+    broker::start_embedded(format!("127.0.0.1:{port}").parse().unwrap(), 65_536).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let stream = tag_messages(messages);
+    let reads = (messages * READS_PER_MESSAGE) as f64;
+    let (bare, hub) = rt.block_on(async { (bare_subscriber(port, &stream).await, hub_router(port, &stream).await) });
+    println!("RFID tag reads through the embedded broker ({messages} messages of {READS_PER_MESSAGE} reads)");
+    println!("{:<48} {:>10} {:>14} {:>8}", "", "seconds", "reads/s", "ratio");
+    println!(
+        "{:<48} {:>10.3} {:>14.0} {:>7.2}x",
+        "bare rumqttc subscriber (receive only)",
+        bare.as_secs_f64(),
+        reads / bare.as_secs_f64(),
+        1.0
+    );
+    println!(
+        "{:<48} {:>10.3} {:>14.0} {:>7.2}x",
+        "hub link + router (decode, dedup, SGTIN, zones)",
+        hub.as_secs_f64(),
+        reads / hub.as_secs_f64(),
+        bare.as_secs_f64() / hub.as_secs_f64()
+    );
+    println!("target: hub >= 0.8x bare and >= 100000 reads/s");
+
+    let (planned, acks, n) = labels_bench(50_000);
+    println!(
+        "chain-wide price change: {n} labels planned and encoded in {:.3} s (target < 2 s)",
+        planned.as_secs_f64()
+    );
+    println!(
+        "label acks tracked: {n} in {:.3} s = {:.0} acks/s (target >= 20000/s)",
+        acks.as_secs_f64(),
+        n as f64 / acks.as_secs_f64()
+    );
+}
