@@ -88,6 +88,21 @@ struct Desired {
     due_ms: u64,
 }
 
+impl Desired {
+    /// A command toward `content`, due now.
+    fn new(content: LabelContent, hash: u64, now_ms: u64) -> Desired {
+        Desired {
+            content,
+            hash,
+            since_ms: now_ms,
+            attempts: 0,
+            stage: Stage::Pending,
+            command_id: None,
+            due_ms: now_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Label {
     sku: Sku,
@@ -197,15 +212,7 @@ impl Planner {
             }
             return false;
         }
-        state.desired = Some(Desired {
-            content,
-            hash,
-            since_ms: now_ms,
-            attempts: 0,
-            stage: Stage::Pending,
-            command_id: None,
-            due_ms: now_ms,
-        });
+        state.desired = Some(Desired::new(content, hash, now_ms));
         self.due.insert((now_ms, label.clone()));
         if !was_pending {
             self.mark(&sku, 1);
@@ -319,15 +326,7 @@ impl Planner {
         if state.desired.is_none() {
             match state.target.clone() {
                 Some((content, hash)) if hash != shown_hash => {
-                    state.desired = Some(Desired {
-                        content,
-                        hash,
-                        since_ms: now_ms,
-                        attempts: 0,
-                        stage: Stage::Pending,
-                        command_id: None,
-                        due_ms: now_ms,
-                    });
+                    state.desired = Some(Desired::new(content, hash, now_ms));
                     self.due.insert((now_ms, label.clone()));
                     let sku = state.sku.clone();
                     self.mark(&sku, 1);

@@ -2,37 +2,8 @@
 
 use shared::{DeviceId, StoreId};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeviceKind {
-    Esl,
-    Scanner,
-    Scale,
-    Rfid,
-    Lane,
-}
-
-impl DeviceKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceKind::Esl => "esl",
-            DeviceKind::Scanner => "scanner",
-            DeviceKind::Scale => "scale",
-            DeviceKind::Rfid => "rfid",
-            DeviceKind::Lane => "lane",
-        }
-    }
-
-    fn parse(s: &str) -> Option<DeviceKind> {
-        Some(match s {
-            "esl" => DeviceKind::Esl,
-            "scanner" => DeviceKind::Scanner,
-            "scale" => DeviceKind::Scale,
-            "rfid" => DeviceKind::Rfid,
-            "lane" => DeviceKind::Lane,
-            _ => return None,
-        })
-    }
-}
+/// The device kinds of the topics are the protocol's own (`esl`, `scanner`, `scale`, `rfid`, `lane`).
+pub use firmware_proto::DeviceKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leaf {
@@ -89,7 +60,7 @@ pub fn parse(store: &StoreId, topic: &str) -> Result<DeviceTopic, String> {
     if s != store.as_str() {
         return Err(format!("topic {topic:?} is for store {s}, not {store}"));
     }
-    let kind = DeviceKind::parse(kind).ok_or_else(|| format!("unknown device kind {kind:?} in {topic:?}"))?;
+    let kind = DeviceKind::from_name(kind).ok_or_else(|| format!("unknown device kind {kind:?} in {topic:?}"))?;
     let device = DeviceId::new(id).map_err(|e| e.to_string())?;
     let leaf = match leaf {
         "status" => Leaf::Status,
