@@ -8,6 +8,7 @@ pub mod esl;
 pub mod framed;
 pub mod plain;
 pub mod port;
+pub mod rfid;
 
 pub use framed::FramedSim;
 pub use plain::{PlainScannerSim, Suffix};

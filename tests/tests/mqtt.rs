@@ -89,3 +89,47 @@ async fn impinj_reads_through_the_broker_and_bad_payloads_refused() {
         watcher.wait_for("se/v1/s1/hub/state", WAIT, |p| p == b"offline").await;
     }
 }
+
+fn sgtin(serial: u64) -> Vec<u8> {
+    let v = u128::from_str_radix("3074257BF7194E4000000000", 16).unwrap() | u128::from(serial);
+    v.to_be_bytes()[4..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_reader_at_the_exit_duplicates_overflow_and_foreign_tags() {
+    for kind in brokers() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::start(kind, dir.path());
+        let extra = format!("{}[rfid]\nexit_zones = [\"gate-2:1\"]\n", broker.config_section());
+        let store = StoreFixture::with_config(&[], &extra);
+        let daemon = store.start();
+        let mut watcher = TestClient::connect(broker.port, "watcher", &["se/v1/s1/hub/#"]).await;
+        watcher.wait_for("se/v1/s1/hub/state", WAIT, |p| p == b"online").await;
+        let mut reader = device_sim::rfid::RfidReader::connect("127.0.0.1", broker.port, "s1", "gate-2");
+
+        // Shelf antenna: a burst of reads, each tag three times, and a tag that is not SGTIN.
+        let shelf: Vec<Vec<u8>> = (1..=5).map(sgtin).chain([vec![0xE2, 0x80, 0x11, 0x05]]).collect();
+        reader.read(&shelf, 2, 3).await.unwrap();
+        reader.overflow(17).await.unwrap();
+        // The exit antenna: one unsold item, read twice: one alarm.
+        reader.read(&[sgtin(4242)], 1, 2).await.unwrap();
+        let alarm = watcher.wait_for("se/v1/s1/hub/alarm", WAIT, |_| true).await;
+        let v: serde_json::Value = serde_json::from_slice(&alarm).unwrap();
+        assert_eq!(
+            (v["reader"].as_str(), v["antenna"].as_u64(), v["serial"].as_u64()),
+            (Some("gate-2"), Some(1), Some(4242)),
+            "{kind:?}"
+        );
+        assert_eq!(v["gtin"], "80614141123458");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), watcher.wait_for("se/v1/s1/hub/alarm", WAIT, |_| true))
+                .await
+                .is_err(),
+            "{kind:?}: a duplicate read raises no second alarm"
+        );
+        let log = daemon.log().join("\n");
+        assert!(log.contains("RFID_OVERFLOW") && log.contains("overflow=17"), "{kind:?}: overflow reported:\n{log}");
+        assert!(log.contains("Device online") && log.contains("gate-2"), "{kind:?}:\n{log}");
+        daemon.stop();
+    }
+}

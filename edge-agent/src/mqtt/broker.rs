@@ -46,10 +46,10 @@ next_connection_delay_ms = 1
             }
         })
         .map_err(BrokerError::Thread)?;
-    // Wait until it accepts connections, so the hub's first connection attempt succeeds
-    // instead of logging a refused connection at every start.
+    // Wait until it answers MQTT, so the hub's first connection attempt succeeds instead of
+    // logging a refused connection at every start.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::net::TcpStream::connect_timeout(&listen, std::time::Duration::from_millis(200)).is_err() {
+    while !answers_mqtt(listen) {
         if std::time::Instant::now() >= deadline {
             return Err(BrokerError::Config(format!("the embedded broker is not accepting connections on {listen}")));
         }
@@ -57,4 +57,22 @@ next_connection_delay_ms = 1
     }
     tracing::info!(listen = %listen, "Embedded MQTT broker started");
     Ok(())
+}
+
+/// A complete MQTT 3.1.1 CONNECT / CONNACK / DISCONNECT exchange (a bare TCP probe would make
+/// the broker log a broken connection).
+fn answers_mqtt(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    const CONNECT: &[u8] = &[
+        0x10, 17, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x0a, 0x00, 0x05, b'p', b'r', b'o', b'b', b'e',
+    ];
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+    let mut connack = [0u8; 4];
+    let ok =
+        s.write_all(CONNECT).is_ok() && s.read_exact(&mut connack).is_ok() && connack[0] == 0x20 && connack[3] == 0;
+    let _ = s.write_all(&[0xe0, 0x00]);
+    ok
 }
