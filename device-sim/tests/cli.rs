@@ -14,6 +14,13 @@ fn refuses_without_a_place_to_attach() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("give --pty LINK or --port PATH"), "{out:?}");
 }
 
+#[test]
+fn a_bad_broker_address_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_device-sim")).args(["rfid", "--broker", "tcp://x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not mqtt://host:port"), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_scanner_writes_its_codes_to_the_pty() {
     let dir = tempfile::tempdir().unwrap();

@@ -110,6 +110,33 @@ enum Device {
         #[arg(long, default_value_t = 0)]
         silent: usize,
     },
+    /// An RFID reader on an MQTT broker: publishes bursts of SGTIN-96 tag reads (with
+    /// duplicates) and, on demand, a buffer overflow report.
+    Rfid {
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "store-001")]
+        store: String,
+        #[arg(long, default_value = "rfid-1")]
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        antenna: u8,
+        /// Distinct tags per burst (GTIN 80614141123458, serials from --first-serial).
+        #[arg(long, default_value_t = 100)]
+        tags: u64,
+        #[arg(long, default_value_t = 1)]
+        first_serial: u64,
+        /// Each tag read this many times per burst.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long, default_value_t = 1)]
+        bursts: u32,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Report this many reads dropped in the reader's buffer after the bursts.
+        #[arg(long)]
+        overflow: Option<u32>,
+    },
     /// A lane display: shows what the hub sends; optionally pays after --tender-after-ms.
     Lane {
         #[command(flatten)]
@@ -121,6 +148,14 @@ enum Device {
         #[arg(long, default_value_t = 5000)]
         tender_after_ms: u64,
     },
+}
+
+fn broker_address(broker: &str) -> anyhow::Result<(String, u16)> {
+    broker
+        .strip_prefix("mqtt://")
+        .and_then(|r| r.rsplit_once(':'))
+        .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
+        .with_context(|| format!("--broker {broker:?} is not mqtt://host:port"))
 }
 
 fn attach(a: &Attach) -> anyhow::Result<Port> {
@@ -217,12 +252,31 @@ async fn main() -> anyhow::Result<()> {
                 hold_framed(&mut sim).await?;
             }
         }
+        Device::Rfid { broker, store, name, antenna, tags, first_serial, repeat, bursts, interval_ms, overflow } => {
+            let (host, port) = broker_address(&broker)?;
+            let mut reader = device_sim::rfid::RfidReader::connect(&host, port, &store, &name);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let base = u128::from_str_radix("3074257BF7194E4000000000", 16).expect("constant");
+            let epcs: Vec<Vec<u8>> = (first_serial..first_serial + tags)
+                .map(|s| (base | u128::from(s & 0x3f_ffff_ffff)).to_be_bytes()[4..].to_vec())
+                .collect();
+            for b in 0..bursts {
+                reader.read(&epcs, antenna, repeat).await.map_err(anyhow::Error::msg)?;
+                println!(
+                    "burst {}: {} reads of {tags} tags on antenna {antenna}",
+                    b + 1,
+                    tags as usize * repeat.max(1)
+                );
+                tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+            }
+            if let Some(n) = overflow {
+                reader.overflow(n).await.map_err(anyhow::Error::msg)?;
+                println!("reported {n} reads dropped");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         Device::Esl { broker, store, count, prefix, silent } => {
-            let (host, port) = broker
-                .strip_prefix("mqtt://")
-                .and_then(|r| r.rsplit_once(':'))
-                .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
-                .with_context(|| format!("--broker {broker:?} is not mqtt://host:port"))?;
+            let (host, port) = broker_address(&broker)?;
             let labels: Vec<String> = (0..count).map(|i| format!("{prefix}-{i:05}")).collect();
             let dead = labels.iter().rev().take(silent).cloned().collect();
             let fleet = device_sim::esl::EslFleet::start(&host, port, &store, &labels, dead);
