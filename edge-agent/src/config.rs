@@ -137,16 +137,7 @@ pub struct ImpinjSource {
 
 impl RfidSection {
     pub fn exit_zones(&self) -> Result<Vec<crate::rfid::presence::Zone>, (usize, String)> {
-        self.exit_zones
-            .iter()
-            .enumerate()
-            .map(|(i, z)| {
-                let (reader, antenna) = z.rsplit_once(':').ok_or((i, format!("{z:?} is not reader:antenna")))?;
-                let antenna: u8 = antenna.parse().map_err(|_| (i, format!("{z:?}: antenna must be 0-255")))?;
-                DeviceId::new(reader).map_err(|e| (i, e.to_string()))?;
-                Ok(crate::rfid::presence::Zone { reader: reader.to_owned(), antenna })
-            })
-            .collect()
+        parse_zones(&self.exit_zones)
     }
 }
 
@@ -172,6 +163,24 @@ pub struct LaneSection {
     /// The same code read twice by one scanner within this window counts once.
     #[serde(default = "default_double_read_ms")]
     pub double_read_window_ms: u64,
+    /// RFID zones at this lane (`reader:antenna`): tags read there when a sale is committed are
+    /// recorded as sold with it, so the exit gate lets them pass.
+    #[serde(default)]
+    pub rfid_zones: Vec<String>,
+}
+
+/// Parses `reader:antenna` zone names.
+pub fn parse_zones(zones: &[String]) -> Result<Vec<crate::rfid::presence::Zone>, (usize, String)> {
+    zones
+        .iter()
+        .enumerate()
+        .map(|(i, z)| {
+            let (reader, antenna) = z.rsplit_once(':').ok_or((i, format!("{z:?} is not reader:antenna")))?;
+            let antenna: u8 = antenna.parse().map_err(|_| (i, format!("{z:?}: antenna must be 0-255")))?;
+            DeviceId::new(reader).map_err(|e| (i, e.to_string()))?;
+            Ok(crate::rfid::presence::Zone { reader: reader.to_owned(), antenna })
+        })
+        .collect()
 }
 
 fn default_double_read_ms() -> u64 {
@@ -377,6 +386,7 @@ impl Config {
             if !ids.insert(lane.id.as_str()) {
                 return Err((format!("lanes[{i}].id"), format!("{} is used twice", lane.id)));
             }
+            parse_zones(&lane.rfid_zones).map_err(|(j, e)| (format!("lanes[{i}].rfid_zones[{j}]"), e))?;
             if lane.double_read_window_ms > 10_000 {
                 return Err((
                     format!("lanes[{i}].double_read_window_ms"),

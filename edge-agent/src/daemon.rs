@@ -45,9 +45,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let tasks = TaskTracker::new();
     let deadline = config.labels.as_ref().map_or(0, |l| l.increase_deadline_ms);
     let till = std::sync::Arc::new(std::sync::Mutex::new(crate::labels::sequencing::TillPrices::new(deadline)));
-    let started = crate::devices::wiring::start(&config, &handle, &till, &tasks, &stop)
+    let presence = crate::mqtt::presence(&config);
+    let started = crate::devices::wiring::start(&config, &handle, &till, &presence, &tasks, &stop)
         .map_err(DaemonError::from)
-        .and_then(|()| crate::mqtt::start(&config, &handle, &till, &tasks, &stop).map_err(DaemonError::Mqtt));
+        .and_then(|()| {
+            crate::mqtt::start(&config, &handle, &till, &presence, &tasks, &stop).map_err(DaemonError::Mqtt)
+        });
     if let Err(e) = started {
         stop.cancel();
         tasks.close();

@@ -98,7 +98,10 @@ fn main() {
         Ledger::open(&config.ledger.data_dir, &opts).unwrap().start_writer(opts.queue_capacity).unwrap();
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
     let till = std::sync::Arc::new(std::sync::Mutex::new(edge_agent::labels::sequencing::TillPrices::new(0)));
-    hub.block_on(async { edge_agent::devices::wiring::start(&config, &handle, &till, &tasks, &stop).unwrap() });
+    hub.block_on(async {
+        edge_agent::devices::wiring::start(&config, &handle, &till, &edge_agent::mqtt::presence(&config), &tasks, &stop)
+            .unwrap()
+    });
     let (latencies, wire) = sim.block_on(async {
         scanner.hello(Duration::from_secs(30)).await.unwrap();
         display.hello(Duration::from_secs(30)).await.unwrap();

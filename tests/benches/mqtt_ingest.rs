@@ -100,7 +100,7 @@ async fn hub_router(port: u16, messages: &[Vec<u8>]) -> Duration {
         store,
         65_536,
         Registry::new(None, 60_000),
-        Presence::new(PresenceConfig::default(), []),
+        std::sync::Arc::new(std::sync::Mutex::new(Presence::new(PresenceConfig::default(), []))),
         HashMap::new(),
     );
     let total_reads = (messages.len() * READS_PER_MESSAGE) as u64;

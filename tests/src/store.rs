@@ -55,6 +55,11 @@ impl StoreFixture {
 
     /// Like [`StoreFixture::new`], with more configuration appended (e.g. `[mqtt]`, `[rfid]`).
     pub fn with_config(lanes: &[&str], extra: &str) -> StoreFixture {
+        StoreFixture::with_lane_config(lanes, "", extra)
+    }
+
+    /// Like [`StoreFixture::with_config`], with `lane_extra` added to every `[[lanes]]` table.
+    pub fn with_lane_config(lanes: &[&str], lane_extra: &str, extra: &str) -> StoreFixture {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let by_id = dir.path().join("by-id");
@@ -64,7 +69,7 @@ impl StoreFixture {
             data.display()
         );
         for lane in lanes {
-            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\ndouble_read_window_ms = 500\n"));
+            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\ndouble_read_window_ms = 500\n{lane_extra}"));
             for (kind, mode) in [("scanner", "plain"), ("scale", "framed"), ("lane", "framed")] {
                 let name = if kind == "lane" { "display" } else { kind };
                 config.push_str(&format!(

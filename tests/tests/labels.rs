@@ -75,7 +75,7 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
         let (ledger, writer) = Ledger::open(&config.ledger.data_dir, &opts).unwrap().start_writer(1024).unwrap();
         let till = Arc::new(Mutex::new(TillPrices::new(config.labels.as_ref().unwrap().increase_deadline_ms)));
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-        edge_agent::mqtt::start(&config, &ledger, &till, &tasks, &stop).unwrap();
+        edge_agent::mqtt::start(&config, &ledger, &till, &edge_agent::mqtt::presence(&config), &tasks, &stop).unwrap();
         let catalog = LedgerCatalog::new(LedgerReader::open(&config.ledger.data_dir).unwrap()).with_till(till.clone());
 
         let mut labels = milk.clone();

@@ -16,11 +16,13 @@ use crate::config::{Config, SerialKind, SerialMode};
 use crate::labels::sequencing::TillPrices;
 use crate::lane::runtime::{LaneTask, DISPLAY_QUEUE, LANE_QUEUE};
 use crate::ledger::{LedgerError, LedgerHandle, LedgerReader};
+use crate::rfid::presence::Presence;
 
 pub fn start(
     config: &Config,
     ledger: &LedgerHandle,
     till: &Arc<Mutex<TillPrices>>,
+    presence: &Arc<Mutex<Presence>>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<(), LedgerError> {
@@ -36,7 +38,8 @@ pub fn start(
             ledger.clone(),
             display_tx,
         )
-        .with_till(till.clone());
+        .with_till(till.clone())
+        .with_rfid(presence.clone(), crate::config::parse_zones(&lane_cfg.rfid_zones).unwrap_or_default());
         tasks.spawn(lane.run(lane_rx, stop.child_token()));
         let mut display_rx = Some(display_rx);
         for dev in config.serial.iter().filter(|d| d.lane == lane_cfg.id) {

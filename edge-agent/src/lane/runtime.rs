@@ -14,6 +14,7 @@ use super::catalog::LedgerCatalog;
 use super::{Basket, Display, Lane, LaneInput, LaneOutput};
 use crate::labels::sequencing::TillPrices;
 use crate::ledger::{Command, EventBody, IdempotencyKey, LedgerHandle, LedgerReader};
+use crate::rfid::presence::{Presence, Zone};
 use shared::{Currency, DeviceId, StoreId};
 
 /// Inputs waiting for a lane; device tasks wait when it is full.
@@ -49,6 +50,8 @@ pub struct LaneTask {
     pub display: mpsc::Sender<Display>,
     /// Display updates were dropped because the display's queue was full: redraw when it drains.
     display_behind: bool,
+    /// RFID presence and this lane's zones: tags there at a sale are recorded as sold.
+    rfid: Option<(Arc<Mutex<Presence>>, Vec<Zone>)>,
 }
 
 impl LaneTask {
@@ -80,13 +83,41 @@ impl LaneTask {
             tracing::info!(lane_id = %id, basket = b.number, lines = b.lines.len(), "Lane basket resumed");
         }
         let lane = Lane::new(id.clone(), store.clone(), currency, restored, rand::random());
-        LaneTask { lane, id, store, catalog: LedgerCatalog::new(reader), ledger, display, display_behind: false }
+        LaneTask {
+            lane,
+            id,
+            store,
+            catalog: LedgerCatalog::new(reader),
+            ledger,
+            display,
+            display_behind: false,
+            rfid: None,
+        }
     }
 
     /// Charges what the till may charge while label changes are pending (see `labels::sequencing`).
     pub fn with_till(mut self, till: Arc<Mutex<TillPrices>>) -> LaneTask {
         self.catalog = self.catalog.with_till(till);
         self
+    }
+
+    /// Records the tags present in `zones` as sold with each sale of this lane.
+    pub fn with_rfid(mut self, presence: Arc<Mutex<Presence>>, zones: Vec<Zone>) -> LaneTask {
+        if !zones.is_empty() {
+            self.rfid = Some((presence, zones));
+        }
+        self
+    }
+
+    /// The tags in the lane's RFID zones now, bounded by the ledger's line limit.
+    fn tags_at_lane(&self) -> Vec<Vec<u8>> {
+        let Some((presence, zones)) = &self.rfid else { return Vec::new() };
+        let mut epcs: Vec<Vec<u8>> = match presence.lock() {
+            Ok(p) => zones.iter().flat_map(|z| p.tags_in(z)).collect(),
+            Err(_) => return Vec::new(),
+        };
+        epcs.truncate(crate::ledger::command::MAX_LINES);
+        epcs
     }
 
     /// Runs until `stop` or until every input sender is gone.
@@ -148,6 +179,7 @@ impl LaneTask {
                             // A replay must be this basket's own sale: the key may name an older
                             // sale whose basket was edited after a failed commit.
                             EventBody::Sale { total, lines: sold, .. } if !applied.replayed || *sold == lines => {
+                                record_sold_tags(&self.ledger, &self.id, &key_text, self.tags_at_lane()).await;
                                 let receipt_id = format!("{}-{:08}", self.store, applied.seq);
                                 tracing::info!(lane_id = %self.id, receipt_id = %receipt_id, total = %total, replayed = applied.replayed, "Sale committed");
                                 LaneInput::Committed { key: key_text, receipt_id, total: *total }
@@ -166,5 +198,22 @@ impl LaneTask {
                 }
             }
         }
+    }
+}
+
+/// Records `epcs` as sold with the sale `key` (idempotent: a retried sale records under the same
+/// key), so the exit gate lets them pass.
+async fn record_sold_tags(ledger: &LedgerHandle, lane: &DeviceId, key: &str, epcs: Vec<Vec<u8>>) {
+    if epcs.is_empty() {
+        return;
+    }
+    let count = epcs.len();
+    let result = match IdempotencyKey::new(format!("{key}:epcs")) {
+        Ok(k) => ledger.submit(k, Command::EpcsSold { epcs }).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(_) => tracing::info!(lane_id = %lane, tags = count, "Tagged items recorded as sold"),
+        Err(e) => tracing::error!(lane_id = %lane, error = %e, error_code = "LANE_EPCS", "Sold tags not recorded"),
     }
 }

@@ -82,6 +82,8 @@ pub enum Command {
     PriceChange { key: PriceKey, value: Option<PriceValue> },
     /// Sets one catalog field.
     CatalogChange { sku: Sku, field: CatalogField },
+    /// These RFID-tagged items left with a sale (read at its lane): the exit gate lets them pass.
+    EpcsSold { epcs: Vec<Vec<u8>> },
 }
 
 /// The resolved, replayable record of a command, as hashed and stored.
@@ -94,6 +96,7 @@ pub enum EventBody {
     Adjustment { sku: Sku, movement: i64, reason: String },
     PriceChange { key: PriceKey, value: Option<PriceValue> },
     CatalogChange { sku: Sku, field: CatalogField },
+    EpcsSold { epcs: Vec<Vec<u8>> },
 }
 
 /// Version byte in front of every stored body, so a later format can be told apart.
@@ -109,6 +112,7 @@ impl EventBody {
             EventBody::Adjustment { .. } => "adjustment",
             EventBody::PriceChange { .. } => "price_change",
             EventBody::CatalogChange { .. } => "catalog_change",
+            EventBody::EpcsSold { .. } => "epcs_sold",
         }
     }
 
@@ -122,7 +126,7 @@ impl EventBody {
             EventBody::Count { sku, movement, .. } | EventBody::Adjustment { sku, movement, .. } => {
                 vec![(sku, *movement)]
             }
-            EventBody::PriceChange { .. } | EventBody::CatalogChange { .. } => Vec::new(),
+            EventBody::PriceChange { .. } | EventBody::CatalogChange { .. } | EventBody::EpcsSold { .. } => Vec::new(),
         }
     }
 
@@ -235,6 +239,15 @@ impl Command {
                     check_money(ctx, &key.sku, &v.amount)?;
                 }
                 EventBody::PriceChange { key: key.clone(), value: value.clone() }
+            }
+            Command::EpcsSold { epcs } => {
+                if epcs.is_empty() || epcs.len() > MAX_LINES {
+                    return Err(Rejection::new(format!("sold EPCs: 1 to {MAX_LINES} per event, got {}", epcs.len())));
+                }
+                if let Some(bad) = epcs.iter().find(|e| e.is_empty() || e.len() > 32) {
+                    return Err(Rejection::new(format!("sold EPC of {} bytes: an EPC has 1 to 32", bad.len())));
+                }
+                EventBody::EpcsSold { epcs: epcs.clone() }
             }
             Command::CatalogChange { sku, field } => {
                 if let CatalogField::Name(name) = field {

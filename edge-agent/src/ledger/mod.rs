@@ -249,6 +249,11 @@ impl LedgerReader {
     }
 
     /// Verifies one consistent snapshot, even while the writer appends.
+    /// Whether this EPC left with a sale.
+    pub fn is_sold(&self, epc: &[u8]) -> Result<bool, LedgerError> {
+        Ok(self.conn.query_row("SELECT 1 FROM sold_epcs WHERE epc = ?1", [epc], |_| Ok(())).optional()?.is_some())
+    }
+
     /// The saved basket in progress of a lane, if any.
     pub fn lane_basket(&self, lane: &str) -> Result<Option<Vec<u8>>, LedgerError> {
         Ok(self.conn.query_row("SELECT basket FROM lane_baskets WHERE lane = ?1", [lane], |r| r.get(0)).optional()?)

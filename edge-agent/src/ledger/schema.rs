@@ -97,6 +97,10 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE lane_baskets (lane TEXT PRIMARY KEY, basket BLOB NOT NULL) STRICT, WITHOUT ROWID;
     ",
+    // 3: RFID-tagged items sold, for the exit gate.
+    "
+    CREATE TABLE sold_epcs (epc BLOB PRIMARY KEY, seq INTEGER NOT NULL) STRICT, WITHOUT ROWID;
+    ",
 ];
 
 pub fn latest_version() -> i64 {

@@ -513,6 +513,13 @@ fn apply_registers(conn: &Connection, head: &mut Head, body: &EventBody, stamp: 
             &CatalogUpdate { sku: sku.clone(), field: field.clone(), stamp: stamp.clone() },
             version,
         )?,
+        EventBody::EpcsSold { epcs } => {
+            let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO sold_epcs (epc, seq) VALUES (?1, ?2)")?;
+            for epc in epcs {
+                insert.execute(params![epc, head.next_seq as i64 - 1])?;
+            }
+            false
+        }
         _ => false,
     };
     if changed {

@@ -21,12 +21,26 @@ use crate::labels::sequencing::TillPrices;
 use crate::ledger::{LedgerHandle, LedgerReader};
 use crate::rfid::presence::{Presence, PresenceConfig};
 
+/// The RFID presence the router feeds and the lanes read, as configured.
+pub fn presence(config: &Config) -> Arc<Mutex<Presence>> {
+    let defaults = PresenceConfig::default();
+    Arc::new(Mutex::new(Presence::new(
+        PresenceConfig {
+            dedup_window_ms: config.rfid.dedup_window_ms.unwrap_or(defaults.dedup_window_ms),
+            depart_after_ms: config.rfid.depart_after_ms.unwrap_or(defaults.depart_after_ms),
+            max_tags: defaults.max_tags,
+        },
+        config.rfid.exit_zones().unwrap_or_default(),
+    )))
+}
+
 /// Starts the MQTT side when the config has an `[mqtt]` section: the embedded broker if no
 /// broker is named, the link task, and the router. Returns whether MQTT runs.
 pub fn start(
     config: &Config,
     ledger: &LedgerHandle,
     till: &Arc<Mutex<TillPrices>>,
+    presence: &Arc<Mutex<Presence>>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<bool, broker::BrokerError> {
@@ -53,17 +67,10 @@ pub fn start(
     );
     let allow: HashSet<_> = m.allow_list.iter().cloned().collect();
     let registry = Registry::new((!allow.is_empty()).then_some(allow), m.heartbeat_timeout_ms);
-    let defaults = PresenceConfig::default();
-    let presence = Presence::new(
-        PresenceConfig {
-            dedup_window_ms: config.rfid.dedup_window_ms.unwrap_or(defaults.dedup_window_ms),
-            depart_after_ms: config.rfid.depart_after_ms.unwrap_or(defaults.depart_after_ms),
-            max_tags: defaults.max_tags,
-        },
-        config.rfid.exit_zones().unwrap_or_default(),
-    );
     let impinj: HashMap<_, _> = config.rfid.impinj.iter().map(|s| (s.topic.clone(), s.reader.clone())).collect();
-    let mut router = router::Router::new(store.clone(), m.max_payload, registry, presence, impinj);
+    let mut router = router::Router::new(store.clone(), m.max_payload, registry, presence.clone(), impinj);
+    router.sold =
+        Some(LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?);
     if let Some(l) = &config.labels {
         let text = std::fs::read_to_string(&l.bindings)
             .map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;

@@ -5,6 +5,7 @@
 //! published on `se/v1/{store}/hub/alarm`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use firmware_proto as fp;
@@ -18,6 +19,7 @@ use super::topics::{self, DeviceKind, Leaf};
 use crate::devices::registry::{Registry, Seen};
 use crate::labels::planner::AckStage;
 use crate::labels::runtime::LabelInput;
+use crate::ledger::LedgerReader;
 use crate::rfid::impinj;
 use crate::rfid::presence::{Presence, PresenceEvent, TagRead, Zone};
 
@@ -42,7 +44,10 @@ pub struct Router {
     pub store: StoreId,
     pub max_payload: usize,
     pub registry: Registry,
-    pub presence: Presence,
+    /// Shared with the lanes, which record the tags in their zones as sold with a sale.
+    pub presence: Arc<Mutex<Presence>>,
+    /// Where sold EPCs are looked up for the exit gate (none: every tag there alarms).
+    pub sold: Option<LedgerReader>,
     /// Impinj topic -> reader id.
     pub impinj: HashMap<String, DeviceId>,
     /// Where label check-ins and acks go, when labels are configured.
@@ -62,7 +67,7 @@ impl Router {
         store: StoreId,
         max_payload: usize,
         registry: Registry,
-        presence: Presence,
+        presence: Arc<Mutex<Presence>>,
         impinj: HashMap<String, DeviceId>,
     ) -> Router {
         Router {
@@ -71,6 +76,7 @@ impl Router {
             registry,
             presence,
             impinj,
+            sold: None,
             labels: None,
             stats: RouterStats::default(),
             started: Instant::now(),
@@ -193,9 +199,12 @@ impl Router {
 
     fn tag_read(&mut self, epc: Vec<u8>, zone: Zone, now: u64, out: &mut Vec<Outbound>) {
         self.stats.tag_reads += 1;
-        // FIXME(issue 4): the lanes do not record sold EPCs yet, so every tagged item at an exit
-        // zone alarms; the `sold` lookup arrives with EPC capture at the lane.
-        for event in self.presence.on_read(TagRead { epc, zone, at_ms: now }, |_| false) {
+        let sold = |e: &[u8]| self.sold.as_ref().is_some_and(|r| r.is_sold(e).unwrap_or(false));
+        let events = match self.presence.lock() {
+            Ok(mut p) => p.on_read(TagRead { epc, zone, at_ms: now }, sold),
+            Err(_) => Vec::new(),
+        };
+        for event in events {
             self.presence_event(event, out);
         }
     }
@@ -231,7 +240,11 @@ impl Router {
         for id in self.registry.poll(now) {
             tracing::warn!(device_id = %id, error_code = "DEVICE_OFFLINE", "Device offline (heartbeats stopped)");
         }
-        for event in self.presence.poll(now) {
+        let departed = match self.presence.lock() {
+            Ok(mut p) => p.poll(now),
+            Err(_) => Vec::new(),
+        };
+        for event in departed {
             tracing::debug!(event = ?event, "RFID presence");
         }
     }

@@ -150,6 +150,14 @@ impl Presence {
         out
     }
 
+    /// The tags present in `zone` now.
+    pub fn tags_in(&self, zone: &Zone) -> Vec<Vec<u8>> {
+        let mut tags: Vec<Vec<u8>> =
+            self.tags.iter().filter(|(_, s)| &s.zone == zone).map(|(e, _)| e.clone()).collect();
+        tags.sort();
+        tags
+    }
+
     /// What a cycle count of `zone` finds now.
     pub fn count(&self, zone: &Zone) -> ZoneCount {
         let mut c = ZoneCount::default();
