@@ -8,6 +8,13 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
+/// The SGTIN-96 EPC of GTIN 80614141123458 (the EPC Tag Data Standard's example) with this
+/// serial number.
+pub fn sgtin(serial: u64) -> Vec<u8> {
+    let v = u128::from_str_radix("3074257BF7194E4000000000", 16).expect("constant") | u128::from(serial);
+    v.to_be_bytes()[4..].to_vec()
+}
+
 /// A free loopback port (rumqttd cannot report one it chose itself).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

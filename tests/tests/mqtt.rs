@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use e2e_tests::mqtt::{brokers, Broker, TestClient};
+use e2e_tests::mqtt::{brokers, sgtin, Broker, TestClient};
 use e2e_tests::store::StoreFixture;
 use firmware_proto as fp;
 use rumqttc::QoS;
@@ -88,11 +88,6 @@ async fn impinj_reads_through_the_broker_and_bad_payloads_refused() {
         // A clean stop leaves `offline` retained.
         watcher.wait_for("se/v1/s1/hub/state", WAIT, |p| p == b"offline").await;
     }
-}
-
-fn sgtin(serial: u64) -> Vec<u8> {
-    let v = u128::from_str_radix("3074257BF7194E4000000000", 16).unwrap() | u128::from(serial);
-    v.to_be_bytes()[4..].to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

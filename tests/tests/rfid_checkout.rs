@@ -6,16 +6,11 @@ use std::time::Duration;
 
 use device_sim::rfid::RfidReader;
 use device_sim::{FramedSim, PlainScannerSim, Port, Suffix};
-use e2e_tests::mqtt::{brokers, Broker, TestClient};
+use e2e_tests::mqtt::{brokers, sgtin, Broker, TestClient};
 use e2e_tests::store::StoreFixture;
 use firmware_proto as fp;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn sgtin(serial: u64) -> Vec<u8> {
-    let v = u128::from_str_radix("3074257BF7194E4000000000", 16).unwrap() | u128::from(serial);
-    v.to_be_bytes()[4..].to_vec()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_sold_at_the_lane_passes_the_exit_and_an_unpaid_one_alarms() {
