@@ -49,7 +49,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let started = crate::devices::wiring::start(&config, &handle, &till, &presence, &tasks, &stop)
         .map_err(DaemonError::from)
         .and_then(|()| {
-            crate::mqtt::start(&config, &handle, &till, &presence, &tasks, &stop).map_err(DaemonError::Mqtt)
+            // Read by `storectl labels mismatch` once the control socket exists (issue 6).
+            let mismatches = crate::labels::runtime::Mismatches::default();
+            crate::mqtt::start(&config, &handle, &till, &presence, &mismatches, &tasks, &stop)
+                .map_err(DaemonError::Mqtt)
         });
     if let Err(e) = started {
         stop.cancel();

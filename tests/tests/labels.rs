@@ -75,7 +75,17 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
         let (ledger, writer) = Ledger::open(&config.ledger.data_dir, &opts).unwrap().start_writer(1024).unwrap();
         let till = Arc::new(Mutex::new(TillPrices::new(config.labels.as_ref().unwrap().increase_deadline_ms)));
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-        edge_agent::mqtt::start(&config, &ledger, &till, &edge_agent::mqtt::presence(&config), &tasks, &stop).unwrap();
+        let mismatches = edge_agent::labels::runtime::Mismatches::default();
+        edge_agent::mqtt::start(
+            &config,
+            &ledger,
+            &till,
+            &edge_agent::mqtt::presence(&config),
+            &mismatches,
+            &tasks,
+            &stop,
+        )
+        .unwrap();
         let catalog = LedgerCatalog::new(LedgerReader::open(&config.ledger.data_dir).unwrap()).with_till(till.clone());
 
         let mut labels = milk.clone();
@@ -122,6 +132,11 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
         until("bread-1 shows 3.00", || fleet.snapshot()["bread-1"].last_price_minor == Some(300)).await;
         assert_eq!(till_price(&catalog, "96385074"), 250, "{kind:?}: one label still shows the old price");
         until("the deadline passes and the till charges 3.00", || till_price(&catalog, "96385074") == 300).await;
+        // The label that never answers is on the mismatch list for staff, and only it.
+        until("the mismatch list names the silent label", || {
+            mismatches.lock().unwrap().iter().map(|(l, _)| l.to_string()).collect::<Vec<_>>() == ["bread-silent"]
+        })
+        .await;
 
         stop.cancel();
         tasks.close();

@@ -375,6 +375,19 @@ impl Planner {
         out
     }
 
+    /// Labels not (known to be) showing what they should, with their SKU, sorted: the list for
+    /// staff ("which shelves show something other than the till").
+    pub fn mismatched(&self) -> Vec<(DeviceId, Sku)> {
+        let mut out: Vec<_> = self
+            .labels
+            .iter()
+            .filter(|(_, s)| s.target.as_ref().is_some_and(|(_, h)| s.displayed != Some(*h)))
+            .map(|(l, s)| (l.clone(), s.sku.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn displayed(&self, label: &DeviceId) -> Option<u64> {
         self.labels.get(label).and_then(|s| s.displayed)
     }
@@ -543,6 +556,10 @@ mod tests {
         }
         let mm = p.mismatches(|_| Some(want));
         assert_eq!(mm.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(), vec!["esl-3", "esl-4"]);
+        for i in 0..5 {
+            p.set_content(&id(&format!("esl-{i}")), content(99), 0);
+        }
+        assert_eq!(p.mismatched().iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(), vec!["esl-3", "esl-4"]);
         assert!(!p.all_show(&sku, |_| Some(want)));
         for i in 3..5 {
             p.on_check_in(&id(&format!("esl-{i}")), want, 1);

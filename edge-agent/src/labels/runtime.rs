@@ -55,12 +55,16 @@ pub fn render(reader: &LedgerReader, store: &StoreId, sku: &Sku, at_ms: u64) -> 
     Some((LabelContent { sku: sku.clone(), name, price, promo, unit_price }, effective.version()))
 }
 
+/// The labels not showing what they should, refreshed every second by the label task.
+pub type Mismatches = Arc<Mutex<Vec<(DeviceId, Sku)>>>;
+
 pub struct LabelTask {
     pub store: StoreId,
     pub planner: Planner,
     pub reader: LedgerReader,
     pub till: Arc<Mutex<TillPrices>>,
     pub client: AsyncClient,
+    pub mismatches: Mismatches,
     /// The price each SKU's labels were last rendered with.
     rendered: HashMap<Sku, (Money, PriceVersion)>,
     hub_boot: u32,
@@ -75,6 +79,7 @@ impl LabelTask {
         reader: LedgerReader,
         till: Arc<Mutex<TillPrices>>,
         client: AsyncClient,
+        mismatches: Mismatches,
     ) -> LabelTask {
         let mut planner = Planner::new(config);
         for (label, sku) in bindings {
@@ -86,6 +91,7 @@ impl LabelTask {
             reader,
             till,
             client,
+            mismatches,
             rendered: HashMap::new(),
             hub_boot: rand::random(),
             started: Instant::now(),
@@ -201,10 +207,18 @@ impl LabelTask {
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut status = tokio::time::interval(Duration::from_secs(1));
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => self.send_due().await,
+                _ = status.tick() => {
+                    let list = self.planner.mismatched();
+                    if let Ok(mut m) = self.mismatches.lock() {
+                        *m = list;
+                    }
+                }
                 input = inputs.recv() => match input {
                     Some(i) => self.on_input(i),
                     None => return,

@@ -41,6 +41,7 @@ pub fn start(
     ledger: &LedgerHandle,
     till: &Arc<Mutex<TillPrices>>,
     presence: &Arc<Mutex<Presence>>,
+    mismatches: &crate::labels::runtime::Mismatches,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<bool, broker::BrokerError> {
@@ -82,7 +83,8 @@ pub fn start(
         router.labels = Some(tx);
         tracing::info!(labels = bindings.len(), "Shelf labels bound");
         let planner = PlannerConfig { batch_max: l.batch_max, ..PlannerConfig::default() };
-        let task = LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone());
+        let task =
+            LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone(), mismatches.clone());
         tasks.spawn(task.run(rx, ledger.subscribe(), stop.child_token()));
     }
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
