@@ -136,7 +136,7 @@ impl Session {
         }
         if let fp::Body::Hello(hello) = &env.body {
             let refusal = match fp::check_hello(hello) {
-                Err(e) => Some((format!("{e}"), refuse_reason(hello))),
+                Err(e) => Some((format!("{e}"), fp::RefuseReason::from(e))),
                 Ok(()) if hello.kind != expected_kind(self.settings.kind) => Some((
                     format!("device says it is a {}, configured as {:?}", hello.kind.as_str(), self.settings.kind)
                         .to_lowercase(),
@@ -312,14 +312,6 @@ impl Session {
             }
         }
         out
-    }
-}
-
-fn refuse_reason(hello: &fp::Hello) -> fp::RefuseReason {
-    if hello.protocol_version != fp::PROTOCOL_VERSION {
-        fp::RefuseReason::ProtocolVersion { ours: fp::PROTOCOL_VERSION, theirs: hello.protocol_version }
-    } else {
-        fp::RefuseReason::Schema { ours: fp::SCHEMA_HASH, theirs: hello.schema_hash }
     }
 }
 
