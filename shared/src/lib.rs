@@ -13,6 +13,7 @@ pub mod lww;
 pub mod money;
 pub mod price;
 pub mod stock;
+pub mod sync;
 pub mod wire;
 
 pub use catalog::{CatalogField, CatalogItem, CatalogUpdate, TaxClass, Unit};

@@ -1,0 +1,1 @@
+//! PostgreSQL backend (several service processes on one database).
