@@ -36,6 +36,89 @@ pub struct Config {
     /// Devices on serial ports (scanners, scales, lane displays).
     #[serde(default)]
     pub serial: Vec<SerialSection>,
+    /// The cloud this store syncs with. Absent: the store runs alone (it sells, counts and
+    /// relabels all the same; its changes wait in the outbox).
+    pub cloud: Option<CloudSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSection {
+    /// Base URL of cloud-sync, `https://...` (or `http://` on a trusted network).
+    pub url: String,
+    /// File holding this store's bearer token, as `cloud-sync store add` printed it. Keep it
+    /// readable by the service user only.
+    pub token_file: PathBuf,
+    /// Sync this often when everything is fine.
+    #[serde(default = "default_sync_interval")]
+    pub interval_ms: u64,
+    /// Give up on one exchange after this long (a slow cloud counts as down).
+    #[serde(default = "default_sync_timeout")]
+    pub timeout_ms: u64,
+    /// First retry delay after a failure; doubles (with jitter) up to `backoff_max_ms`.
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// Most rows per push and per pulled page.
+    #[serde(default = "default_page_rows")]
+    pub page_rows: u32,
+}
+
+fn default_sync_interval() -> u64 {
+    30_000
+}
+fn default_sync_timeout() -> u64 {
+    30_000
+}
+fn default_backoff_min() -> u64 {
+    1_000
+}
+fn default_backoff_max() -> u64 {
+    300_000
+}
+fn default_page_rows() -> u32 {
+    shared::sync::MAX_PAGE_ROWS
+}
+
+impl CloudSection {
+    /// The token, trimmed; an error names the file.
+    pub fn read_token(&self) -> Result<String, String> {
+        let text = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| format!("cannot read the cloud token file {}: {e}", self.token_file.display()))?;
+        let token = text.trim().to_owned();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            return Err(format!("cloud token file {} must hold one token on one line", self.token_file.display()));
+        }
+        Ok(token)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let url = self.url.trim_end_matches('/');
+        let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+            return Err(("cloud.url".into(), format!("must be an http:// or https:// URL, got {:?}", self.url)));
+        }
+        if !(100..=600_000).contains(&self.timeout_ms) {
+            return Err(("cloud.timeout_ms".into(), format!("must be between 100 and 600000, got {}", self.timeout_ms)));
+        }
+        if !(100..=86_400_000).contains(&self.interval_ms) {
+            return Err(("cloud.interval_ms".into(), format!("must be between 100 and 86400000, got {}", self.interval_ms)));
+        }
+        if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
+            return Err((
+                "cloud.backoff_min_ms".into(),
+                format!("must be above 0 and at most backoff_max_ms ({}), got {}", self.backoff_max_ms, self.backoff_min_ms),
+            ));
+        }
+        if !(1..=shared::sync::MAX_PAGE_ROWS).contains(&self.page_rows) {
+            return Err((
+                "cloud.page_rows".into(),
+                format!("must be between 1 and {}, got {}", shared::sync::MAX_PAGE_ROWS, self.page_rows),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -343,6 +426,9 @@ impl Config {
     }
 
     fn validate_devices(&self) -> Result<(), (String, String)> {
+        if let Some(cloud) = &self.cloud {
+            cloud.validate()?;
+        }
         if let Some(m) = &self.mqtt {
             m.broker_address().map_err(|e| ("mqtt.broker".to_owned(), e))?;
             if !(1_024..=1_048_576).contains(&m.max_payload) {

@@ -18,6 +18,8 @@ pub enum DaemonError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Mqtt(crate::mqtt::broker::BrokerError),
+    #[error("cloud sync: {0}")]
+    Sync(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("the ledger writer did not drain within {0:?}; exiting anyway (SQLite's WAL keeps committed data)")]
@@ -53,27 +55,45 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             let mismatches = crate::labels::runtime::Mismatches::default();
             crate::mqtt::start(&config, &handle, &till, &presence, &mismatches, &tasks, &stop)
                 .map_err(DaemonError::Mqtt)
+        })
+        .and_then(|_mqtt_started| match &config.cloud {
+            Some(cloud) => crate::sync::start(cloud, &config.store.id, &config.ledger.data_dir, &handle, &tasks, &stop)
+                .map(Some)
+                .map_err(DaemonError::Sync),
+            None => Ok(None),
         });
-    if let Err(e) = started {
-        stop.cancel();
-        tasks.close();
-        tasks.wait().await;
-        drop(handle);
-        writer.join();
-        return Err(e);
-    }
+    let sync_control = match started {
+        Ok(control) => control,
+        Err(e) => {
+            stop.cancel();
+            tasks.close();
+            tasks.wait().await;
+            drop(handle);
+            writer.join();
+            return Err(e);
+        }
+    };
     tracing::info!(
         store_id = %config.store.id,
         data_dir = %config.ledger.data_dir.display(),
         lanes = config.lanes.len(),
         serial_devices = config.serial.len(),
         mqtt = config.mqtt.is_some(),
+        cloud = config.cloud.as_ref().map(|c| c.url.as_str()).unwrap_or("none"),
         "edge-agent ready"
     );
 
-    let stopping = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    // SIGUSR1: sync with the cloud now (until `storectl sync now` has the control socket).
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
+    let stopping = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = usr1.recv() => match &sync_control {
+                Some(control) => control.now.notify_one(),
+                None => tracing::info!("SIGUSR1 asks for a cloud sync, but no [cloud] section is configured"),
+            },
+        }
     };
     tracing::info!(
         signal = stopping,

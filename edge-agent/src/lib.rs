@@ -9,4 +9,5 @@ pub mod lane;
 pub mod ledger;
 pub mod mqtt;
 pub mod rfid;
+pub mod sync;
 pub mod telemetry;

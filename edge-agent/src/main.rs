@@ -105,6 +105,7 @@ fn error_code(e: &DaemonError) -> &'static str {
         DaemonError::Ledger(_) => "LEDGER_IO",
         DaemonError::Signals(_) => "SIGNALS",
         DaemonError::Mqtt(_) => "MQTT_BROKER",
+        DaemonError::Sync(_) => "SYNC_CONFIG",
         DaemonError::ShutdownTimeout(_) => "SHUTDOWN_TIMEOUT",
     }
 }

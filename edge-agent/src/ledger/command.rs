@@ -5,7 +5,8 @@
 //! the movement it made), and that body is what is hashed, stored and returned to replays.
 
 use serde::{Deserialize, Serialize};
-use shared::{CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, PriceVersion, Sku, StoreId};
+use shared::sync::{Cursor, Rows};
+use shared::{ActorId, SlotRow, CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, PriceVersion, Sku, StoreId};
 
 /// Longest accepted idempotency key, in bytes.
 pub const MAX_KEY_LEN: usize = 200;
@@ -97,6 +98,11 @@ pub enum EventBody {
     PriceChange { key: PriceKey, value: Option<PriceValue> },
     CatalogChange { sku: Sku, field: CatalogField },
     EpcsSold { epcs: Vec<Vec<u8>> },
+    /// A page of the cloud's rows merged into the projections (DESIGN 13.6: every merge leaves
+    /// a trace): which cursor it came from, which it moved to, and the rows themselves, so an
+    /// auditor can replay how the store reached its state.
+    /// `refused` names the rows of the page this store would not merge, with the reason.
+    SyncMerge { from: Cursor, to: Cursor, rows: Rows, refused: Vec<String> },
 }
 
 /// Version byte in front of every stored body, so a later format can be told apart.
@@ -113,6 +119,7 @@ impl EventBody {
             EventBody::PriceChange { .. } => "price_change",
             EventBody::CatalogChange { .. } => "catalog_change",
             EventBody::EpcsSold { .. } => "epcs_sold",
+            EventBody::SyncMerge { .. } => "sync_merge",
         }
     }
 
@@ -126,7 +133,22 @@ impl EventBody {
             EventBody::Count { sku, movement, .. } | EventBody::Adjustment { sku, movement, .. } => {
                 vec![(sku, *movement)]
             }
-            EventBody::PriceChange { .. } | EventBody::CatalogChange { .. } | EventBody::EpcsSold { .. } => Vec::new(),
+            EventBody::PriceChange { .. }
+            | EventBody::CatalogChange { .. }
+            | EventBody::EpcsSold { .. }
+            | EventBody::SyncMerge { .. } => Vec::new(),
+        }
+    }
+
+    /// The store's own slots as a cloud page brought them back (a store rebuilding its ledger
+    /// pulls from the start): merged per-slot max into the own slot, by the writer and by
+    /// `ledger verify` alike.
+    pub fn own_slot_merges<'a>(&'a self, store: &'a StoreId, actor: &'a ActorId) -> Vec<SlotRow> {
+        match self {
+            EventBody::SyncMerge { rows, .. } => {
+                rows.slot_rows().filter(|r| r.key.store == *store && r.key.actor == *actor).collect()
+            }
+            _ => Vec::new(),
         }
     }
 

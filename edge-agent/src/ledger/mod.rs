@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension};
+use shared::sync::{Cursor, Push};
 use shared::{ActorId, CatalogItem, Currency, Gtin, Hlc, PriceEntry, Sku, Slot, StoreId};
 
 pub use command::{Command, EventBody, IdempotencyKey, Rejection, SaleLine, StoreContext, Tender};
 pub use verify::{ChainBreak, VerifyReport};
-pub use writer::{Applied, Change, LedgerHandle, SubmitError, WriterStats, WriterThread};
+pub use writer::{Applied, Change, LedgerHandle, MergedPage, SubmitError, SyncAck, WriterStats, WriterThread};
 
 /// File name of the ledger inside the data folder.
 pub const LEDGER_FILE: &str = "ledger.db";
@@ -174,6 +175,29 @@ impl Ledger {
     }
 }
 
+/// This store's sync state as committed in `meta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SyncPosition {
+    /// Own changes up to here are held by the cloud.
+    pub pushed_version: u64,
+    /// Cloud rows up to here are merged.
+    pub cursor: Cursor,
+    /// The latest local change version.
+    pub head_version: u64,
+}
+
+fn sync_position(conn: &Connection) -> Result<SyncPosition, LedgerError> {
+    let meta = |key: &str| -> Result<u64, LedgerError> {
+        let v: Option<i64> = conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+        u64::try_from(v.unwrap_or(0)).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("meta {key} is negative") })
+    };
+    Ok(SyncPosition {
+        pushed_version: meta("pushed_version")?,
+        cursor: Cursor { chain: meta("cursor_chain")?, store: meta("cursor_store")? },
+        head_version: meta("change_version")?,
+    })
+}
+
 /// Stock of one SKU as the ledger sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StockView {
@@ -257,6 +281,38 @@ impl LedgerReader {
     /// The saved basket in progress of a lane, if any.
     pub fn lane_basket(&self, lane: &str) -> Result<Option<Vec<u8>>, LedgerError> {
         Ok(self.conn.query_row("SELECT basket FROM lane_baskets WHERE lane = ?1", [lane], |r| r.get(0)).optional()?)
+    }
+
+    /// Where this store stands with the cloud, as committed.
+    pub fn sync_position(&self) -> Result<SyncPosition, LedgerError> {
+        sync_position(&self.conn)
+    }
+
+    /// The next page of this store's own changes the cloud has not acknowledged, at most
+    /// `max_rows` rows (a page may end inside no version: each change has its own), or `None`
+    /// when everything is acknowledged. Read from one snapshot.
+    pub fn push_page(&self, max_rows: u32) -> Result<Option<Push>, LedgerError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        let position = sync_position(&snapshot)?;
+        let cutoff: Option<i64> = snapshot
+            .query_row("SELECT version FROM outbox ORDER BY version LIMIT 1 OFFSET ?1", [i64::from(max_rows.max(1)) - 1], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let to = match cutoff {
+            Some(v) => u64::try_from(v).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative change version {v}") })?,
+            None => position.head_version,
+        };
+        if to <= position.pushed_version {
+            return Ok(None);
+        }
+        let actor = ActorId::for_store(&self.store);
+        let rows = projection::own_rows(&snapshot, &self.store, &actor, position.pushed_version, to)?;
+        if rows.is_empty() && cutoff.is_none() {
+            // Versions moved only by merges of other actors' rows: nothing of ours to send.
+            return Ok(None);
+        }
+        Ok(Some(Push { from_version: position.pushed_version, to_version: to, rows }))
     }
 
     pub fn verify(&self) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {

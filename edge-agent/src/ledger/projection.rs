@@ -5,8 +5,10 @@
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use shared::{
     ActorId, CatalogField, CatalogItem, CatalogUpdate, Currency, HlcStamp, Money, PriceEntry, PriceKey, PriceScope,
-    PriceSlot, PriceValue, Sku, Slot, SlotKey, StoreId, ValidityWindow,
+    PriceSlot, PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId, ValidityWindow,
 };
+
+use shared::sync::Rows;
 
 use super::LedgerError;
 
@@ -58,6 +60,27 @@ pub fn write_slot(conn: &Connection, key: &SlotKey, slot: Slot, version: u64) ->
         to_i64(version)?
     ])?;
     Ok(())
+}
+
+/// Merges a peer's slot (per-field max); returns whether the stored slot changed (and so took
+/// `version`).
+pub fn merge_slot(conn: &Connection, row: &SlotRow, version: u64) -> Result<bool, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (store, sku, actor) DO UPDATE
+            SET inc = max(inc, excluded.inc), dec = max(dec, excluded.dec), version = excluded.version
+          WHERE excluded.inc > inc OR excluded.dec > dec",
+    )?;
+    let to_i64 = |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
+    let changed = stmt.execute(params![
+        row.key.store.as_str(),
+        row.key.sku.as_str(),
+        row.key.actor.as_str(),
+        to_i64(row.slot.inc)?,
+        to_i64(row.slot.dec)?,
+        to_i64(version)?
+    ])?;
+    Ok(changed > 0)
 }
 
 /// Every actor's slot of `sku` in `store`.
@@ -182,6 +205,55 @@ pub fn merge_price(conn: &Connection, entry: &PriceEntry, version: u64) -> Resul
         version as i64,
     ])?;
     Ok(true)
+}
+
+// ---- sync ----
+
+/// The store's own rows changed in `(from, to]`: the body of a push.
+pub fn own_rows(conn: &Connection, store: &StoreId, actor: &ActorId, from: u64, to: u64) -> Result<Rows, LedgerError> {
+    let range = params![actor.as_str(), from as i64, to as i64];
+    let mut stmt = conn.prepare_cached(
+        "SELECT store, sku, inc, dec FROM stock_slots WHERE actor = ?1 AND version > ?2 AND version <= ?3 ORDER BY version",
+    )?;
+    let mut rows = stmt.query(range)?;
+    let mut slots = Vec::new();
+    while let Some(row) = rows.next()? {
+        let row_store: String = row.get(0)?;
+        let sku: String = row.get(1)?;
+        slots.push(SlotRow {
+            key: SlotKey {
+                store: StoreId::new(row_store).map_err(|e| corrupt("stock slot store", e))?,
+                sku: Sku::new(sku).map_err(|e| corrupt("stock slot sku", e))?,
+                actor: actor.clone(),
+            },
+            slot: Slot { inc: u64_col(row, 2)?, dec: u64_col(row, 3)? },
+        });
+    }
+    debug_assert!(slots.iter().all(|s| s.key.store == *store));
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PRICE_COLUMNS} FROM prices WHERE actor = ?1 AND version > ?2 AND version <= ?3 ORDER BY version"
+    ))?;
+    let mut rows = stmt.query(range)?;
+    let mut prices = Vec::new();
+    while let Some(row) = rows.next()? {
+        prices.push(price_from(row)?);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT sku, value, hlc_wall, hlc_logical, actor FROM catalog
+          WHERE actor = ?1 AND version > ?2 AND version <= ?3 ORDER BY version",
+    )?;
+    let mut rows = stmt.query(range)?;
+    let mut catalog = Vec::new();
+    while let Some(row) = rows.next()? {
+        let sku: String = row.get(0)?;
+        let bytes: Vec<u8> = row.get(1)?;
+        catalog.push(CatalogUpdate {
+            sku: Sku::new(sku).map_err(|e| corrupt("catalog sku", e))?,
+            field: postcard::from_bytes(&bytes).map_err(|e| corrupt("catalog field", e))?,
+            stamp: stamp_from(row, 2)?,
+        });
+    }
+    Ok(Rows { stock: Rows::group_slots(slots), prices, catalog })
 }
 
 // ---- catalog ----

@@ -85,6 +85,10 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
             )));
         }
         if stamp.actor == actor {
+            for row in decoded.own_slot_merges(&store, &actor) {
+                let slot = replayed.entry(row.key.sku).or_default();
+                *slot = slot.merge(row.slot);
+            }
             for (sku, movement) in decoded.stock_movements() {
                 let slot = replayed.entry(sku.clone()).or_default();
                 match slot.apply(movement) {

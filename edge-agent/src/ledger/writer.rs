@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, Sku, Slot, SlotKey};
+use shared::sync::{Cursor, Rows};
+use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, Sku, Slot, SlotKey, StoreId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::chain::{event_hash, Hash};
@@ -53,6 +54,32 @@ enum Request {
     },
     /// Save (or with `None` clear) a lane's basket in progress: state, not an event.
     SaveBasket { lane: String, basket: Option<Vec<u8>>, reply: oneshot::Sender<Result<(), SubmitError>> },
+    /// The outcome of one sync exchange: the cloud's acknowledgement and cursor, and the page of
+    /// rows it sent as a `SyncMerge` event, all in one transaction.
+    Sync {
+        ack: SyncAck,
+        merge: Option<(IdempotencyKey, Result<EventBody, Rejection>)>,
+        reply: oneshot::Sender<Result<Option<Applied>, SubmitError>>,
+    },
+}
+
+/// A page of cloud rows to merge: the cursor it was pulled from, the rows accepted, and the
+/// rows refused with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedPage {
+    pub from: Cursor,
+    pub rows: Rows,
+    pub refused: Vec<String>,
+}
+
+/// What a sync answer moves: the store's push position, its pull cursor, and the cloud's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncAck {
+    /// The store's own version the cloud holds: the next push starts after it.
+    pub acked_version: u64,
+    /// Where the store has now merged the cloud's rows up to.
+    pub cursor: Cursor,
+    pub cloud_time: HlcStamp,
 }
 
 /// The outcome of one request within a committed batch.
@@ -120,6 +147,20 @@ impl LedgerHandle {
         let (reply, rx) = oneshot::channel();
         let req = Request::SaveBasket { lane: lane.to_owned(), basket, reply };
         self.tx.send(req).await.map_err(|_| SubmitError::Closed)?;
+        rx.await.map_err(|_| SubmitError::Closed)?
+    }
+
+    /// Records a sync answer: the acknowledged push version and the new cursor, and merges the
+    /// page of cloud rows (if any) as one `SyncMerge` event, durable on return. Applying the same
+    /// page twice changes nothing (its key is derived from the cursors).
+    pub async fn apply_sync(&self, ack: SyncAck, page: Option<MergedPage>) -> Result<Option<Applied>, SubmitError> {
+        let merge = page.map(|MergedPage { from, rows, refused }| {
+            let to = ack.cursor;
+            let key = IdempotencyKey::new(format!("sync:{}.{}-{}.{}", from.chain, from.store, to.chain, to.store));
+            (key.expect("cursor keys are short and printable"), Ok(EventBody::SyncMerge { from, to, rows, refused }))
+        });
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Sync { ack, merge, reply }).await.map_err(|_| SubmitError::Closed)?;
         rx.await.map_err(|_| SubmitError::Closed)?
     }
 
@@ -237,6 +278,13 @@ impl Writer {
                                 EventBody::CatalogChange { sku, .. } if !a.replayed => {
                                     let _ = changes.send(Change::Product(sku.clone()));
                                 }
+                                EventBody::SyncMerge { rows, .. } if !a.replayed => {
+                                    let skus: std::collections::BTreeSet<&Sku> =
+                                        rows.prices.iter().map(|p| &p.key.sku).chain(rows.catalog.iter().map(|c| &c.sku)).collect();
+                                    for sku in skus {
+                                        let _ = changes.send(Change::Product(sku.clone()));
+                                    }
+                                }
                                 _ => {}
                             }
                         }
@@ -251,6 +299,12 @@ impl Writer {
                             }
                             (Request::Event { reply, .. }, Outcome::Saved) => {
                                 let _ = reply.send(Err(SubmitError::Failed("internal: outcome mismatch".into())));
+                            }
+                            (Request::Sync { reply, .. }, Outcome::Event(r)) => {
+                                let _ = reply.send(r.map(Some).map_err(SubmitError::Rejected));
+                            }
+                            (Request::Sync { reply, .. }, Outcome::Saved) => {
+                                let _ = reply.send(Ok(None));
                             }
                         }
                     }
@@ -267,6 +321,9 @@ impl Writer {
                             Request::SaveBasket { reply, .. } => {
                                 let _ = reply.send(Err(SubmitError::Failed(msg.clone())));
                             }
+                            Request::Sync { reply, .. } => {
+                                let _ = reply.send(Err(SubmitError::Failed(msg.clone())));
+                            }
                         }
                     }
                 }
@@ -281,7 +338,7 @@ impl Writer {
         // the daemon (the pages are in the OS), and a power cut can lose at most the last
         // changes of an open basket, never a sale; the next FULL commit syncs them too. This
         // keeps an fsync out of every scan at the lane.
-        let durability = if batch.iter().any(|r| matches!(r, Request::Event { .. })) { "FULL" } else { "NORMAL" };
+        let durability = if batch.iter().any(|r| !matches!(r, Request::SaveBasket { .. })) { "FULL" } else { "NORMAL" };
         if durability != self.synchronous {
             self.conn.pragma_update(None, "synchronous", durability)?;
             self.synchronous = durability;
@@ -300,6 +357,21 @@ impl Writer {
             for req in batch {
                 let (key, body) = match req {
                     Request::Event { key, body, .. } => (key, body),
+                    Request::Sync { ack, merge, .. } => {
+                        if let Err(skew) = self.hlc.observe(&ack.cloud_time, (self.clock)()) {
+                            // The cloud is the reference for time; a store clock far behind it
+                            // (a dead RTC) must not stop sync. Stamps continue from our own.
+                            tracing::warn!(error = %skew, error_code = "CLOCK_SKEW", "Cloud clock is far ahead of this store's clock");
+                        }
+                        write_sync_position(&tx, ack)?;
+                        match merge {
+                            Some((key, body)) => (key, body),
+                            None => {
+                                results.push(Outcome::Saved);
+                                continue;
+                            }
+                        }
+                    }
                     Request::SaveBasket { lane, basket, .. } => {
                         match basket {
                             Some(bytes) => tx
@@ -347,6 +419,9 @@ impl Writer {
                             head.hash = hash;
                             slots.commit(planned);
                             apply_registers(&tx, &mut head, &body, &stamp)?;
+                            if let EventBody::SyncMerge { rows, .. } = &body {
+                                merge_cloud_rows(&tx, &mut head, rows, &self.ctx.store, self.hlc.actor())?;
+                            }
                             Ok(Applied { seq, stamp, body, replayed: false })
                         }
                     }
@@ -482,6 +557,18 @@ fn plan(
         other => other,
     };
     let mut planned: Vec<(SlotKey, Slot)> = Vec::new();
+    for row in body.own_slot_merges(&ctx.store, actor) {
+        let current = match planned.iter().find(|(k, _)| *k == row.key) {
+            Some((_, s)) => *s,
+            None => slots.get(conn, cache, &row.key)?,
+        };
+        let next = current.merge(row.slot);
+        match planned.iter_mut().find(|(k, _)| *k == row.key) {
+            Some(entry) => entry.1 = next,
+            None if next != current => planned.push((row.key, next)),
+            None => {}
+        }
+    }
     for (sku, movement) in body.stock_movements() {
         let key = own(sku);
         let current = match planned.iter().find(|(k, _)| *k == key) {
@@ -525,6 +612,45 @@ fn apply_registers(conn: &Connection, head: &mut Head, body: &EventBody, stamp: 
     if changed {
         head.change_version = version;
     }
+    Ok(())
+}
+
+/// Merges a page of cloud rows into the projections, each changed row taking the next change
+/// version. The store's own slots are left to the batch's slot plan (see `plan`).
+fn merge_cloud_rows(
+    conn: &Connection,
+    head: &mut Head,
+    rows: &Rows,
+    store: &StoreId,
+    actor: &ActorId,
+) -> Result<(), LedgerError> {
+    for row in rows.slot_rows() {
+        if row.key.store == *store && row.key.actor == *actor {
+            continue;
+        }
+        if projection::merge_slot(conn, &row, head.change_version + 1)? {
+            head.change_version += 1;
+        }
+    }
+    for entry in &rows.prices {
+        if projection::merge_price(conn, entry, head.change_version + 1)? {
+            head.change_version += 1;
+        }
+    }
+    for update in &rows.catalog {
+        if projection::merge_catalog(conn, update, head.change_version + 1)? {
+            head.change_version += 1;
+        }
+    }
+    Ok(())
+}
+
+fn write_sync_position(conn: &Connection, ack: &SyncAck) -> Result<(), LedgerError> {
+    let mut meta = conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+    let as_i64 = |v: u64| i64::try_from(v).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("sync version {v} exceeds i64") });
+    meta.execute(params!["pushed_version", as_i64(ack.acked_version)?])?;
+    meta.execute(params!["cursor_chain", as_i64(ack.cursor.chain)?])?;
+    meta.execute(params!["cursor_store", as_i64(ack.cursor.store)?])?;
     Ok(())
 }
 
