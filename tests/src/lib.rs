@@ -1,7 +1,9 @@
 //! Harness for the end-to-end tests: where the real binaries are, and how to run them and
 //! read what they print while they run.
 
+pub mod cloud;
 pub mod mqtt;
+pub mod proxy;
 pub mod store;
 
 use std::io::{BufRead, BufReader};
@@ -98,4 +100,4 @@ pub fn signal(child: &Child, sig: i32) {
     assert_eq!(rc, 0, "kill({}, {sig}) failed", child.id());
 }
 
-pub use libc::{SIGINT, SIGKILL, SIGTERM};
+pub use libc::{SIGINT, SIGKILL, SIGTERM, SIGUSR1};

@@ -38,7 +38,18 @@ pub const PRODUCTS: &[Product] = &[
     },
 ];
 
+/// What a fixture's ledger starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seed {
+    /// Catalog, chain prices and opening stock of [`PRODUCTS`], written locally (a store
+    /// running alone).
+    Products,
+    /// Only the opening stock of [`PRODUCTS`]: catalog and prices come from the cloud.
+    StockOnly,
+}
+
 pub struct StoreFixture {
+    pub store: String,
     pub dir: tempfile::TempDir,
     pub data: PathBuf,
     pub by_id: PathBuf,
@@ -60,12 +71,17 @@ impl StoreFixture {
 
     /// Like [`StoreFixture::with_config`], with `lane_extra` added to every `[[lanes]]` table.
     pub fn with_lane_config(lanes: &[&str], lane_extra: &str, extra: &str) -> StoreFixture {
+        StoreFixture::custom(STORE, lanes, lane_extra, extra, Seed::Products)
+    }
+
+    /// A store with its own id, lanes as in [`StoreFixture::new`], and the seed given.
+    pub fn custom(store: &str, lanes: &[&str], lane_extra: &str, extra: &str, seed_with: Seed) -> StoreFixture {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let by_id = dir.path().join("by-id");
         std::fs::create_dir_all(&by_id).unwrap();
         let mut config = format!(
-            "[store]\nid = \"{STORE}\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n[log]\nlevel = \"info,edge_agent=debug\"\n",
+            "[store]\nid = \"{store}\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n[log]\nlevel = \"info,edge_agent=debug\"\n",
             data.display()
         );
         for lane in lanes {
@@ -82,21 +98,18 @@ impl StoreFixture {
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let fixture = StoreFixture {
+            store: store.to_owned(),
             data,
             by_id,
             config: config_path,
             lanes: lanes.iter().map(|s| s.to_string()).collect(),
             dir,
         };
-        fixture.seed();
+        let (data, id) = (fixture.data.clone(), fixture.store.clone());
+        // Through the real ledger writer, on a plain thread (tests may build fixtures inside a
+        // tokio runtime, where blocking is not allowed).
+        std::thread::spawn(move || seed(&data, &id, seed_with)).join().expect("seeding the ledger");
         fixture
-    }
-
-    /// Seeds through the real ledger writer, on a plain thread (tests may call this from inside
-    /// a tokio runtime, where blocking is not allowed).
-    fn seed(&self) {
-        let data = self.data.clone();
-        std::thread::spawn(move || seed(&data)).join().expect("seeding the ledger");
     }
 
     pub fn device_path(&self, lane: &str, device: &str) -> PathBuf {
@@ -128,13 +141,18 @@ impl StoreFixture {
     }
 }
 
-fn seed(data: &Path) {
+fn seed(data: &Path, store: &str, seed: Seed) {
     let eur = Currency::new("EUR").unwrap();
     let (h, w) =
-        Ledger::open(data, &LedgerOptions::new(StoreId::new(STORE).unwrap(), eur)).unwrap().start_writer(64).unwrap();
+        Ledger::open(data, &LedgerOptions::new(StoreId::new(store).unwrap(), eur)).unwrap().start_writer(64).unwrap();
     for p in PRODUCTS {
         let sku = Sku::new(p.sku).unwrap();
         let key = |what: &str| IdempotencyKey::new(format!("seed:{}:{what}", p.sku)).unwrap();
+        if seed == Seed::StockOnly {
+            let receipt = LedgerCommand::Receipt { sku, quantity: p.stock, reference: "opening".into() };
+            h.blocking_submit(key("stock"), receipt).unwrap();
+            continue;
+        }
         let fields = [
             CatalogField::Name(p.name.into()),
             CatalogField::Gtins(vec![Gtin::parse(p.gtin).unwrap()]),

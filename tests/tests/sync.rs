@@ -1,0 +1,204 @@
+//! Store sync as a process story: the real cloud-sync and two real edge-agents on loopback, a
+//! fault proxy on each store's link. HQ sets a chain price while store A is offline; both
+//! stores sell the same SKU at their lanes; A reconnects after B. Then the stores and the cloud
+//! agree on stock and price, and A's shelf labels show the new price. Run against the SQLite
+//! backend and against PostgreSQL.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use device_sim::esl::EslFleet;
+use device_sim::{FramedSim, PlainScannerSim, Port, Suffix};
+use e2e_tests::cloud::{backends, Backend, CloudFixture};
+use e2e_tests::mqtt::free_port;
+use e2e_tests::proxy::{Fault, FaultProxy};
+use e2e_tests::store::{Daemon, Seed, StoreFixture};
+use e2e_tests::{signal, SIGUSR1};
+use firmware_proto as fp;
+use serde_json::{json, Value};
+use shared::{PriceScope, Sku};
+
+const WAIT: Duration = Duration::from_secs(60);
+const MILK_GTIN: &str = "4006381333931";
+
+pub const CATALOG_CSV: &str = "sku,name,gtins,unit,tax_class,discontinued
+MILK,Milk 1 l,4006381333931,piece,food,false
+BREAD,Bread,96385074,piece,food,false
+EGGS,Eggs x6,036000291452,piece,food,false
+APPLES,Apples,10614141000415,gram,food,false
+";
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn set_chain_price(cloud: &CloudFixture, sku: &str, amount: &str) {
+    let body = json!({"sku": sku, "scope": "chain", "slot": "regular", "amount": amount, "currency": "EUR"});
+    let (status, answer) = cloud.hq("PUT", "/v1/hq/prices", Some(body)).await;
+    assert_eq!(status, 200, "setting {sku} to {amount}: {answer}");
+}
+
+/// The chain's regular price of a SKU in a store's ledger, in cents.
+fn chain_price(store: &StoreFixture, sku: &str) -> Option<i64> {
+    let prices = store.reader().prices(&Sku::new(sku).unwrap()).ok()?;
+    prices.iter().find(|p| p.key.scope == PriceScope::Chain).and_then(|p| p.value.as_ref()).map(|v| v.amount.minor)
+}
+
+/// Stock of a SKU per store as the cloud holds it.
+async fn cloud_stock(cloud: &CloudFixture, sku: &str) -> Value {
+    let (status, answer) = cloud.hq("GET", &format!("/v1/hq/stock/{sku}"), None).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+fn cloud_stock_of(answer: &Value, store: &str) -> Option<i64> {
+    answer["stores"].as_array()?.iter().find(|s| s["store"] == store)?["on_hand"].as_i64()
+}
+
+/// Sells one item at a lane: scan, wait for the total, pay by card, wait for the receipt.
+async fn sell_one(store: &StoreFixture, lane: &str, gtin: &str) {
+    let mut scanner = PlainScannerSim::new(Port::pty(&store.device_path(lane, "scanner")).unwrap(), Suffix::Cr, None);
+    let mut scale =
+        FramedSim::new(Port::pty(&store.device_path(lane, "scale")).unwrap(), &format!("{lane}-scale"), fp::DeviceKind::Scale);
+    let mut display = FramedSim::new(
+        Port::pty(&store.device_path(lane, "display")).unwrap(),
+        &format!("{lane}-display"),
+        fp::DeviceKind::Lane,
+    );
+    assert!(matches!(scale.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
+    assert!(matches!(display.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    scanner.scan(gtin).await.unwrap();
+    display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor, .. } if *amount_minor > 0)).await.unwrap();
+    display.input(fp::LaneInput::Tender(fp::TenderKind::Card)).await.unwrap();
+    display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Receipt { .. })).await.unwrap();
+}
+
+struct SyncedStore {
+    fixture: StoreFixture,
+    proxy: FaultProxy,
+    daemon: Option<Daemon>,
+    _token_dir: tempfile::TempDir,
+}
+
+impl SyncedStore {
+    async fn new(cloud: &CloudFixture, id: &str, extra: &str) -> SyncedStore {
+        let proxy = FaultProxy::start(cloud.addr).await;
+        let token = cloud.add_store(id);
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let cloud_section = format!(
+            "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 300\ntimeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n",
+            proxy.url(),
+            token_file.display()
+        );
+        let fixture = StoreFixture::custom(id, &["lane-1"], "", &format!("{extra}{cloud_section}"), Seed::StockOnly);
+        let daemon = Some(fixture.start());
+        SyncedStore { fixture, proxy, daemon, _token_dir: dir }
+    }
+
+    fn sync_now(&self) {
+        signal(&self.daemon.as_ref().unwrap().run.child, SIGUSR1);
+    }
+}
+
+async fn offline_store_converges(backend: Backend) {
+    eprintln!("sync story against {backend:?}");
+    let cloud = CloudFixture::start(backend);
+    let (status, answer) = cloud.hq_raw("POST", "/v1/hq/catalog", Some(("text/csv", CATALOG_CSV.into()))).await;
+    assert_eq!(status, 200, "catalog import: {answer}");
+    for (sku, amount) in [("MILK", "1.19"), ("BREAD", "2.50"), ("EGGS", "3.29"), ("APPLES", "2.99")] {
+        set_chain_price(&cloud, sku, amount).await;
+    }
+
+    // Store A has shelf labels on its embedded broker; B has none.
+    let broker_port = free_port();
+    let labels_dir = tempfile::tempdir().unwrap();
+    let bindings = labels_dir.path().join("labels.csv");
+    let milk_labels: Vec<String> = (0..20).map(|i| format!("milk-{i:02}")).collect();
+    std::fs::write(&bindings, format!("label,sku\n{}", milk_labels.iter().map(|l| format!("{l},MILK\n")).collect::<String>()))
+        .unwrap();
+    let a_extra = format!(
+        "[mqtt]\nembedded_listen = \"127.0.0.1:{broker_port}\"\n[labels]\nbindings = \"{}\"\nincrease_deadline_ms = 10000\n",
+        bindings.display()
+    );
+    let mut a = SyncedStore::new(&cloud, "s1", &a_extra).await;
+    let mut b = SyncedStore::new(&cloud, "s2", "").await;
+    let fleet = EslFleet::start("127.0.0.1", broker_port, "s1", &milk_labels, HashSet::new());
+
+    until("both stores have the chain price of milk", || {
+        chain_price(&a.fixture, "MILK") == Some(119) && chain_price(&b.fixture, "MILK") == Some(119)
+    })
+    .await;
+    let shows = |cents: i64| fleet.snapshot().values().filter(|s| s.last_price_minor == Some(cents)).count();
+    until("A's milk labels show 1.19", || shows(119) == milk_labels.len()).await;
+
+    // A goes offline; HQ raises milk; B gets it.
+    a.proxy.set(Fault::Down);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    set_chain_price(&cloud, "MILK", "1.29").await;
+    until("B has the new milk price", || chain_price(&b.fixture, "MILK") == Some(129)).await;
+    assert_eq!(chain_price(&a.fixture, "MILK"), Some(119), "A is offline and cannot know yet");
+
+    // Both sell milk; A sells offline.
+    sell_one(&a.fixture, "lane-1", MILK_GTIN).await;
+    sell_one(&b.fixture, "lane-1", MILK_GTIN).await;
+    assert_eq!(a.fixture.on_hand("MILK"), 99);
+    assert_eq!(b.fixture.on_hand("MILK"), 99);
+    let mut b_synced = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !b_synced {
+        assert!(tokio::time::Instant::now() < deadline, "B's sale never reached the cloud");
+        b_synced = cloud_stock_of(&cloud_stock(&cloud, "MILK").await, "s2") == Some(99);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cloud_stock_of(&cloud_stock(&cloud, "MILK").await, "s1"), Some(100), "A's sale is still only at A");
+    assert!(a.proxy.counts().faulted > 0, "A kept trying while offline");
+
+    // A reconnects after B.
+    a.proxy.set(Fault::None);
+    a.sync_now();
+    until("A has the new milk price", || chain_price(&a.fixture, "MILK") == Some(129)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stock = cloud_stock(&cloud, "MILK").await;
+        if cloud_stock_of(&stock, "s1") == Some(99) && cloud_stock_of(&stock, "s2") == Some(99) {
+            assert_eq!(stock["chain_total"].as_i64(), Some(198), "{stock}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the cloud never saw A's sale: {stock}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until("A's milk labels show 1.29", || shows(129) == milk_labels.len()).await;
+
+    // Every replica agrees: stock per store, and the price registers.
+    assert_eq!((a.fixture.on_hand("MILK"), b.fixture.on_hand("MILK")), (99, 99));
+    let milk = Sku::new("MILK").unwrap();
+    assert_eq!(a.fixture.reader().prices(&milk).unwrap(), b.fixture.reader().prices(&milk).unwrap());
+    let (status, cloud_prices) = cloud.hq("GET", "/v1/hq/prices/MILK", None).await;
+    assert_eq!(status, 200);
+    assert!(cloud_prices.to_string().contains("\"1.29\""), "{cloud_prices}");
+    for store in [&a, &b] {
+        assert_eq!(store.fixture.reader().outbox_depth().unwrap(), 0, "{} has nothing left to push", store.fixture.store);
+    }
+    let (status, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
+    assert_eq!(status, 200);
+    eprintln!("store status after convergence: {stores}");
+
+    a.daemon.take().unwrap().stop();
+    b.daemon.take().unwrap().stop();
+    let verify = a.fixture.storectl(&["ledger", "verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_store_converges_with_the_cloud_and_its_labels_follow() {
+    for backend in backends() {
+        offline_store_converges(backend).await;
+    }
+}
