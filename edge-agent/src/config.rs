@@ -100,15 +100,24 @@ impl CloudSection {
             return Err(("cloud.url".into(), format!("must be an http:// or https:// URL, got {:?}", self.url)));
         }
         if !(100..=600_000).contains(&self.timeout_ms) {
-            return Err(("cloud.timeout_ms".into(), format!("must be between 100 and 600000, got {}", self.timeout_ms)));
+            return Err((
+                "cloud.timeout_ms".into(),
+                format!("must be between 100 and 600000, got {}", self.timeout_ms),
+            ));
         }
         if !(100..=86_400_000).contains(&self.interval_ms) {
-            return Err(("cloud.interval_ms".into(), format!("must be between 100 and 86400000, got {}", self.interval_ms)));
+            return Err((
+                "cloud.interval_ms".into(),
+                format!("must be between 100 and 86400000, got {}", self.interval_ms),
+            ));
         }
         if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
             return Err((
                 "cloud.backoff_min_ms".into(),
-                format!("must be above 0 and at most backoff_max_ms ({}), got {}", self.backoff_max_ms, self.backoff_min_ms),
+                format!(
+                    "must be above 0 and at most backoff_max_ms ({}), got {}",
+                    self.backoff_max_ms, self.backoff_min_ms
+                ),
             ));
         }
         if !(1..=shared::sync::MAX_PAGE_ROWS).contains(&self.page_rows) {

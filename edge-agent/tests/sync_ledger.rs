@@ -48,9 +48,12 @@ async fn a_push_page_holds_own_changes_and_an_ack_empties_the_outbox() {
         h.submit(key(&format!("rcv-{i}")), receipt(s, 10)).await.unwrap();
     }
     let price_key = PriceKey { sku: sku("A"), scope: PriceScope::Store(store()), slot: PriceSlot::Promotion };
-    h.submit(key("promo"), Command::PriceChange { key: price_key, value: Some(PriceValue { amount: eur(99), window: None }) })
-        .await
-        .unwrap();
+    h.submit(
+        key("promo"),
+        Command::PriceChange { key: price_key, value: Some(PriceValue { amount: eur(99), window: None }) },
+    )
+    .await
+    .unwrap();
     let reader = LedgerReader::open(dir.path()).unwrap();
 
     // A page of two rows stops at the second change; the whole outbox fits a larger page.
@@ -82,10 +85,13 @@ async fn a_cloud_page_merges_once_as_an_event_that_verify_replays() {
     let (h, w) = start(dir.path());
     let mut changes = h.subscribe();
     h.submit(key("rcv"), receipt("MILK", 10)).await.unwrap();
-    h.submit(key("sale"), Command::Sale {
-        lines: vec![SaleLine { sku: sku("MILK"), quantity: 3, line_total: eur(357), price: None }],
-        tender: Tender::Cash,
-    })
+    h.submit(
+        key("sale"),
+        Command::Sale {
+            lines: vec![SaleLine { sku: sku("MILK"), quantity: 3, line_total: eur(357), price: None }],
+            tender: Tender::Cash,
+        },
+    )
     .await
     .unwrap();
     let chain_price = PriceEntry {
@@ -97,7 +103,11 @@ async fn a_cloud_page_merges_once_as_an_event_that_verify_replays() {
         stock: vec![
             // A transfer from HQ into this store, and this store's own slot as the cloud holds
             // it after a ledger rebuild: higher than ours, so it merges (per-field max).
-            SlotGroup { store: store(), actor: ActorId::cloud(), slots: vec![SlotValue { sku: sku("MILK"), inc: 5, dec: 0 }] },
+            SlotGroup {
+                store: store(),
+                actor: ActorId::cloud(),
+                slots: vec![SlotValue { sku: sku("MILK"), inc: 5, dec: 0 }],
+            },
             SlotGroup { store: store(), actor: own(), slots: vec![SlotValue { sku: sku("MILK"), inc: 12, dec: 3 }] },
         ],
         prices: vec![chain_price.clone()],
@@ -108,7 +118,8 @@ async fn a_cloud_page_merges_once_as_an_event_that_verify_replays() {
         }],
     };
     let to = Cursor { chain: 2, store: 7 };
-    let page = MergedPage { from: Cursor::default(), rows: rows.clone(), refused: vec!["one row, for the record".into()] };
+    let page =
+        MergedPage { from: Cursor::default(), rows: rows.clone(), refused: vec!["one row, for the record".into()] };
     let applied = h.apply_sync(ack(0, to), Some(page.clone())).await.unwrap().unwrap();
     assert!(!applied.replayed);
     assert_eq!(changes.recv().await.unwrap(), Change::Product(sku("MILK")));
@@ -128,10 +139,13 @@ async fn a_cloud_page_merges_once_as_an_event_that_verify_replays() {
     assert_eq!(reader.stock(&sku("MILK")).unwrap().on_hand, 14);
 
     // Selling after the merge moves the merged own slot on; verify replays merge and sale.
-    h.submit(key("sale-2"), Command::Sale {
-        lines: vec![SaleLine { sku: sku("MILK"), quantity: 1, line_total: eur(129), price: None }],
-        tender: Tender::Cash,
-    })
+    h.submit(
+        key("sale-2"),
+        Command::Sale {
+            lines: vec![SaleLine { sku: sku("MILK"), quantity: 1, line_total: eur(129), price: None }],
+            tender: Tender::Cash,
+        },
+    )
     .await
     .unwrap();
     drop(h);
@@ -148,7 +162,11 @@ async fn merged_rows_of_other_actors_are_not_pushed_back() {
     let dir = tempfile::tempdir().unwrap();
     let (h, w) = start(dir.path());
     let rows = Rows {
-        stock: vec![SlotGroup { store: store(), actor: ActorId::cloud(), slots: vec![SlotValue { sku: sku("X"), inc: 4, dec: 1 }] }],
+        stock: vec![SlotGroup {
+            store: store(),
+            actor: ActorId::cloud(),
+            slots: vec![SlotValue { sku: sku("X"), inc: 4, dec: 1 }],
+        }],
         ..Rows::default()
     };
     let page = MergedPage { from: Cursor::default(), rows, refused: vec![] };

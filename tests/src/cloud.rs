@@ -33,7 +33,11 @@ pub fn backends() -> Vec<Backend> {
         if ok {
             out.push(Backend::Postgres);
         } else {
-            assert!(!required_tools(), "PostgreSQL is required under CI=true but does not answer at {}", pg_admin_conninfo());
+            assert!(
+                !required_tools(),
+                "PostgreSQL is required under CI=true but does not answer at {}",
+                pg_admin_conninfo()
+            );
             eprintln!("SKIPPED: PostgreSQL does not answer at {}", pg_admin_conninfo());
         }
     }
@@ -76,6 +80,13 @@ fn psql(sql: &str) {
     assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// An HTTP client for tests (the workspace builds reqwest without a default TLS provider; the
+/// one provider of the build is installed first, as the daemon does).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 pub struct CloudFixture {
     pub backend: Backend,
     pub dir: tempfile::TempDir,
@@ -98,7 +109,9 @@ impl CloudFixture {
         let config = dir.path().join("cloud.toml");
         std::fs::write(
             &config,
-            format!("[server]\nlisten = \"127.0.0.1:0\"\n[storage]\n{storage}[log]\nlevel = \"info,cloud_sync=debug\"\n"),
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\n{storage}[log]\nlevel = \"info,cloud_sync=debug\"\n"
+            ),
         )
         .unwrap();
         let mut fixture = CloudFixture {
@@ -179,8 +192,7 @@ impl CloudFixture {
 
     /// An HQ request with a body of any content type.
     pub async fn hq_raw(&self, method: &str, path: &str, body: Option<(&str, String)>) -> (u16, Value) {
-        let client = reqwest::Client::new();
-        let mut req = client
+        let mut req = http_client()
             .request(method.parse().unwrap(), format!("{}{path}", self.url()))
             .bearer_auth(&self.admin_token)
             .timeout(Duration::from_secs(30));

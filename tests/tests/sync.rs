@@ -56,14 +56,17 @@ async fn cloud_stock(cloud: &CloudFixture, sku: &str) -> Value {
 }
 
 fn cloud_stock_of(answer: &Value, store: &str) -> Option<i64> {
-    answer["stores"].as_array()?.iter().find(|s| s["store"] == store)?["on_hand"].as_i64()
+    answer["stores"].as_array()?.iter().find(|s| s["store"] == store)?["value"].as_i64()
 }
 
 /// Sells one item at a lane: scan, wait for the total, pay by card, wait for the receipt.
 async fn sell_one(store: &StoreFixture, lane: &str, gtin: &str) {
     let mut scanner = PlainScannerSim::new(Port::pty(&store.device_path(lane, "scanner")).unwrap(), Suffix::Cr, None);
-    let mut scale =
-        FramedSim::new(Port::pty(&store.device_path(lane, "scale")).unwrap(), &format!("{lane}-scale"), fp::DeviceKind::Scale);
+    let mut scale = FramedSim::new(
+        Port::pty(&store.device_path(lane, "scale")).unwrap(),
+        &format!("{lane}-scale"),
+        fp::DeviceKind::Scale,
+    );
     let mut display = FramedSim::new(
         Port::pty(&store.device_path(lane, "display")).unwrap(),
         &format!("{lane}-display"),
@@ -73,7 +76,10 @@ async fn sell_one(store: &StoreFixture, lane: &str, gtin: &str) {
     assert!(matches!(display.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
     tokio::time::sleep(Duration::from_millis(300)).await;
     scanner.scan(gtin).await.unwrap();
-    display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor, .. } if *amount_minor > 0)).await.unwrap();
+    display
+        .wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor, .. } if *amount_minor > 0))
+        .await
+        .unwrap();
     display.input(fp::LaneInput::Tender(fp::TenderKind::Card)).await.unwrap();
     display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Receipt { .. })).await.unwrap();
 }
@@ -121,8 +127,11 @@ async fn offline_store_converges(backend: Backend) {
     let labels_dir = tempfile::tempdir().unwrap();
     let bindings = labels_dir.path().join("labels.csv");
     let milk_labels: Vec<String> = (0..20).map(|i| format!("milk-{i:02}")).collect();
-    std::fs::write(&bindings, format!("label,sku\n{}", milk_labels.iter().map(|l| format!("{l},MILK\n")).collect::<String>()))
-        .unwrap();
+    std::fs::write(
+        &bindings,
+        format!("label,sku\n{}", milk_labels.iter().map(|l| format!("{l},MILK\n")).collect::<String>()),
+    )
+    .unwrap();
     let a_extra = format!(
         "[mqtt]\nembedded_listen = \"127.0.0.1:{broker_port}\"\n[labels]\nbindings = \"{}\"\nincrease_deadline_ms = 10000\n",
         bindings.display()
@@ -184,7 +193,12 @@ async fn offline_store_converges(backend: Backend) {
     assert_eq!(status, 200);
     assert!(cloud_prices.to_string().contains("\"1.29\""), "{cloud_prices}");
     for store in [&a, &b] {
-        assert_eq!(store.fixture.reader().outbox_depth().unwrap(), 0, "{} has nothing left to push", store.fixture.store);
+        assert_eq!(
+            store.fixture.reader().outbox_depth().unwrap(),
+            0,
+            "{} has nothing left to push",
+            store.fixture.store
+        );
     }
     let (status, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
     assert_eq!(status, 200);

@@ -17,6 +17,9 @@
 //!   never issue the same stamp and a cloud write always orders after what it has seen.
 //! - A group of writes is all or nothing: a rejected catalog file leaves no row behind.
 
+mod codec;
+mod pg_pool;
+mod plan;
 pub mod postgres;
 pub mod sqlite;
 
@@ -25,6 +28,9 @@ use std::future::Future;
 use serde::Serialize;
 use shared::sync::{Cursor, Push, Rows};
 use shared::{CatalogField, CatalogUpdate, HlcStamp, PriceEntry, PriceKey, PriceValue, Sku, SlotRow, StoreId};
+
+/// The schema version this build writes (both backends migrate to the same meaning).
+pub const SCHEMA_VERSION: i64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 use shared::sync::{Cursor, Rows};
-use shared::{ActorId, SlotRow, CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, PriceVersion, Sku, StoreId};
+use shared::{
+    ActorId, CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, PriceVersion, Sku, SlotRow, StoreId,
+};
 
 /// Longest accepted idempotency key, in bytes.
 pub const MAX_KEY_LEN: usize = 200;
@@ -90,19 +92,53 @@ pub enum Command {
 /// The resolved, replayable record of a command, as hashed and stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventBody {
-    Sale { lines: Vec<SaleLine>, tender: Tender, total: Money },
-    Return { lines: Vec<SaleLine>, reference: String, total: Money },
-    Receipt { sku: Sku, quantity: i64, reference: String },
-    Count { sku: Sku, counted: i64, seen: i64, movement: i64 },
-    Adjustment { sku: Sku, movement: i64, reason: String },
-    PriceChange { key: PriceKey, value: Option<PriceValue> },
-    CatalogChange { sku: Sku, field: CatalogField },
-    EpcsSold { epcs: Vec<Vec<u8>> },
+    Sale {
+        lines: Vec<SaleLine>,
+        tender: Tender,
+        total: Money,
+    },
+    Return {
+        lines: Vec<SaleLine>,
+        reference: String,
+        total: Money,
+    },
+    Receipt {
+        sku: Sku,
+        quantity: i64,
+        reference: String,
+    },
+    Count {
+        sku: Sku,
+        counted: i64,
+        seen: i64,
+        movement: i64,
+    },
+    Adjustment {
+        sku: Sku,
+        movement: i64,
+        reason: String,
+    },
+    PriceChange {
+        key: PriceKey,
+        value: Option<PriceValue>,
+    },
+    CatalogChange {
+        sku: Sku,
+        field: CatalogField,
+    },
+    EpcsSold {
+        epcs: Vec<Vec<u8>>,
+    },
     /// A page of the cloud's rows merged into the projections (DESIGN 13.6: every merge leaves
     /// a trace): which cursor it came from, which it moved to, and the rows themselves, so an
     /// auditor can replay how the store reached its state.
     /// `refused` names the rows of the page this store would not merge, with the reason.
-    SyncMerge { from: Cursor, to: Cursor, rows: Rows, refused: Vec<String> },
+    SyncMerge {
+        from: Cursor,
+        to: Cursor,
+        rows: Rows,
+        refused: Vec<String>,
+    },
 }
 
 /// Version byte in front of every stored body, so a later format can be told apart.

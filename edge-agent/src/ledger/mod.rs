@@ -189,7 +189,8 @@ pub struct SyncPosition {
 fn sync_position(conn: &Connection) -> Result<SyncPosition, LedgerError> {
     let meta = |key: &str| -> Result<u64, LedgerError> {
         let v: Option<i64> = conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?;
-        u64::try_from(v.unwrap_or(0)).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("meta {key} is negative") })
+        u64::try_from(v.unwrap_or(0))
+            .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("meta {key} is negative") })
     };
     Ok(SyncPosition {
         pushed_version: meta("pushed_version")?,
@@ -295,12 +296,15 @@ impl LedgerReader {
         let snapshot = self.conn.unchecked_transaction()?;
         let position = sync_position(&snapshot)?;
         let cutoff: Option<i64> = snapshot
-            .query_row("SELECT version FROM outbox ORDER BY version LIMIT 1 OFFSET ?1", [i64::from(max_rows.max(1)) - 1], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT version FROM outbox ORDER BY version LIMIT 1 OFFSET ?1",
+                [i64::from(max_rows.max(1)) - 1],
+                |r| r.get(0),
+            )
             .optional()?;
         let to = match cutoff {
-            Some(v) => u64::try_from(v).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative change version {v}") })?,
+            Some(v) => u64::try_from(v)
+                .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative change version {v}") })?,
             None => position.head_version,
         };
         if to <= position.pushed_version {

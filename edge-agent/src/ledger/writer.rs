@@ -279,8 +279,12 @@ impl Writer {
                                     let _ = changes.send(Change::Product(sku.clone()));
                                 }
                                 EventBody::SyncMerge { rows, .. } if !a.replayed => {
-                                    let skus: std::collections::BTreeSet<&Sku> =
-                                        rows.prices.iter().map(|p| &p.key.sku).chain(rows.catalog.iter().map(|c| &c.sku)).collect();
+                                    let skus: std::collections::BTreeSet<&Sku> = rows
+                                        .prices
+                                        .iter()
+                                        .map(|p| &p.key.sku)
+                                        .chain(rows.catalog.iter().map(|c| &c.sku))
+                                        .collect();
                                     for sku in skus {
                                         let _ = changes.send(Change::Product(sku.clone()));
                                     }
@@ -647,7 +651,10 @@ fn merge_cloud_rows(
 
 fn write_sync_position(conn: &Connection, ack: &SyncAck) -> Result<(), LedgerError> {
     let mut meta = conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
-    let as_i64 = |v: u64| i64::try_from(v).map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("sync version {v} exceeds i64") });
+    let as_i64 = |v: u64| {
+        i64::try_from(v)
+            .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("sync version {v} exceeds i64") })
+    };
     meta.execute(params!["pushed_version", as_i64(ack.acked_version)?])?;
     meta.execute(params!["cursor_chain", as_i64(ack.cursor.chain)?])?;
     meta.execute(params!["cursor_store", as_i64(ack.cursor.store)?])?;

@@ -68,7 +68,8 @@ impl SyncClient {
     }
 
     pub async fn exchange(&self, request: &SyncRequest) -> Result<(SyncResponse, ExchangeBytes), ExchangeError> {
-        let body = wire::encode(request).map_err(|e| ExchangeError::BadAnswer(format!("cannot encode the request: {e}")))?;
+        let body =
+            wire::encode(request).map_err(|e| ExchangeError::BadAnswer(format!("cannot encode the request: {e}")))?;
         let sent = body.len();
         let response = self
             .http

@@ -134,9 +134,16 @@ impl Syncer {
             }
             report.pulled_rows += rows.len();
             report.refused_rows += refused.len();
-            let page = (!rows.is_empty() || !refused.is_empty()).then(|| MergedPage { from: position.cursor, rows, refused });
-            let ack =
-                SyncAck { acked_version: answer.acked_version, cursor: answer.next_cursor, cloud_time: answer.cloud_time };
+            let page = (!rows.is_empty() || !refused.is_empty()).then_some(MergedPage {
+                from: position.cursor,
+                rows,
+                refused,
+            });
+            let ack = SyncAck {
+                acked_version: answer.acked_version,
+                cursor: answer.next_cursor,
+                cloud_time: answer.cloud_time,
+            };
             self.handle.apply_sync(ack, page).await.map_err(|e| SessionError::Ledger(e.to_string()))?;
             let pushed = match &request.push {
                 Some(p) if answer.acked_version == position.pushed_version => {

@@ -23,7 +23,13 @@ pub fn screen(store: &StoreId, rows: Rows) -> (Rows, Vec<String>) {
         group.slots.retain(|s| {
             let ok = s.inc <= Slot::MAX && s.dec <= Slot::MAX;
             if !ok {
-                refused.push(format!("stock slot {}/{}/{}: count above {}", group.store, s.sku, group.actor, Slot::MAX));
+                refused.push(format!(
+                    "stock slot {}/{}/{}: count above {}",
+                    group.store,
+                    s.sku,
+                    group.actor,
+                    Slot::MAX
+                ));
             }
             ok
         });

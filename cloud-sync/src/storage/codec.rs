@@ -1,0 +1,259 @@
+//! The column forms of the domain types, shared by both backends so that a row means the same
+//! thing in SQLite and in PostgreSQL. Every value read back is validated on the way out: a row
+//! that does not decode is [`StorageError::Corrupt`] naming the table and key, never a panic.
+
+use std::fmt::Display;
+
+use shared::{
+    ActorId, CatalogField, CatalogUpdate, Currency, HlcStamp, Money, PriceEntry, PriceKey, PriceScope, PriceSlot,
+    PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId, ValidityWindow,
+};
+
+use super::{PriceWrite, StorageError};
+
+/// The partition of chain prices and of the whole catalog.
+pub(crate) const CHAIN: &str = "chain";
+
+/// The partition of a store's stock slots and its store-scope prices.
+pub(crate) fn store_partition(store: &StoreId) -> String {
+    format!("store:{store}")
+}
+
+/// The partition a price register lives in (its scope's text is the partition name).
+pub(crate) fn price_partition(scope: &PriceScope) -> String {
+    scope.to_string()
+}
+
+pub(crate) fn corrupt(what: impl Display, detail: impl Display) -> StorageError {
+    StorageError::Corrupt(format!("{what}: {detail}"))
+}
+
+/// Counts, versions and clock values are `u64` in the domain and signed 64-bit in both
+/// databases; everything the service accepts fits (slots are capped at `Slot::MAX`, stamps by
+/// the skew fence), so a value that does not is refused rather than wrapped.
+pub(crate) fn to_i64(what: &str, value: u64) -> Result<i64, StorageError> {
+    i64::try_from(value).map_err(|_| corrupt(what, format!("{value} is beyond the database's 64-bit range")))
+}
+
+pub(crate) fn to_u64(what: &str, value: i64) -> Result<u64, StorageError> {
+    u64::try_from(value).map_err(|_| corrupt(what, format!("negative value {value}")))
+}
+
+pub(crate) fn parse_store(what: &str, text: String) -> Result<StoreId, StorageError> {
+    StoreId::new(text).map_err(|e| corrupt(what, e))
+}
+
+pub(crate) fn parse_sku(what: &str, text: String) -> Result<Sku, StorageError> {
+    Sku::new(text).map_err(|e| corrupt(what, e))
+}
+
+fn parse_scope(what: &str, text: &str) -> Result<PriceScope, StorageError> {
+    if text == CHAIN {
+        return Ok(PriceScope::Chain);
+    }
+    match text.strip_prefix("store:") {
+        Some(id) => Ok(PriceScope::Store(StoreId::new(id).map_err(|e| corrupt(what, e))?)),
+        None => Err(corrupt(what, format!("unknown price scope {text:?}"))),
+    }
+}
+
+fn parse_slot(what: &str, text: &str) -> Result<PriceSlot, StorageError> {
+    match text {
+        "regular" => Ok(PriceSlot::Regular),
+        "promotion" => Ok(PriceSlot::Promotion),
+        other => Err(corrupt(what, format!("unknown price slot {other:?}"))),
+    }
+}
+
+/// An HLC stamp as three columns.
+#[derive(Debug, Clone)]
+pub(crate) struct StampColumns {
+    pub wall: i64,
+    pub logical: i64,
+    pub actor: String,
+}
+
+impl StampColumns {
+    pub fn of(stamp: &HlcStamp) -> Result<StampColumns, StorageError> {
+        Ok(StampColumns {
+            wall: to_i64("HLC wall time", stamp.wall_ms)?,
+            logical: i64::from(stamp.logical),
+            actor: stamp.actor.as_str().to_owned(),
+        })
+    }
+
+    pub fn stamp(self, what: &str) -> Result<HlcStamp, StorageError> {
+        Ok(HlcStamp {
+            wall_ms: to_u64(what, self.wall)?,
+            logical: u32::try_from(self.logical)
+                .map_err(|_| corrupt(what, format!("HLC logical counter {} out of range", self.logical)))?,
+            actor: ActorId::new(self.actor).map_err(|e| corrupt(what, e))?,
+        })
+    }
+}
+
+/// A stock slot row (without its version).
+#[derive(Debug, Clone)]
+pub(crate) struct SlotColumns {
+    pub store: String,
+    pub sku: String,
+    pub actor: String,
+    pub inc: i64,
+    pub dec: i64,
+}
+
+impl SlotColumns {
+    pub fn of(row: &SlotRow) -> Result<SlotColumns, StorageError> {
+        let what = format!("stock slot {}", row.key);
+        Ok(SlotColumns {
+            store: row.key.store.as_str().to_owned(),
+            sku: row.key.sku.as_str().to_owned(),
+            actor: row.key.actor.as_str().to_owned(),
+            inc: to_i64(&what, row.slot.inc)?,
+            dec: to_i64(&what, row.slot.dec)?,
+        })
+    }
+
+    pub fn row(self) -> Result<SlotRow, StorageError> {
+        let what = format!("stock slot {}/{}/{}", self.store, self.sku, self.actor);
+        Ok(SlotRow {
+            key: SlotKey {
+                store: parse_store(&what, self.store)?,
+                sku: parse_sku(&what, self.sku)?,
+                actor: ActorId::new(self.actor).map_err(|e| corrupt(&what, e))?,
+            },
+            slot: Slot { inc: to_u64(&what, self.inc)?, dec: to_u64(&what, self.dec)? },
+        })
+    }
+}
+
+/// A price register's key and value (a held price has no stamp yet; a stored register adds
+/// [`StampColumns`]). `amount` NULL means the price is withdrawn.
+#[derive(Debug, Clone)]
+pub(crate) struct PriceColumns {
+    pub sku: String,
+    pub scope: String,
+    pub slot: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub win_from: Option<i64>,
+    pub win_until: Option<i64>,
+}
+
+impl PriceColumns {
+    pub fn of(key: &PriceKey, value: Option<&PriceValue>) -> Result<PriceColumns, StorageError> {
+        let what = format!("price {} {} {}", key.sku, key.scope, key.slot.as_str());
+        let window = value.and_then(|v| v.window);
+        Ok(PriceColumns {
+            sku: key.sku.as_str().to_owned(),
+            scope: key.scope.to_string(),
+            slot: key.slot.as_str().to_owned(),
+            amount: value.map(|v| v.amount.minor),
+            currency: value.map(|v| v.amount.currency.code().to_owned()),
+            win_from: window.map(|w| to_i64(&what, w.from_ms)).transpose()?,
+            win_until: window.map(|w| to_i64(&what, w.until_ms)).transpose()?,
+        })
+    }
+
+    pub fn write(self) -> Result<PriceWrite, StorageError> {
+        let what = format!("price {} {} {}", self.sku, self.scope, self.slot);
+        let key = PriceKey {
+            sku: parse_sku(&what, self.sku)?,
+            scope: parse_scope(&what, &self.scope)?,
+            slot: parse_slot(&what, &self.slot)?,
+        };
+        let window = match (self.win_from, self.win_until) {
+            (Some(from), Some(until)) => {
+                Some(ValidityWindow { from_ms: to_u64(&what, from)?, until_ms: to_u64(&what, until)? })
+            }
+            (None, None) => None,
+            _ => return Err(corrupt(&what, "validity window has only one end")),
+        };
+        let value = match (self.amount, self.currency) {
+            (Some(minor), Some(code)) => Some(PriceValue {
+                amount: Money::new(minor, Currency::new(&code).map_err(|e| corrupt(&what, e))?),
+                window,
+            }),
+            (None, None) if window.is_none() => None,
+            _ => return Err(corrupt(&what, "amount, currency and window do not agree")),
+        };
+        Ok(PriceWrite { key, value })
+    }
+
+    pub fn entry(self, stamp: StampColumns) -> Result<PriceEntry, StorageError> {
+        let what = format!("price {} {} {}", self.sku, self.scope, self.slot);
+        let write = self.write()?;
+        Ok(PriceEntry { key: write.key, value: write.value, stamp: stamp.stamp(&what)? })
+    }
+}
+
+/// A catalog field write: the field's name as a column (the key), its value as postcard bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct CatalogColumns {
+    pub sku: String,
+    pub field: String,
+    pub value: Vec<u8>,
+}
+
+impl CatalogColumns {
+    pub fn of(update: &CatalogUpdate) -> Result<CatalogColumns, StorageError> {
+        let value = postcard::to_allocvec(&update.field)
+            .map_err(|e| corrupt(format!("catalog {}.{}", update.sku, update.field.name()), e))?;
+        Ok(CatalogColumns { sku: update.sku.as_str().to_owned(), field: update.field.name().to_owned(), value })
+    }
+
+    pub fn update(self, stamp: StampColumns) -> Result<CatalogUpdate, StorageError> {
+        let what = format!("catalog {}.{}", self.sku, self.field);
+        let field: CatalogField = postcard::from_bytes(&self.value).map_err(|e| corrupt(&what, e))?;
+        if field.name() != self.field {
+            return Err(corrupt(&what, format!("value holds field {}", field.name())));
+        }
+        Ok(CatalogUpdate { sku: parse_sku(&what, self.sku)?, field, stamp: stamp.stamp(&what)? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> HlcStamp {
+        HlcStamp { wall_ms: 7, logical: 2, actor: ActorId::cloud() }
+    }
+
+    #[test]
+    fn price_columns_round_trip_and_refuse_half_rows() {
+        let key = PriceKey { sku: Sku::new("A").unwrap(), scope: PriceScope::Chain, slot: PriceSlot::Promotion };
+        let value = PriceValue {
+            amount: Money::new(199, Currency::new("EUR").unwrap()),
+            window: Some(ValidityWindow { from_ms: 1, until_ms: 2 }),
+        };
+        let cols = PriceColumns::of(&key, Some(&value)).unwrap();
+        let entry = cols.clone().entry(StampColumns::of(&stamp()).unwrap()).unwrap();
+        assert_eq!(entry, PriceEntry { key: key.clone(), value: Some(value), stamp: stamp() });
+        let withdrawn = PriceColumns::of(&key, None).unwrap().write().unwrap();
+        assert_eq!(withdrawn, PriceWrite { key, value: None });
+        let half = PriceColumns { currency: None, ..cols.clone() };
+        assert!(matches!(half.write(), Err(StorageError::Corrupt(m)) if m.contains("price A chain promotion")));
+        let bad_scope = PriceColumns { scope: "region:x".into(), ..cols };
+        assert!(matches!(bad_scope.write(), Err(StorageError::Corrupt(m)) if m.contains("region:x")));
+    }
+
+    #[test]
+    fn catalog_value_must_match_its_field_column() {
+        let update =
+            CatalogUpdate { sku: Sku::new("A").unwrap(), field: CatalogField::Discontinued(true), stamp: stamp() };
+        let cols = CatalogColumns::of(&update).unwrap();
+        assert_eq!(cols.clone().update(StampColumns::of(&stamp()).unwrap()).unwrap(), update);
+        let swapped = CatalogColumns { field: "name".into(), ..cols.clone() };
+        assert!(matches!(swapped.update(StampColumns::of(&stamp()).unwrap()), Err(StorageError::Corrupt(_))));
+        let garbage = CatalogColumns { value: vec![0xff, 0xff], ..cols };
+        assert!(matches!(garbage.update(StampColumns::of(&stamp()).unwrap()), Err(StorageError::Corrupt(_))));
+    }
+
+    #[test]
+    fn negative_counts_are_corrupt_not_wrapped() {
+        let cols = SlotColumns { store: "s1".into(), sku: "A".into(), actor: "cloud".into(), inc: -1, dec: 0 };
+        assert!(matches!(cols.row(), Err(StorageError::Corrupt(m)) if m.contains("s1/A/cloud")));
+        assert!(to_i64("x", u64::MAX).is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Stock slot merges applied into SQLite, on the edge (a page of cloud rows through the ledger
+//! writer, as sync applies it) and on the cloud (a store's push into each storage backend),
+//! beside the `automerge` crate merging the same counter workload in the same run: N counters,
+//! each moved by one actor, merged into a replica that has the previous round.
+//! Target (DESIGN section 10): >= 100k slots/s and >= 5x automerge.
+//!
+//! `cargo bench -p e2e-tests --bench slot_merge` (`SLOT_MERGE_N` sets N, default 50,000).
+
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ScalarValue, ROOT};
+use cloud_sync::storage::sqlite::SqliteStorage;
+use cloud_sync::storage::{Storage, SyncReport};
+use edge_agent::ledger::{Ledger, LedgerOptions, MergedPage, SyncAck};
+use shared::sync::{Cursor, Push, Rows, SlotGroup, SlotValue, MAX_PAGE_ROWS};
+use shared::{ActorId, Currency, HlcStamp, StoreId};
+
+const ROUNDS: u64 = 3;
+
+fn skus(n: usize) -> Vec<shared::Sku> {
+    (0..n).map(|i| shared::Sku::new(format!("SKU-{i:07}")).unwrap()).collect()
+}
+
+/// Round `r` of the workload: every slot moved again (inc grows by r, dec by r - 1).
+fn group(store: &StoreId, actor: ActorId, skus: &[shared::Sku], round: u64) -> Vec<SlotGroup> {
+    skus.chunks(MAX_PAGE_ROWS as usize)
+        .map(|chunk| SlotGroup {
+            store: store.clone(),
+            actor: actor.clone(),
+            slots: chunk.iter().map(|s| SlotValue { sku: s.clone(), inc: 10 * round, dec: 3 * round }).collect(),
+        })
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+async fn edge(n: usize) -> Vec<Duration> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreId::new("s1").unwrap();
+    let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
+    let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(64).unwrap();
+    let skus = skus(n);
+    let mut times = Vec::new();
+    let mut cursor = Cursor::default();
+    for round in 1..=ROUNDS {
+        let pages = group(&store, ActorId::cloud(), &skus, round);
+        let started = Instant::now();
+        for page in pages {
+            let from = cursor;
+            cursor.store += page.slots.len() as u64;
+            let ack = SyncAck {
+                acked_version: 0,
+                cursor,
+                cloud_time: HlcStamp { wall_ms: now_ms(), logical: 0, actor: ActorId::cloud() },
+            };
+            let rows = Rows { stock: vec![page], ..Rows::default() };
+            handle.apply_sync(ack, Some(MergedPage { from, rows, refused: vec![] })).await.unwrap();
+        }
+        times.push(started.elapsed());
+    }
+    drop(handle);
+    writer.join();
+    times
+}
+
+async fn cloud<S: Storage>(storage: S, n: usize) -> Vec<Duration> {
+    storage.migrate().await.unwrap();
+    let store = StoreId::new("s1").unwrap();
+    storage.add_store(&store, [7; 32], now_ms()).await.unwrap();
+    let skus = skus(n);
+    let mut times = Vec::new();
+    let mut version = 0;
+    for round in 1..=ROUNDS {
+        let pages = group(&store, ActorId::for_store(&store), &skus, round);
+        let started = Instant::now();
+        for page in pages {
+            let from = version;
+            version += page.slots.len() as u64;
+            let push =
+                Push { from_version: from, to_version: version, rows: Rows { stock: vec![page], ..Rows::default() } };
+            let report = SyncReport {
+                store: &store,
+                push: Some(&push),
+                head_version: version,
+                cursor: Cursor::default(),
+                max_stamp: None,
+                now_ms: now_ms(),
+            };
+            storage.push(report).await.unwrap();
+        }
+        times.push(started.elapsed());
+    }
+    times
+}
+
+fn automerge(n: usize) -> Vec<Duration> {
+    let keys: Vec<String> = (0..n).map(|i| format!("SKU-{i:07}")).collect();
+    let mut source = AutoCommit::new();
+    let mut replica = AutoCommit::new();
+    let mut times = Vec::new();
+    for round in 1..=ROUNDS {
+        for key in &keys {
+            if round == 1 {
+                source.put(ROOT, key.as_str(), ScalarValue::counter(0)).unwrap();
+            }
+            source.increment(ROOT, key.as_str(), 7).unwrap();
+        }
+        source.commit();
+        let started = Instant::now();
+        replica.merge(&mut source).unwrap();
+        times.push(started.elapsed());
+    }
+    times
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn main() {
+    let n: usize = std::env::var("SLOT_MERGE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let reference = automerge(n);
+    let edge = runtime.block_on(edge(n));
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_sqlite = runtime.block_on(cloud(SqliteStorage::open(&dir.path().join("cloud.db")).unwrap(), n));
+    let mut rows = vec![("edge ledger (SQLite, FULL)", edge), ("cloud SQLite backend", cloud_sqlite)];
+    match postgres_conninfo() {
+        Some(conninfo) => {
+            let storage = runtime.block_on(cloud_sync::storage::postgres::PostgresStorage::connect(&conninfo)).unwrap();
+            rows.push(("cloud PostgreSQL backend", runtime.block_on(cloud(storage, n))));
+            drop_database(&conninfo);
+        }
+        None => eprintln!("PostgreSQL not reachable: its row is left out"),
+    }
+
+    println!("stock slot merges: {n} slots per round, {ROUNDS} rounds (round 1 inserts, later rounds update)");
+    println!("{:<30} {:>14} {:>14} {:>14} {:>12}", "merged by", "round 1/s", "round 2/s", "round 3/s", "vs automerge");
+    let am: Vec<f64> = reference.iter().map(|d| rate(n, *d)).collect();
+    println!("{:<30} {:>14.0} {:>14.0} {:>14.0} {:>12}", "automerge 0.12 (in memory)", am[0], am[1], am[2], "1.0x");
+    for (name, times) in rows {
+        let r: Vec<f64> = times.iter().map(|d| rate(n, *d)).collect();
+        let ratio = r.iter().sum::<f64>() / am.iter().sum::<f64>();
+        println!("{name:<30} {:>14.0} {:>14.0} {:>14.0} {:>11.1}x", r[0], r[1], r[2], ratio);
+    }
+}
+
+/// A fresh database on the local PostgreSQL, if one answers.
+fn postgres_conninfo() -> Option<String> {
+    let admin = e2e_tests::cloud::pg_admin_conninfo();
+    let name = format!("se_bench_{}", std::process::id());
+    let ok = std::process::Command::new("psql")
+        .arg(&admin)
+        .args(["-qc", &format!("CREATE DATABASE {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| {
+        let base: Vec<&str> = admin.split_whitespace().filter(|kv| !kv.starts_with("dbname=")).collect();
+        format!("{} dbname={name}", base.join(" "))
+    })
+}
+
+fn drop_database(conninfo: &str) {
+    let name = conninfo.rsplit("dbname=").next().unwrap_or_default();
+    let _ = std::process::Command::new("psql")
+        .arg(e2e_tests::cloud::pg_admin_conninfo())
+        .args(["-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")])
+        .output();
+}

@@ -1,0 +1,138 @@
+//! Sync against a cloud that fails: answering 500, answering slowly (past the store's timeout,
+//! so the cloud applies a push the store thinks failed), cutting its answer short, being
+//! unreachable, and being killed in the middle of a multi-page sync. After each, the store's
+//! outbox still holds what the cloud has not acknowledged, and once the cloud is back one
+//! session completes and the cloud holds exactly the store's stock: nothing lost, nothing
+//! counted twice. The real cloud-sync binary; the store's ledger and sync client as a library.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use e2e_tests::cloud::{Backend, CloudFixture};
+use e2e_tests::proxy::{Fault, FaultProxy};
+use edge_agent::ledger::{Command, IdempotencyKey, Ledger, LedgerHandle, LedgerOptions, LedgerReader};
+use edge_agent::sync::client::SyncClient;
+use edge_agent::sync::{SessionError, Syncer};
+use shared::{Currency, Sku, StoreId};
+
+const SKUS: usize = 12_000;
+const PAGE: u32 = 2_000;
+
+fn sku(i: usize) -> Sku {
+    Sku::new(format!("SKU-{i:05}")).unwrap()
+}
+
+async fn submit_all(handle: &LedgerHandle, commands: Vec<(String, Command)>) {
+    let mut pending = tokio::task::JoinSet::new();
+    for (key, cmd) in commands {
+        let h = handle.clone();
+        pending.spawn(async move { h.submit(IdempotencyKey::new(key).unwrap(), cmd).await.unwrap() });
+    }
+    while let Some(r) = pending.join_next().await {
+        r.unwrap();
+    }
+}
+
+async fn sell_round(handle: &LedgerHandle, round: usize) {
+    let sales = (0..SKUS)
+        .step_by(7)
+        .map(|i| {
+            let cmd = Command::Adjustment { sku: sku(i), movement: -1, reason: format!("sold in round {round}") };
+            (format!("sale:{round}:{i}"), cmd)
+        })
+        .collect();
+    submit_all(handle, sales).await;
+}
+
+async fn cloud_on_hand(cloud: &CloudFixture, sku: &Sku) -> i64 {
+    let (status, answer) = cloud.hq("GET", &format!("/v1/hq/stock/{sku}"), None).await;
+    assert_eq!(status, 200, "{answer}");
+    answer["chain_total"].as_i64().unwrap_or_else(|| panic!("no chain_total in {answer}"))
+}
+
+fn expect_failure(outcome: Result<edge_agent::sync::SessionReport, SessionError>, code: &str, fault: Fault) {
+    match outcome {
+        Err(e) => assert_eq!(e.code(), code, "{fault:?}: {e}"),
+        Ok(report) => panic!("{fault:?}: the session succeeded through the fault: {report:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
+    let mut cloud = CloudFixture::start(Backend::Sqlite);
+    let token = cloud.add_store("s1");
+    let proxy = FaultProxy::start(cloud.addr).await;
+
+    let store = StoreId::new("s1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
+    let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(4096).unwrap();
+    let receipts = (0..SKUS)
+        .map(|i| (format!("open:{i}"), Command::Receipt { sku: sku(i), quantity: 50, reference: "opening".into() }))
+        .collect();
+    submit_all(&handle, receipts).await;
+    let reader = Arc::new(Mutex::new(LedgerReader::open(dir.path()).unwrap()));
+    let syncer = Syncer {
+        store: store.clone(),
+        client: SyncClient::new(&proxy.url(), &store, token, Duration::from_millis(1_500)).unwrap(),
+        reader: reader.clone(),
+        handle: handle.clone(),
+        page_rows: PAGE,
+    };
+    let outbox = || reader.lock().unwrap().outbox_depth().unwrap();
+
+    // Each fault fails the session; the outbox keeps everything not acknowledged; sales go on.
+    let faults = [
+        (Fault::Status500, "SYNC_UNAVAILABLE"),
+        (Fault::Slow(Duration::from_secs(3)), "SYNC_UNREACHABLE"),
+        (Fault::Truncate, "SYNC_BAD_ANSWER"),
+        (Fault::Down, "SYNC_UNREACHABLE"),
+    ];
+    for (round, (fault, code)) in faults.into_iter().enumerate() {
+        proxy.set(fault);
+        let before = outbox();
+        expect_failure(syncer.session().await, code, fault);
+        assert_eq!(outbox(), before, "{fault:?}: a failed exchange acknowledges nothing");
+        sell_round(&handle, round).await;
+    }
+    // The slow request reaches the cloud after the store gave up on it: a duplicate to come.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Killed in the middle of a multi-page sync.
+    proxy.set(Fault::None);
+    let forwarded = proxy.counts().forwarded;
+    let session = tokio::spawn(async move {
+        let outcome = syncer.session().await;
+        (syncer, outcome)
+    });
+    while proxy.counts().forwarded < forwarded + 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cloud.kill();
+    let (syncer, outcome) = session.await.unwrap();
+    assert!(outcome.is_err(), "the session cannot finish with the cloud dead: {outcome:?}");
+    assert!(outbox() > 0, "the pages after the kill are still in the outbox");
+    sell_round(&handle, 99).await;
+
+    // The cloud is back: one session completes everything.
+    cloud.serve();
+    let report = syncer.session().await.unwrap();
+    assert!(report.pushed_rows > 0);
+    assert_eq!(outbox(), 0, "everything acknowledged");
+    let position = reader.lock().unwrap().sync_position().unwrap();
+    assert_eq!(position.pushed_version, position.head_version);
+
+    // Exactly the store's stock in the cloud, SKU by SKU (a sample across the range, and every
+    // SKU sold in each round).
+    for i in (0..SKUS).step_by(97).chain((0..SKUS).step_by(7).take(50)) {
+        let s = sku(i);
+        let local = reader.lock().unwrap().stock(&s).unwrap().on_hand;
+        assert_eq!(cloud_on_hand(&cloud, &s).await, local, "{s}");
+    }
+    let (_, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
+    let status = &stores["stores"].as_array().unwrap()[0];
+    assert_eq!(status["push_lag_versions"].as_u64(), Some(0), "{status}");
+    drop(syncer);
+    drop(handle);
+    writer.join();
+}
