@@ -117,7 +117,7 @@ fn sorted(mut v: Vec<Item>) -> Vec<Item> {
 
 /// Every row `s` would pull from `cursor`, in one page.
 async fn everything<S: Storage>(storage: &S, s: &StoreId, cursor: Cursor) -> (Vec<Item>, Cursor) {
-    let page = storage.pull(s, cursor, 10_000).await.unwrap();
+    let page = storage.pull(s, cursor, 10_000, cursor.is_start()).await.unwrap();
     assert!(!page.more);
     (items(&page.rows), page.next_cursor)
 }
@@ -155,8 +155,23 @@ async fn story<S: Storage>(storage: S) {
     assert_eq!(c1, Cursor { chain: 0, store: 3 });
     assert_eq!(storage.push(report(&s1, Some(&first), 3, Cursor::default(), Some(&sent))).await.unwrap(), 3);
     assert_eq!(everything(&storage, &s1, Cursor::default()).await, (from_start, c1), "a re-push takes no version");
-    let page = storage.pull(&s1, c1, 100).await.unwrap();
+    let page = storage.pull(&s1, c1, 100, c1.is_start()).await.unwrap();
     assert!(page.rows.is_empty() && !page.more && page.next_cursor == c1);
+
+    // A store rebuilding its ledger asks for its own slots on every page of its catch-up, not
+    // only the first (the cursor moves after it).
+    let (mut cursor, mut rebuilt, mut pages) = (Cursor::default(), Vec::new(), 0);
+    loop {
+        let page = storage.pull(&s1, cursor, 1, true).await.unwrap();
+        rebuilt.extend(items(&page.rows));
+        cursor = page.next_cursor;
+        pages += 1;
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(sorted(rebuilt), own_rows.iter().cloned().map(Item::Slot).collect::<Vec<_>>());
 
     // Pushes out of order: rows always merge, the acknowledged version only moves over a
     // contiguous range, and never backwards.
@@ -217,7 +232,7 @@ async fn story<S: Storage>(storage: S) {
     let a_prices = storage.prices_of(&sku("A")).await.unwrap();
     assert_eq!(a_prices.len(), 2);
     assert_eq!(a_prices[1].stamp, store_stamp, "HQ's later write stands: {a_prices:?}");
-    assert!(storage.pull(&s1, c4, 100).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s1, c4, 100, c4.is_start()).await.unwrap().rows.is_empty());
     let newer = Push {
         from_version: 8,
         to_version: 9,
@@ -227,7 +242,10 @@ async fn story<S: Storage>(storage: S) {
     let (rows, c5) = everything(&storage, &s1, c4).await;
     assert_eq!(rows, vec![Item::Price(store_price(175, NOW + 60_000))]);
     storage.push(report(&s1, Some(&newer), 9, c5, None)).await.unwrap();
-    assert!(storage.pull(&s1, c5, 100).await.unwrap().rows.is_empty(), "same stamp again: no new version");
+    assert!(
+        storage.pull(&s1, c5, 100, c5.is_start()).await.unwrap().rows.is_empty(),
+        "same stamp again: no new version"
+    );
 
     // A catalog import whose stock correction overflows leaves nothing behind: no field, no
     // slot, no version, and its op id is still free.
@@ -249,8 +267,8 @@ async fn story<S: Storage>(storage: S) {
     );
     assert!(storage.catalog_of(&sku("A")).await.unwrap().is_empty());
     assert_eq!(storage.stock_of_store(&s1).await.unwrap(), stock_before);
-    assert!(storage.pull(&s2, c_s2, 100).await.unwrap().rows.is_empty());
-    assert!(storage.pull(&s1, c5, 100).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s2, c_s2, 100, c_s2.is_start()).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s1, c5, 100, c5.is_start()).await.unwrap().rows.is_empty());
 
     // The corrected import applies once; a retry under its op id is reported, not reapplied.
     let import = CloudWrites { stock: vec![], ..import };
@@ -316,7 +334,7 @@ async fn story<S: Storage>(storage: S) {
     let (all, end) = everything(&storage, &s2, Cursor::default()).await;
     let (mut cursor, mut paged, mut pages, mut chain_seen) = (Cursor::default(), Vec::new(), 0, false);
     loop {
-        let page = storage.pull(&s2, cursor, 4).await.unwrap();
+        let page = storage.pull(&s2, cursor, 4, cursor.is_start()).await.unwrap();
         let rows = items(&page.rows);
         assert!(
             rows.len() <= 4 && (rows.len() == 4 || !page.more),
@@ -341,7 +359,7 @@ async fn story<S: Storage>(storage: S) {
     assert_eq!(sorted(paged), sorted(all.clone()));
     assert_eq!(pages, all.len().div_ceil(4));
     assert_eq!(cursor, end);
-    let page = storage.pull(&s2, cursor, 4).await.unwrap();
+    let page = storage.pull(&s2, cursor, 4, cursor.is_start()).await.unwrap();
     assert!(page.rows.is_empty() && !page.more && page.next_cursor == cursor);
 
     // Sync status for HQ: lag, what each store has yet to pull, refusals.
@@ -413,7 +431,7 @@ async fn sqlite_names_a_corrupt_row_instead_of_panicking() {
     assert!(matches!(&err, StorageError::Corrupt(m) if m.contains("price A region:north regular")), "{err}");
     let err = storage.stock_of_store(&store("s1")).await.unwrap_err();
     assert!(matches!(&err, StorageError::Corrupt(m) if m.contains("s1/bad sku/cloud")), "{err}");
-    let err = storage.pull(&store("s1"), Cursor::default(), 10).await.unwrap_err();
+    let err = storage.pull(&store("s1"), Cursor::default(), 10, Cursor::default().is_start()).await.unwrap_err();
     assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
 }
 
@@ -574,7 +592,7 @@ async fn postgres_pullers_never_skip_rows_committed_late() {
             loop {
                 // Read before pulling: a pull that starts after the writers stopped sees all.
                 let finished = done.load(Ordering::SeqCst);
-                let page = storage.pull(&s1, cursor, 5).await.unwrap();
+                let page = storage.pull(&s1, cursor, 5, cursor.is_start()).await.unwrap();
                 seen.take(&page.rows, &own(&s1));
                 cursor = page.next_cursor;
                 if finished && !page.more {

@@ -182,6 +182,7 @@ fn sync_request(store_id: &str, groups: Vec<SlotGroup>, cursor: Cursor) -> SyncR
         push: Some(Push { from_version: 0, to_version: 3, rows: Rows { stock: groups, ..Rows::default() } }),
         cursor,
         max_rows: 1000,
+        include_own_slots: false,
     }
 }
 

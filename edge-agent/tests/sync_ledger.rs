@@ -34,7 +34,7 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 fn ack(acked_version: u64, cursor: Cursor) -> SyncAck {
-    SyncAck { acked_version, cursor, cloud_time: cloud_stamp(now_ms()) }
+    SyncAck { acked_version, cursor, cloud_time: cloud_stamp(now_ms()), caught_up: true }
 }
 fn receipt(sku_id: &str, quantity: i64) -> Command {
     Command::Receipt { sku: sku(sku_id), quantity, reference: "DN".into() }
@@ -174,6 +174,52 @@ async fn merged_rows_of_other_actors_are_not_pushed_back() {
     let reader = LedgerReader::open(dir.path()).unwrap();
     assert_eq!(reader.push_page(100).unwrap(), None, "the cloud's own slot is not this store's to push");
     assert_eq!(reader.stock(&sku("X")).unwrap().on_hand, 3);
+    drop(h);
+    w.join();
+}
+
+#[tokio::test]
+async fn a_rebuilt_ledger_keeps_its_changes_when_the_cloud_holds_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, w) = start(dir.path());
+    h.submit(key("rcv-before-first-sync"), receipt("A", 4)).await.unwrap();
+    let reader = LedgerReader::open(dir.path()).unwrap();
+    assert!(!reader.sync_position().unwrap().bootstrapped, "a new ledger asks for its own slots back");
+
+    // The cloud knows this store up to version 50 (its ledger was replaced); the answer leaves
+    // more to pull, so the ledger is not caught up yet.
+    let mut partial = ack(50, Cursor { chain: 0, store: 10 });
+    partial.caught_up = false;
+    h.apply_sync(partial, None).await.unwrap();
+    let position = reader.sync_position().unwrap();
+    assert_eq!((position.pushed_version, position.head_version, position.bootstrapped), (0, 50, false));
+
+    // A change after the answer takes a version above the cloud's; both changes are pushed.
+    h.submit(key("rcv-after"), receipt("B", 2)).await.unwrap();
+    let push = reader.push_page(100).unwrap().unwrap();
+    assert_eq!((push.from_version, push.to_version), (0, 51));
+    assert_eq!(push.rows.len(), 2, "{push:?}");
+    h.apply_sync(ack(51, Cursor { chain: 0, store: 12 }), None).await.unwrap();
+    let position = reader.sync_position().unwrap();
+    assert_eq!((position.pushed_version, position.bootstrapped), (51, true));
+    assert_eq!(reader.push_page(100).unwrap(), None);
+    drop(h);
+    w.join();
+}
+
+#[tokio::test]
+async fn chain_prices_written_locally_stay_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, w) = start(dir.path());
+    let chain = PriceKey { sku: sku("A"), scope: PriceScope::Chain, slot: PriceSlot::Regular };
+    let value = Some(PriceValue { amount: eur(100), window: None });
+    h.submit(key("chain-price"), Command::PriceChange { key: chain, value: value.clone() }).await.unwrap();
+    let reader = LedgerReader::open(dir.path()).unwrap();
+    assert_eq!(reader.push_page(100).unwrap(), None, "the cloud refuses chain prices from a store");
+    assert_eq!(reader.outbox_depth().unwrap(), 0);
+    let own = PriceKey { sku: sku("A"), scope: PriceScope::Store(store()), slot: PriceSlot::Regular };
+    h.submit(key("store-price"), Command::PriceChange { key: own, value }).await.unwrap();
+    assert_eq!(reader.push_page(100).unwrap().unwrap().rows.prices.len(), 1);
     drop(h);
     w.join();
 }

@@ -26,9 +26,9 @@ use crate::stock::{Slot, SlotKey, SlotRow};
 pub const MAX_PAGE_ROWS: u32 = 20_000;
 
 /// Where a store has merged the cloud's partitions up to (exclusive lower bounds of the next
-/// pull). `Cursor::default()` asks for everything, including the store's own slots as the cloud
-/// holds them (a store rebuilding its ledger); later pulls skip the store's own slots, which only
-/// the store writes.
+/// pull). `Cursor::default()` asks for everything. The store's own slots come back only when the
+/// request asks for them ([`SyncRequest::include_own_slots`]): only the store writes them, so a
+/// store needs them only while rebuilding its ledger.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cursor {
     pub chain: u64,
@@ -118,6 +118,10 @@ pub struct SyncRequest {
     pub cursor: Cursor,
     /// Most rows the store wants in the answer (the cloud caps it at [`MAX_PAGE_ROWS`]).
     pub max_rows: u32,
+    /// Also send the store's own slots: set by a store until it has caught up once with a new
+    /// ledger (a rebuilt store gets back what it had pushed). Kept for every page of that
+    /// catch-up, not inferred from the cursor, which moves after the first page.
+    pub include_own_slots: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +257,7 @@ mod tests {
             push: Some(Push { from_version: 0, to_version: 3, rows }),
             cursor: Cursor::default(),
             max_rows: 100,
+            include_own_slots: false,
         }
     }
 

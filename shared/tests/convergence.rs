@@ -12,7 +12,7 @@
 #[path = "convergence/model.rs"]
 mod model;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use model::{Cloud, Refused, Store, MAX_SKEW_MS};
 use rand::rngs::StdRng;
@@ -112,7 +112,6 @@ struct Stats {
     clock_ahead: u64,
     dead_rtc: u64,
     multi_page_bootstraps: u64,
-    own_slots_missing_after_bootstrap: u64,
     healthy_store_refused_cloud_time: u64,
     refused_after_clock_fixed: u64,
 }
@@ -501,6 +500,7 @@ impl World {
             push: Some(Push { from_version: 0, to_version: u64::MAX, rows }),
             cursor: Cursor::default(),
             max_rows: 10,
+            include_own_slots: false,
         };
         let before = self.cloud.fingerprint();
         let now = self.cloud_now();
@@ -717,44 +717,31 @@ impl World {
         }
     }
 
-    /// Pulls a store's whole state into an empty replica, page by page from the start.
+    /// Pulls a store's whole state into an empty replica, page by page from the start, as a
+    /// store does after its ledger was replaced: it asks for its own slots on every page until
+    /// it has caught up, and continues its versions above what the cloud acknowledges.
     fn check_bootstrap(&mut self, s: usize) {
         let node = &self.nodes[s].store;
         let mut fresh = Store::new(node.id.clone(), node.pull_rows, node.push_rows);
-        let mut first_page_own = None;
         let mut pages = 0;
         loop {
             pages += 1;
             assert!(pages < 1_000_000, "bootstrap of s{s} does not end");
             let now = self.real_ms.saturating_add_signed(self.nodes[s].skew_ms);
             let request = fresh.request(now);
-            assert!(request.push.is_none(), "an empty replica pushes nothing");
+            if let Some(push) = &request.push {
+                assert!(push.rows.is_empty(), "an empty replica has no rows to push, only versions to skip");
+            }
             let cloud_now = self.cloud_now();
             let answer = self.cloud.handle(&fresh.id, &wire::encode(&request).unwrap(), cloud_now).unwrap();
             let response: SyncResponse = wire::decode(&answer).unwrap();
             fresh.apply(&response, now);
-            let own: BTreeSet<_> =
-                fresh.stock.rows().into_iter().filter(|r| r.key.actor == fresh.actor).map(|r| r.key).collect();
-            first_page_own.get_or_insert(own);
-            if !response.more {
+            if !response.more && !fresh.pending() {
                 break;
             }
         }
-        let first_page_own = first_page_own.unwrap();
         self.stats.multi_page_bootstraps += u64::from(pages > 1);
-        // FIXME(protocol): `Cursor` says later pulls skip the store's own slots, and the only
-        // "start" a cursor knows is `Cursor::default()`; so a rebuild that takes more than one
-        // page never receives its own slots beyond the first page (see
-        // `paged_bootstrap_of_a_rebuilt_store_misses_its_own_slots`). Today's behaviour is
-        // pinned here: the replica equals the cloud's projection minus exactly those slots.
-        // When the protocol is fixed, compare with `self.cloud.projection(s)` directly.
-        let mut expected = self.cloud.projection(s);
-        let before = expected.slots.len();
-        expected.slots.retain(|r| r.key.actor != fresh.actor || first_page_own.contains(&r.key));
-        self.stats.own_slots_missing_after_bootstrap += (before - expected.slots.len()) as u64;
-        if pages == 1 {
-            assert_eq!(before, expected.slots.len(), "a one-page bootstrap misses nothing");
-        }
+        let expected = self.cloud.projection(s);
         let got = fresh.projection();
         assert!(
             expected.bytes() == got.bytes(),
@@ -874,15 +861,13 @@ fn a_push_whose_answer_was_lost_is_retried_and_counts_once() {
     assert_eq!(cloud.slots(0), vec![shared::SlotRow { key: store.own_key(&milk), slot: Slot { inc: 12, dec: 4 } }]);
 }
 
-/// FIXME(protocol), pinned as today's behaviour: `shared::sync::Cursor` documents that only
-/// `Cursor::default()` receives the store's own slots and every later pull skips them. A store
-/// rebuilding its ledger pulls from the start, but as soon as its state takes more than one
-/// page the cursor is no longer at the start, so its own slots beyond the first page never
-/// arrive and the rebuilt store undercounts its stock for good. A fix needs the request to say
-/// "include my own slots" (a flag, or a rebuild watermark) rather than inferring it from the
-/// cursor. When fixed, this test should assert that all five own slots arrive.
+/// A store rebuilding its ledger pulls its whole state back over several pages: it asks for
+/// its own slots on every page until caught up (`SyncRequest::include_own_slots`; the cursor
+/// alone cannot say it, it moves after the first page), and the answer acknowledges versions
+/// the empty replica never issued, so it continues its versions above them and its next sale
+/// is still pushed.
 #[test]
-fn paged_bootstrap_of_a_rebuilt_store_misses_its_own_slots() {
+fn paged_bootstrap_of_a_rebuilt_store_gets_all_its_own_slots() {
     let id = StoreId::new("s1").unwrap();
     let mut cloud = Cloud::new(std::slice::from_ref(&id));
     let mut store = Store::new(id.clone(), 100, 100);
@@ -907,17 +892,15 @@ fn paged_bootstrap_of_a_rebuilt_store_misses_its_own_slots() {
         }
     }
     assert!(pages > 1);
-    // A second hazard of the same rebuild, in the store rather than the cloud: the answer
-    // acknowledges versions the empty replica never issued. A store that adopts
-    // `acked_version` as is (as this model and the `SyncResponse` docs do) treats its next own
-    // changes as pushed already; a rebuilt store must resume its versions above it.
-    assert_eq!((rebuilt.pushed, rebuilt.pending()), (5, false));
-    rebuilt.move_stock(&skus[1], -1);
-    assert!(!rebuilt.pending(), "today the rebuilt store's first sale is never pushed");
     let own_rows = rebuilt.stock.rows().into_iter().filter(|r| r.key.actor == rebuilt.actor).count();
-    assert_eq!(own_rows, 2, "only the first page's own slots arrive (today's behaviour)");
+    assert_eq!(own_rows, 5, "every own slot arrives, on whichever page");
     let total: i128 = skus.iter().map(|s| rebuilt.value(s)).sum();
-    assert_eq!(total, 23, "the cloud holds 54 units; the rebuilt store sees 24, less its sale");
     let held: i128 = skus.iter().map(|s| cloud.stock(0).value(&id, s)).sum();
-    assert_eq!(held, 54);
+    assert_eq!((total, held), (54, 54));
+    assert_eq!(rebuilt.head(), 5, "versions continue above what the cloud acknowledged");
+    rebuilt.move_stock(&skus[1], -1);
+    assert!(rebuilt.pending(), "the rebuilt store's first sale is pushed");
+    exchange(&mut cloud, &mut rebuilt, EPOCH_MS + 100, true);
+    let held: i128 = skus.iter().map(|s| cloud.stock(0).value(&id, s)).sum();
+    assert_eq!(held, 53);
 }

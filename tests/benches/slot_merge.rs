@@ -55,6 +55,7 @@ async fn edge(n: usize) -> Vec<Duration> {
                 acked_version: 0,
                 cursor,
                 cloud_time: HlcStamp { wall_ms: now_ms(), logical: 0, actor: ActorId::cloud() },
+                caught_up: true,
             };
             let rows = Rows { stock: vec![page], ..Rows::default() };
             handle.apply_sync(ack, Some(MergedPage { from, rows, refused: vec![] })).await.unwrap();

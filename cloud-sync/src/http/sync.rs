@@ -175,7 +175,8 @@ async fn exchange<S: Storage>(
         .map_err(Refusal::storage)?;
     // At least one row a page, so a pull always makes progress.
     let max_rows = request.max_rows.min(app.settings.page_rows).max(1);
-    let page = app.storage.pull(store, request.cursor, max_rows).await.map_err(Refusal::storage)?;
+    let page =
+        app.storage.pull(store, request.cursor, max_rows, request.include_own_slots).await.map_err(Refusal::storage)?;
     tracing::debug!(
         store_id = %store,
         pushed = rows,

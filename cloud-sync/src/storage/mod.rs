@@ -190,12 +190,15 @@ pub trait Storage: Clone + Send + Sync + 'static {
     fn push(&self, report: SyncReport<'_>) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// The cloud's rows for `store` beyond `cursor`, at most `max_rows`, in version order per
-    /// partition. The store's own slots are left out unless the cursor is at the start.
+    /// partition. The store's own slots are left out unless `include_own`. A partition whose
+    /// rows all fit moves its cursor to the partition's version as of the same snapshot, so
+    /// rows skipped (the store's own) are not scanned again by every later pull.
     fn pull(
         &self,
         store: &StoreId,
         cursor: Cursor,
         max_rows: u32,
+        include_own: bool,
     ) -> impl Future<Output = Result<Page, StorageError>> + Send;
 
     /// Records a refused request: `rows` counts towards the store's refused rows; a security

@@ -264,16 +264,35 @@ pub(crate) fn chain_read_limit(store_rows: usize, max: usize) -> Option<usize> {
 }
 
 /// Cuts a page: the store partition first, then the chain, at most `max` rows in all; each
-/// cursor moves to the last version included from its partition.
-pub(crate) fn page(cursor: Cursor, store_rows: Vec<Pulled>, chain_rows: Vec<Pulled>, max: usize) -> Page {
+/// cursor moves to the last version included from its partition, or, when every row of the
+/// partition beyond the cursor is in the page, to the partition's version `heads` read in the
+/// same snapshot (rows the store does not get, its own slots, are then not scanned again).
+/// The chain is only drained when it was read (`chain_rows` non-empty or the store part fit).
+pub(crate) fn page(
+    cursor: Cursor,
+    store_rows: Vec<Pulled>,
+    chain_rows: Vec<Pulled>,
+    max: usize,
+    heads: Cursor,
+) -> Page {
     let store_taken = store_rows.len().min(max);
     let chain_taken = chain_rows.len().min(max - store_taken);
     let more = store_rows.len() > store_taken || chain_rows.len() > chain_taken;
     let store_part = &store_rows[..store_taken];
     let chain_part = &chain_rows[..chain_taken];
+    let store_drained = store_rows.len() == store_taken;
+    let chain_drained = store_drained && store_taken < max && chain_rows.len() == chain_taken;
     let next_cursor = Cursor {
-        store: store_part.last().map_or(cursor.store, |r| r.version),
-        chain: chain_part.last().map_or(cursor.chain, |r| r.version),
+        store: if store_drained {
+            heads.store.max(cursor.store)
+        } else {
+            store_part.last().map_or(cursor.store, |r| r.version)
+        },
+        chain: if chain_drained {
+            heads.chain.max(cursor.chain)
+        } else {
+            chain_part.last().map_or(cursor.chain, |r| r.version)
+        },
     };
     let mut slots = Vec::new();
     let mut rows = Rows::default();
@@ -350,12 +369,20 @@ mod tests {
     fn page_fills_from_the_store_partition_first() {
         let pulled = |v, sku: &str| Pulled { version: v, row: PulledRow::Slot(row(sku, v, 0)) };
         let cursor = Cursor { chain: 10, store: 20 };
-        let p = page(cursor, vec![pulled(21, "A"), pulled(22, "B")], vec![pulled(11, "C"), pulled(12, "D")], 3);
-        assert_eq!(p.next_cursor, Cursor { chain: 11, store: 22 });
+        // The partitions' versions in the same snapshot: up to 30 in the store partition (rows
+        // up to there the store does not get, its own slots), 12 in the chain.
+        let heads = Cursor { chain: 12, store: 30 };
+        let p = page(cursor, vec![pulled(21, "A"), pulled(22, "B")], vec![pulled(11, "C"), pulled(12, "D")], 3, heads);
+        assert_eq!(p.next_cursor, Cursor { chain: 11, store: 30 }, "the store partition is drained: skip to its head");
         assert!(p.more);
         assert_eq!(p.rows.len(), 3);
-        let p = page(cursor, vec![pulled(21, "A"), pulled(22, "B")], vec![], 2);
-        assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 22 }, false));
+        let p = page(cursor, vec![pulled(21, "A"), pulled(22, "B")], vec![], 2, heads);
+        assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 30 }, false), "the chain was not read");
+        let p = page(cursor, vec![pulled(21, "A")], vec![pulled(11, "C")], 5, heads);
+        assert_eq!((p.next_cursor, p.more), (heads, false), "both drained");
+        let three = vec![pulled(21, "A"), pulled(22, "B"), pulled(23, "E")];
+        let p = page(cursor, three, vec![], 2, heads);
+        assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 22 }, true), "not drained: the last row sent");
         assert_eq!(chain_read_limit(2, 2), Some(1), "a full page still asks whether the chain has more");
         assert_eq!(chain_read_limit(3, 2), None);
     }

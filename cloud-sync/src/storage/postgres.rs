@@ -640,15 +640,29 @@ async fn chain_rows(tx: &Transaction<'_>, after: u64, limit: usize) -> Result<Ve
     Ok(plan::in_version_order(out, limit))
 }
 
-async fn pull(tx: &Transaction<'_>, store: &StoreId, cursor: Cursor, max: usize) -> Result<Page, StorageError> {
+async fn pull(
+    tx: &Transaction<'_>,
+    store: &StoreId,
+    cursor: Cursor,
+    max: usize,
+    include_own: bool,
+) -> Result<Page, StorageError> {
     let own = ActorId::for_store(store);
-    let own = (!cursor.is_start()).then_some(&own);
+    let own = (!include_own).then_some(&own);
     let store_rows = store_rows(tx, store, cursor.store, own, plan::store_read_limit(max)).await?;
     let chain_rows = match plan::chain_read_limit(store_rows.len(), max) {
         Some(limit) => chain_rows(tx, cursor.chain, limit).await?,
         None => Vec::new(),
     };
-    Ok(plan::page(cursor, store_rows, chain_rows, max))
+    let mut heads = Cursor::default();
+    for (partition, head) in [(store_partition(store), &mut heads.store), (CHAIN.to_owned(), &mut heads.chain)] {
+        let row = tx.query_opt("SELECT version FROM counters WHERE partition = $1", &[&partition]).await?;
+        *head = match row {
+            Some(r) => version_at(&r, 0)?,
+            None => 0,
+        };
+    }
+    Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
 /// Rows `store` would pull at `cursor`, its own slots left out.
@@ -871,9 +885,15 @@ impl Storage for PostgresStorage {
         write_tx!(self, |tx| push(&tx, &report).await?)
     }
 
-    async fn pull(&self, store: &StoreId, cursor: Cursor, max_rows: u32) -> Result<Page, StorageError> {
+    async fn pull(
+        &self,
+        store: &StoreId,
+        cursor: Cursor,
+        max_rows: u32,
+        include_own: bool,
+    ) -> Result<Page, StorageError> {
         let max = max_rows.min(shared::sync::MAX_PAGE_ROWS) as usize;
-        read_tx!(self, |tx| pull(&tx, store, cursor, max).await?)
+        read_tx!(self, |tx| pull(&tx, store, cursor, max, include_own).await?)
     }
 
     async fn record_refusal(

@@ -594,15 +594,27 @@ fn chain_rows(tx: &Transaction, after: u64, limit: usize) -> Result<Vec<Pulled>,
     Ok(plan::in_version_order(out, limit))
 }
 
-fn pull(tx: &Transaction, store: &StoreId, cursor: Cursor, max: usize) -> Result<Page, StorageError> {
+fn pull(
+    tx: &Transaction,
+    store: &StoreId,
+    cursor: Cursor,
+    max: usize,
+    include_own: bool,
+) -> Result<Page, StorageError> {
     let own = ActorId::for_store(store);
-    let own = (!cursor.is_start()).then_some(&own);
+    let own = (!include_own).then_some(&own);
     let store_rows = store_rows(tx, store, cursor.store, own, plan::store_read_limit(max))?;
     let chain_rows = match plan::chain_read_limit(store_rows.len(), max) {
         Some(limit) => chain_rows(tx, cursor.chain, limit)?,
         None => Vec::new(),
     };
-    Ok(plan::page(cursor, store_rows, chain_rows, max))
+    let mut counter = tx.prepare_cached("SELECT version FROM counters WHERE partition = ?1")?;
+    let mut version_of = |partition: &str| -> Result<u64, StorageError> {
+        let v: Option<i64> = counter.query_row([partition], |r| r.get(0)).optional()?;
+        to_u64("counter", v.unwrap_or(0))
+    };
+    let heads = Cursor { store: version_of(&store_partition(store))?, chain: version_of(CHAIN)? };
+    Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
 /// Rows `store` would pull at `cursor`, its own slots left out.
@@ -802,10 +814,16 @@ impl Storage for SqliteStorage {
         self.write(move |tx| push(tx, &report)).await
     }
 
-    async fn pull(&self, store: &StoreId, cursor: Cursor, max_rows: u32) -> Result<Page, StorageError> {
+    async fn pull(
+        &self,
+        store: &StoreId,
+        cursor: Cursor,
+        max_rows: u32,
+        include_own: bool,
+    ) -> Result<Page, StorageError> {
         let store = store.clone();
         let max = max_rows.min(shared::sync::MAX_PAGE_ROWS) as usize;
-        self.read(move |tx| pull(tx, &store, cursor, max)).await
+        self.read(move |tx| pull(tx, &store, cursor, max, include_own)).await
     }
 
     async fn record_refusal(

@@ -184,6 +184,8 @@ pub struct SyncPosition {
     pub cursor: Cursor,
     /// The latest local change version.
     pub head_version: u64,
+    /// This ledger has caught up with the cloud once (until then it asks for its own slots).
+    pub bootstrapped: bool,
 }
 
 fn sync_position(conn: &Connection) -> Result<SyncPosition, LedgerError> {
@@ -196,6 +198,7 @@ fn sync_position(conn: &Connection) -> Result<SyncPosition, LedgerError> {
         pushed_version: meta("pushed_version")?,
         cursor: Cursor { chain: meta("cursor_chain")?, store: meta("cursor_store")? },
         head_version: meta("change_version")?,
+        bootstrapped: meta("bootstrapped")? == 1,
     })
 }
 

@@ -229,11 +229,14 @@ pub fn own_rows(conn: &Connection, store: &StoreId, actor: &ActorId, from: u64, 
             slot: Slot { inc: u64_col(row, 2)?, dec: u64_col(row, 3)? },
         });
     }
-    debug_assert!(slots.iter().all(|s| s.key.store == *store));
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {PRICE_COLUMNS} FROM prices WHERE actor = ?1 AND version > ?2 AND version <= ?3 ORDER BY version"
+        "SELECT {PRICE_COLUMNS} FROM prices
+          WHERE actor = ?1 AND version > ?2 AND version <= ?3 AND scope = ?4 ORDER BY version"
     ))?;
-    let mut rows = stmt.query(range)?;
+    // Only this store's own scope: the cloud refuses chain prices from a store (a store that
+    // ran alone keeps those local).
+    let own_scope = scope_text(&PriceScope::Store(store.clone()));
+    let mut rows = stmt.query(params![actor.as_str(), from as i64, to as i64, own_scope])?;
     let mut prices = Vec::new();
     while let Some(row) = rows.next()? {
         prices.push(price_from(row)?);

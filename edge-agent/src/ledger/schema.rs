@@ -101,6 +101,27 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE sold_epcs (epc BLOB PRIMARY KEY, seq INTEGER NOT NULL) STRICT, WITHOUT ROWID;
     ",
+    // 4: the outbox holds only what the cloud accepts from a store: chain prices written here
+    // (a store that ran alone) stay local, or every push would be refused for them.
+    "
+    DROP VIEW outbox;
+    CREATE VIEW outbox AS
+        SELECT 'stock' AS entity, store || '/' || sku || '/' || actor AS entity_key, version
+          FROM stock_slots
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'price', sku || '/' || scope || '/' || slot, version
+          FROM prices
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND scope = 'store:' || (SELECT value FROM meta WHERE key = 'store')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'catalog', sku || '/' || field, version
+          FROM catalog
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
+    ",
 ];
 
 pub fn latest_version() -> i64 {

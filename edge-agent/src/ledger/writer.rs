@@ -80,6 +80,9 @@ pub struct SyncAck {
     /// Where the store has now merged the cloud's rows up to.
     pub cursor: Cursor,
     pub cloud_time: HlcStamp,
+    /// The answer left nothing to pull: a new ledger has caught up once and stops asking for
+    /// its own slots back.
+    pub caught_up: bool,
 }
 
 /// The outcome of one request within a committed batch.
@@ -367,7 +370,7 @@ impl Writer {
                             // (a dead RTC) must not stop sync. Stamps continue from our own.
                             tracing::warn!(error = %skew, error_code = "CLOCK_SKEW", "Cloud clock is far ahead of this store's clock");
                         }
-                        write_sync_position(&tx, ack)?;
+                        write_sync_position(&tx, ack, &mut head)?;
                         match merge {
                             Some((key, body)) => (key, body),
                             None => {
@@ -649,13 +652,29 @@ fn merge_cloud_rows(
     Ok(())
 }
 
-fn write_sync_position(conn: &Connection, ack: &SyncAck) -> Result<(), LedgerError> {
+fn write_sync_position(conn: &Connection, ack: &SyncAck, head: &mut Head) -> Result<(), LedgerError> {
     let mut meta = conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
     let as_i64 = |v: u64| {
         i64::try_from(v)
             .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("sync version {v} exceeds i64") })
     };
-    meta.execute(params!["pushed_version", as_i64(ack.acked_version)?])?;
+    if ack.acked_version > head.change_version {
+        // The cloud holds versions this ledger never issued: it was rebuilt (or restored from
+        // an old backup). Adopting the number would mark our next changes as pushed and lose
+        // them; instead our versions continue above it, and what we have is pushed again.
+        tracing::warn!(
+            cloud_acked = ack.acked_version,
+            local_head = head.change_version,
+            error_code = "SYNC_LEDGER_BEHIND_CLOUD",
+            "The cloud holds more of this store than its ledger; continuing versions above the cloud's"
+        );
+        head.change_version = ack.acked_version;
+    } else {
+        meta.execute(params!["pushed_version", as_i64(ack.acked_version)?])?;
+    }
+    if ack.caught_up {
+        meta.execute(params!["bootstrapped", 1])?;
+    }
     meta.execute(params!["cursor_chain", as_i64(ack.cursor.chain)?])?;
     meta.execute(params!["cursor_store", as_i64(ack.cursor.store)?])?;
     Ok(())

@@ -123,6 +123,7 @@ impl Syncer {
                 push,
                 cursor: position.cursor,
                 max_rows: page_rows,
+                include_own_slots: !position.bootstrapped,
             };
             let (answer, bytes) = self.client.exchange(&request).await?;
             report.exchanges += 1;
@@ -143,6 +144,7 @@ impl Syncer {
                 acked_version: answer.acked_version,
                 cursor: answer.next_cursor,
                 cloud_time: answer.cloud_time,
+                caught_up: !answer.more,
             };
             self.handle.apply_sync(ack, page).await.map_err(|e| SessionError::Ledger(e.to_string()))?;
             let pushed = match &request.push {

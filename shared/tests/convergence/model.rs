@@ -50,6 +50,11 @@ impl VersionIndex {
         self.by_version.insert(self.head, key);
     }
 
+    /// Versions continue above `to` (a rebuilt store whose cloud holds more than it issued).
+    pub fn raise_head(&mut self, to: u64) {
+        self.head = self.head.max(to);
+    }
+
     /// Rows whose latest change is above `version`, in version order.
     pub fn after(&self, version: u64) -> impl Iterator<Item = (u64, &RowKey)> + '_ {
         self.by_version.range(version.saturating_add(1)..).map(|(v, k)| (*v, k))
@@ -264,7 +269,7 @@ impl Cloud {
         if let Some(latest) = sync::stamps(&request).max() {
             self.clock.hlc.observe(latest, now_ms).expect("every stamp passed the fence above");
         }
-        let (rows, next_cursor, more) = self.page(idx, request.cursor, request.max_rows);
+        let (rows, next_cursor, more) = self.page(idx, request.cursor, request.max_rows, request.include_own_slots);
         self.stats.pages_with_more += u64::from(more);
         let response = SyncResponse {
             cloud_time: self.clock.stamp(now_ms),
@@ -298,12 +303,11 @@ impl Cloud {
     }
 
     /// The rows of `store` beyond `cursor`: the chain partition first, then the store's own,
-    /// each in version order. The store's own slots are left out unless the cursor is at the
-    /// start (`shared::sync::Cursor`); skipped rows still move the cursor.
-    fn page(&mut self, idx: usize, cursor: Cursor, max_rows: u32) -> (Rows, Cursor, bool) {
+    /// each in version order. The store's own slots are left out unless the request asks for
+    /// them (`SyncRequest::include_own_slots`); skipped rows still move the cursor.
+    fn page(&mut self, idx: usize, cursor: Cursor, max_rows: u32, with_own: bool) -> (Rows, Cursor, bool) {
         let limit = max_rows.clamp(1, MAX_PAGE_ROWS) as usize;
         let own = ActorId::for_store(&self.stores[idx]);
-        let with_own = cursor.is_start();
         let (mut slots, mut prices, mut catalog) = (Vec::new(), Vec::new(), Vec::new());
         let mut taken = 0;
         let mut next = cursor;
@@ -466,6 +470,8 @@ pub struct Store {
     /// The cloud holds every own change up to this version.
     pub pushed: u64,
     pub cursor: Cursor,
+    /// Caught up with the cloud once: until then requests ask for the store's own slots.
+    pub bootstrapped: bool,
     pub pull_rows: u32,
     pub push_rows: usize,
     pub stats: StoreStats,
@@ -484,6 +490,7 @@ impl Store {
             outbox: VersionIndex::default(),
             pushed: 0,
             cursor: Cursor::default(),
+            bootstrapped: false,
             pull_rows,
             push_rows,
             stats: StoreStats::default(),
@@ -552,6 +559,7 @@ impl Store {
             push,
             cursor: self.cursor,
             max_rows: self.pull_rows,
+            include_own_slots: !self.bootstrapped,
         }
     }
 
@@ -626,7 +634,14 @@ impl Store {
         }
         self.stats.acked_moved_back += u64::from(response.acked_version < self.pushed);
         self.stats.pages_with_more += u64::from(response.more);
-        self.pushed = response.acked_version;
+        if response.acked_version > self.outbox.head() {
+            // As edge-agent does: the cloud holds versions this replica never issued (it was
+            // rebuilt); adopting them would mark its next changes as pushed. Continue above.
+            self.outbox.raise_head(response.acked_version);
+        } else {
+            self.pushed = response.acked_version;
+        }
+        self.bootstrapped |= !response.more;
         self.cursor = response.next_cursor;
     }
 
