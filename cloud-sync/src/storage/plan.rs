@@ -188,6 +188,15 @@ impl Versions {
         Versions { heads: heads.into_iter().collect(), changed: BTreeSet::new() }
     }
 
+    /// The version the next change of `partition` will take, without taking it.
+    pub fn peek(&self, partition: &str) -> Result<u64, StorageError> {
+        let head = self
+            .heads
+            .get(partition)
+            .ok_or_else(|| StorageError::Task(format!("internal: partition {partition} written without its lock")))?;
+        head.checked_add(1).ok_or_else(|| super::codec::corrupt(partition, "version counter exhausted"))
+    }
+
     pub fn next(&mut self, partition: &str) -> Result<u64, StorageError> {
         let head = self
             .heads

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
-use shared::sync::{Cursor, Push, Rows};
+use shared::sync::{Cursor, Push, Rows, SlotGroup};
 use shared::{ActorId, CatalogUpdate, HlcStamp, PriceEntry, PriceKey, Sku, Slot, SlotKey, SlotRow, StoreId};
 use tokio::sync::{mpsc, oneshot};
 
@@ -391,6 +391,37 @@ fn load_slots<'a>(
     Ok(out)
 }
 
+/// Merges pushed slots in one statement a row: an upsert taking the per-field max that only
+/// writes (and only takes a version) when a field grows, the same rule as `Slot::merge`. This
+/// is the hot path of a store's push (tens of thousands of rows after a day offline).
+fn merge_slot_groups(tx: &Transaction, groups: &[SlotGroup], versions: &mut Versions) -> Result<(), StorageError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (store, sku, actor) DO UPDATE
+            SET inc = max(inc, excluded.inc), dec = max(dec, excluded.dec), version = excluded.version
+          WHERE excluded.inc > inc OR excluded.dec > dec",
+    )?;
+    for group in groups {
+        let partition = store_partition(&group.store);
+        for s in &group.slots {
+            let count = |v: u64| {
+                i64::try_from(v).map_err(|_| {
+                    StorageError::Corrupt(format!(
+                        "stock slot {}/{}/{}: count {v} is out of range",
+                        group.store, s.sku, group.actor
+                    ))
+                })
+            };
+            let version = to_i64("version", versions.peek(&partition)?)?;
+            let (store, sku, actor) = (group.store.as_str(), s.sku.as_str(), group.actor.as_str());
+            if stmt.execute(params![store, sku, actor, count(s.inc)?, count(s.dec)?, version])? > 0 {
+                versions.next(&partition)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write_slots(tx: &Transaction, rows: &[SlotRow], versions: &mut Versions) -> Result<(), StorageError> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -504,9 +535,7 @@ struct Report {
 
 fn merge_push(tx: &Transaction, rows: &Rows) -> Result<(), StorageError> {
     let mut versions = lock_partitions(tx, &plan::partitions_of(rows))?;
-    let incoming: Vec<SlotRow> = rows.slot_rows().collect();
-    let current = load_slots(tx, incoming.iter().map(|r| &r.key))?;
-    write_slots(tx, &plan::merge_slots(&current, incoming), &mut versions)?;
+    merge_slot_groups(tx, &rows.stock, &mut versions)?;
     merge_registers(tx, &rows.prices, &rows.catalog, &mut versions)?;
     save_versions(tx, &versions)
 }
