@@ -202,7 +202,10 @@ async fn offline_store_converges(backend: Backend) {
     }
     let (status, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
     assert_eq!(status, 200);
-    eprintln!("store status after convergence: {stores}");
+    for status in stores["stores"].as_array().unwrap() {
+        assert_eq!(status["push_lag_versions"].as_u64(), Some(0), "{status}");
+        assert_eq!(status["pending_rows"].as_u64(), Some(0), "{status}");
+    }
 
     a.daemon.take().unwrap().stop();
     b.daemon.take().unwrap().stop();

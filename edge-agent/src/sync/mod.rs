@@ -119,7 +119,9 @@ impl Syncer {
             let request = SyncRequest {
                 store: self.store.clone(),
                 sent_at: HlcStamp { wall_ms: now_ms(), logical: 0, actor: ActorId::for_store(&self.store) },
-                head_version: position.head_version,
+                // What HQ sees as this store's lag: versions merged from the cloud are not ours
+                // to push, so with nothing pending the store is at what the cloud holds.
+                head_version: if push.is_some() { position.head_version } else { position.pushed_version },
                 push,
                 cursor: position.cursor,
                 max_rows: page_rows,
