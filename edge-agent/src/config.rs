@@ -199,6 +199,15 @@ pub struct LabelsSection {
     /// Most label commands sent per 100 ms tick.
     #[serde(default = "default_label_batch")]
     pub batch_max: usize,
+    /// A command not acknowledged `applied` within this long is sent again (then after twice
+    /// as long, up to two minutes). Raise it for label gateways that answer slowly: each
+    /// retry re-tells a label what it may already show.
+    #[serde(default = "default_label_retry")]
+    pub retry_after_ms: u64,
+}
+
+fn default_label_retry() -> u64 {
+    2_000
 }
 
 fn default_increase_deadline() -> u64 {
@@ -460,6 +469,12 @@ impl Config {
         if let Some(l) = &self.labels {
             if self.mqtt.is_none() {
                 return Err(("labels".into(), "shelf labels talk over MQTT: add an [mqtt] section".into()));
+            }
+            if !(100..=120_000).contains(&l.retry_after_ms) {
+                return Err((
+                    "labels.retry_after_ms".into(),
+                    format!("must be between 100 and 120000, got {}", l.retry_after_ms),
+                ));
             }
             if !(1..=100_000).contains(&l.batch_max) {
                 return Err(("labels.batch_max".into(), format!("must be between 1 and 100000, got {}", l.batch_max)));

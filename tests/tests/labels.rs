@@ -64,7 +64,10 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
         csv.push_str("bread-1,BREAD\nbread-silent,BREAD\n");
         std::fs::write(&bindings, csv).unwrap();
         let extra = format!(
-            "{}[labels]\nbindings = \"{}\"\nincrease_deadline_ms = 3000\n",
+            // The acks of a 5,000-label wave sometimes take seconds to come back on this 2-core
+            // machine under load; with the default 2 s the planner would rightly retry, and this
+            // story counts every re-tell. Retry late instead.
+            "{}[labels]\nbindings = \"{}\"\nincrease_deadline_ms = 3000\nretry_after_ms = 15000\n",
             broker.config_section(),
             bindings.display()
         );
@@ -113,8 +116,8 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
             assert!(repeated.is_empty(), "{kind:?}: no label is told again what it already shows: {repeated:?}");
         } else {
             // The embedded rumqttd can drop a small share of acknowledged QoS 1 messages to a
-            // busy subscriber (DESIGN 12; seen here in full-workspace runs): a label's ack that
-            // never reaches the hub is retried, which is the planner doing its job. Bounded so a
+            // busy subscriber (DESIGN 12): a label's ack that never reaches the hub is retried,
+            // which is the planner doing its job. Bounded so a
             // planner that re-tells labels for any other reason still fails.
             let bound = MILK_LABELS / 100;
             assert!(

@@ -24,8 +24,44 @@ use crate::mqtt::topics::{self, DeviceKind, Leaf};
 /// What labels tell the hub, routed here from MQTT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelInput {
-    CheckIn { label: DeviceId, shown_hash: u64 },
-    Ack { label: DeviceId, command_id: u32, stage: AckStage, shown_hash: Option<u64> },
+    CheckIn { label: DeviceId, shown_hash: u64, sent: SentAs },
+    Ack { label: DeviceId, command_id: u32, stage: AckStage, shown_hash: Option<u64>, sent: SentAs },
+}
+
+/// Where a label's message stands in what it sent: its boot and sequence number. A broker may
+/// deliver a device's messages on different topics out of order (rumqttd keeps one log per
+/// subscription), so an older check-in ("I show nothing") can arrive after a newer ack; the
+/// task drops what is older than the newest it has seen from that boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentAs {
+    pub boot: u32,
+    pub seq: u32,
+}
+
+impl LabelInput {
+    fn label_and_sent(&self) -> (&DeviceId, SentAs) {
+        match self {
+            LabelInput::CheckIn { label, sent, .. } | LabelInput::Ack { label, sent, .. } => (label, *sent),
+        }
+    }
+}
+
+/// The newest message seen from each label.
+#[derive(Debug, Default)]
+struct NewestSeen(HashMap<DeviceId, SentAs>);
+
+impl NewestSeen {
+    /// False for a message older than one already seen from the same label and boot (a new
+    /// boot starts over); otherwise records it as the newest.
+    fn admit(&mut self, label: &DeviceId, sent: SentAs) -> bool {
+        match self.0.get(label) {
+            Some(newest) if newest.boot == sent.boot && sent.seq < newest.seq => false,
+            _ => {
+                self.0.insert(label.clone(), sent);
+                true
+            }
+        }
+    }
 }
 
 /// Label inputs waiting for the task; the router drops (and counts) past this, as a label
@@ -67,6 +103,10 @@ pub struct LabelTask {
     pub mismatches: Mismatches,
     /// The price each SKU's labels were last rendered with.
     rendered: HashMap<Sku, (Money, PriceVersion)>,
+    /// The newest message seen from each label, to drop older ones delivered late.
+    newest: NewestSeen,
+    /// Label messages dropped as older than one already handled.
+    pub stale_inputs: u64,
     hub_boot: u32,
     started: Instant,
 }
@@ -93,6 +133,8 @@ impl LabelTask {
             client,
             mismatches,
             rendered: HashMap::new(),
+            newest: NewestSeen::default(),
+            stale_inputs: 0,
             hub_boot: rand::random(),
             started: Instant::now(),
         }
@@ -132,11 +174,21 @@ impl LabelTask {
         }
     }
 
+    /// Whether `input` is older than a message already handled from the same label and boot.
+    fn is_stale(&mut self, input: &LabelInput) -> bool {
+        let (label, sent) = input.label_and_sent();
+        !self.newest.admit(label, sent)
+    }
+
     fn on_input(&mut self, input: LabelInput) {
+        if self.is_stale(&input) {
+            self.stale_inputs += 1;
+            return;
+        }
         let now = self.now_ms();
         match input {
-            LabelInput::CheckIn { label, shown_hash } => self.planner.on_check_in(&label, shown_hash, now),
-            LabelInput::Ack { label, command_id, stage, shown_hash } => {
+            LabelInput::CheckIn { label, shown_hash, .. } => self.planner.on_check_in(&label, shown_hash, now),
+            LabelInput::Ack { label, command_id, stage, shown_hash, .. } => {
                 if self.planner.on_ack(&label, command_id, stage, shown_hash, now) {
                     if let Some(sku) = self.planner.sku_of(&label).cloned() {
                         self.confirm_if_shown(&sku);
@@ -257,6 +309,18 @@ pub fn read_bindings(text: &str) -> Result<Vec<(DeviceId, Sku)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_message_from_the_same_boot_is_not_admitted() {
+        let mut seen = NewestSeen::default();
+        let label = DeviceId::new("milk-1").unwrap();
+        let at = |boot, seq| SentAs { boot, seq };
+        assert!(seen.admit(&label, at(7, 10)), "an ack, delivered first");
+        assert!(!seen.admit(&label, at(7, 3)), "the check-in sent before it, delivered late");
+        assert!(seen.admit(&label, at(7, 11)));
+        assert!(seen.admit(&label, at(8, 1)), "a new boot starts over");
+        assert!(seen.admit(&DeviceId::new("milk-2").unwrap(), at(7, 1)), "per label");
+    }
 
     #[test]
     fn bindings_name_the_bad_line() {

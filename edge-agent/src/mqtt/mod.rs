@@ -82,7 +82,8 @@ pub fn start(
         let (tx, rx) = tokio::sync::mpsc::channel(crate::labels::runtime::INPUT_QUEUE);
         router.labels = Some(tx);
         tracing::info!(labels = bindings.len(), "Shelf labels bound");
-        let planner = PlannerConfig { batch_max: l.batch_max, ..PlannerConfig::default() };
+        let planner =
+            PlannerConfig { batch_max: l.batch_max, retry_base_ms: l.retry_after_ms, ..PlannerConfig::default() };
         let task =
             LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone(), mismatches.clone());
         tasks.spawn(task.run(rx, ledger.subscribe(), stop.child_token()));

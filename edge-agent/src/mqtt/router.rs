@@ -18,7 +18,7 @@ use super::link::Incoming;
 use super::topics::{self, DeviceKind, Leaf};
 use crate::devices::registry::{Registry, Seen};
 use crate::labels::planner::AckStage;
-use crate::labels::runtime::LabelInput;
+use crate::labels::runtime::{LabelInput, SentAs};
 use crate::ledger::LedgerReader;
 use crate::rfid::impinj;
 use crate::rfid::presence::{Presence, PresenceEvent, TagRead, Zone};
@@ -156,9 +156,10 @@ impl Router {
             }
         }
         if topic.kind == DeviceKind::Esl {
+            let sent = SentAs { boot: env.boot_id, seq: env.seq };
             let input = match env.body {
                 fp::Body::LabelCheckIn(c) => {
-                    Some(LabelInput::CheckIn { label: topic.device.clone(), shown_hash: c.shown_hash })
+                    Some(LabelInput::CheckIn { label: topic.device.clone(), shown_hash: c.shown_hash, sent })
                 }
                 fp::Body::CommandAck(a) => Some(LabelInput::Ack {
                     label: topic.device.clone(),
@@ -170,6 +171,7 @@ impl Router {
                         fp::AckStage::Failed => AckStage::Failed,
                     },
                     shown_hash: a.content_hash,
+                    sent,
                 }),
                 _ => None,
             };
