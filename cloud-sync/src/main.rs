@@ -42,6 +42,8 @@ static LOGGING: AtomicBool = AtomicBool::new(false);
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/cloud-sync/config.toml";
 
+mod notify;
+
 #[derive(Parser)]
 #[command(name = "cloud-sync", version, about = "store-edge cloud: the store sync endpoint and the HQ API")]
 struct Cli {
@@ -338,11 +340,18 @@ async fn run<S: Storage>(storage: S, config: &Config) -> Result<(), Failure> {
         backend = ?config.storage.backend,
         "cloud-sync serving"
     );
+    notify::ready(&format!("Serving on {addr} ({:?} storage)", config.storage.backend));
+    let mut watchdog = notify::Watchdog::from_env();
     let shutdown = async move {
-        let name = tokio::select! {
-            _ = sigterm.recv() => "SIGTERM",
-            _ = sigint.recv() => "SIGINT",
+        // Polled by the server itself, so the pings stop if it hangs.
+        let name = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+                () = watchdog.due() => notify::watchdog_ping(),
+            }
         };
+        notify::stopping(&format!("Shutting down on {name}: finishing requests in flight"));
         tracing::info!(signal = name, "Shutting down: finishing requests in flight");
         tokio::spawn(async move {
             let why = tokio::select! {

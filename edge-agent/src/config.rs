@@ -39,6 +39,35 @@ pub struct Config {
     /// The cloud this store syncs with. Absent: the store runs alone (it sells, counts and
     /// relabels all the same; its changes wait in the outbox).
     pub cloud: Option<CloudSection>,
+    /// The local control socket `storectl` talks to.
+    #[serde(default)]
+    pub control: ControlSection,
+    /// Prometheus metrics. Absent: none served.
+    pub metrics: Option<MetricsSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` is served, e.g. `127.0.0.1:9464` (keep it local or firewalled).
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Where the socket lives; default `control.sock` in the data folder. Under systemd,
+    /// `/run/edge-agent/control.sock` (the unit's RuntimeDirectory).
+    pub socket: Option<PathBuf>,
+    /// Group owning the socket (mode 0660): members may run `storectl` writes.
+    pub group: Option<String>,
+}
+
+impl Config {
+    /// The control socket's path.
+    pub fn control_socket(&self) -> PathBuf {
+        self.control.socket.clone().unwrap_or_else(|| self.ledger.data_dir.join("control.sock"))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,8 +1,10 @@
 //! The daemon's life: open the ledger, start the writer and the device and lane tasks, wait for
 //! SIGTERM or SIGINT, then shut down in order (stop the device tasks, drain the writer, close
 //! SQLite) within a deadline. A second
-//! signal during shutdown forces an immediate exit.
+//! signal during shutdown forces an immediate exit. Under systemd it says READY, STOPPING and
+//! pings the watchdog (`crate::notify`); SIGHUP re-reads the config file's `[log] level`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -20,6 +22,10 @@ pub enum DaemonError {
     Mqtt(crate::mqtt::broker::BrokerError),
     #[error("cloud sync: {0}")]
     Sync(String),
+    #[error(transparent)]
+    Control(crate::control::ControlError),
+    #[error("metrics address {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("the ledger writer did not drain within {0:?}; exiting anyway (SQLite's WAL keeps committed data)")]
@@ -35,10 +41,16 @@ pub fn ledger_options(config: &Config) -> LedgerOptions {
     opts
 }
 
-/// Runs until a signal; returns after a clean shutdown.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// Runs until a signal; returns after a clean shutdown. `config_path` is where `config` was
+/// read from: SIGHUP reads it again for the log level.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    // Installed first, so `systemctl reload` during startup cannot kill the daemon.
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    // SIGUSR1: sync with the cloud now (`storectl sync now` does the same over the socket).
+    // Installed before start-up so an early one does not kill the daemon (its default action).
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
 
     let opts = ledger_options(&config);
     let ledger = Ledger::open(&config.ledger.data_dir, &opts)?;
@@ -48,19 +60,38 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let deadline = config.labels.as_ref().map_or(0, |l| l.increase_deadline_ms);
     let till = std::sync::Arc::new(std::sync::Mutex::new(crate::labels::sequencing::TillPrices::new(deadline)));
     let presence = crate::mqtt::presence(&config);
+    // The label task refreshes it; `storectl labels mismatch` reads it.
+    let mismatches = crate::labels::runtime::Mismatches::default();
     let started = crate::devices::wiring::start(&config, &handle, &till, &presence, &tasks, &stop)
         .map_err(DaemonError::from)
         .and_then(|()| {
-            // Read by `storectl labels mismatch` once the control socket exists (issue 6).
-            let mismatches = crate::labels::runtime::Mismatches::default();
             crate::mqtt::start(&config, &handle, &till, &presence, &mismatches, &tasks, &stop)
                 .map_err(DaemonError::Mqtt)
         })
-        .and_then(|_mqtt_started| match &config.cloud {
+        .and_then(|mqtt| match &config.cloud {
             Some(cloud) => crate::sync::start(cloud, &config.store.id, &config.ledger.data_dir, &handle, &tasks, &stop)
-                .map(Some)
+                .map(|sync| (mqtt, Some(sync)))
                 .map_err(DaemonError::Sync),
-            None => Ok(None),
+            None => Ok((mqtt, None)),
+        })
+        .and_then(|(mqtt, sync)| {
+            let control = crate::control::Control {
+                store: config.store.id.clone(),
+                currency: config.store.currency,
+                data_dir: config.ledger.data_dir.clone(),
+                ledger: handle.clone(),
+                sync: sync.clone(),
+                mismatches: config.labels.as_ref().map(|_| mismatches.clone()),
+                mqtt,
+                started_ms: crate::labels::runtime::wall_ms(),
+            };
+            if let Some(m) = &config.metrics {
+                crate::metrics::start(control.clone(), m.listen, &tasks, &stop)
+                    .map_err(|e| DaemonError::Metrics(m.listen, e))?;
+            }
+            crate::control::start(control, &config.control_socket(), config.control.group.as_deref(), &tasks, &stop)
+                .map_err(DaemonError::Control)?;
+            Ok(sync)
         });
     let sync_control = match started {
         Ok(control) => control,
@@ -83,18 +114,35 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "edge-agent ready"
     );
 
-    // SIGUSR1: sync with the cloud now (until `storectl sync now` has the control socket).
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
+    crate::notify::ready(&format!(
+        "Serving store {}: {} lanes, {} serial devices, MQTT {}, cloud {}",
+        config.store.id,
+        config.lanes.len(),
+        config.serial.len(),
+        if config.mqtt.is_some() { "on" } else { "off" },
+        config.cloud.as_ref().map(|c| c.url.as_str()).unwrap_or("none"),
+    ));
+    let mut watchdog = crate::notify::Watchdog::from_env();
+    let mut writer_lost = false;
     let stopping = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = usr1.recv() => match &sync_control {
-                Some(control) => control.now.notify_one(),
-                None => tracing::info!("SIGUSR1 asks for a cloud sync, but no [cloud] section is configured"),
-            },
+            _ = usr1.recv() => {
+                tracing::debug!(signal = "SIGUSR1", "Signal received");
+                match &sync_control {
+                    Some(control) => control.now.notify_one(),
+                    None => tracing::info!("SIGUSR1 asks for a cloud sync, but no [cloud] section is configured"),
+                }
+            }
+            _ = hup.recv() => {
+                tracing::debug!(signal = "SIGHUP", "Signal received");
+                reload_log_level(&config_path);
+            }
+            () = watchdog.due() => ping_watchdog(&writer, &mut writer_lost),
         }
     };
+    crate::notify::stopping(&format!("Shutting down on {stopping}: draining the ledger writer"));
     tracing::info!(
         signal = stopping,
         "Shutting down: draining the ledger writer (send the signal again to force exit)"
@@ -116,6 +164,46 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::warn!(still_running = tasks.len(), "Device tasks did not stop in time; draining the ledger anyway");
     }
     shutdown(handle, writer, deadline).await
+}
+
+/// One systemd watchdog ping, unless the ledger writer thread has ended: without it nothing
+/// can be sold or recorded, so the pings stop and systemd restarts the daemon.
+fn ping_watchdog(writer: &crate::ledger::WriterThread, writer_lost: &mut bool) {
+    if !writer.is_finished() {
+        crate::notify::watchdog_ping();
+    } else if !std::mem::replace(writer_lost, true) {
+        tracing::error!(
+            error_code = "LEDGER_WRITER_GONE",
+            "The ledger writer thread has ended; withholding watchdog pings so systemd restarts the daemon"
+        );
+    }
+}
+
+/// SIGHUP: re-reads the config file and applies its `[log] level`. A file that does not load is
+/// logged, naming the key as `check-config` does, and the level stays as it was. Other settings
+/// take effect at the next start.
+fn reload_log_level(path: &Path) {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                error_code = "CONFIG_RELOAD",
+                "Reload refused: the configuration file is invalid; the log level is unchanged"
+            );
+            return;
+        }
+    };
+    let level = config.log.level;
+    match crate::telemetry::set_level(&level) {
+        // At warn when the new level hides info lines, so a reload is not silent (unless the
+        // new filter hides this module's warnings too, e.g. `error` or another target only).
+        Ok(()) if tracing::enabled!(tracing::Level::INFO) => {
+            tracing::info!(log_filter = %level, "Log level now {level} (other settings apply at the next start)");
+        }
+        Ok(()) => tracing::warn!(log_filter = %level, "Log level now {level} (other settings apply at the next start)"),
+        Err(e) => tracing::warn!(error = %e, log_filter = %level, error_code = "LOG_RELOAD", "Log level unchanged"),
+    }
 }
 
 /// Stops intake by dropping the daemon's handle, then waits for the writer to finish the

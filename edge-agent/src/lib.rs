@@ -2,12 +2,15 @@
 //! by the `edge-agent` and `storectl` binaries, the benchmarks and the end-to-end tests.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod devices;
 pub mod labels;
 pub mod lane;
 pub mod ledger;
+pub mod metrics;
 pub mod mqtt;
+pub mod notify;
 pub mod rfid;
 pub mod sync;
 pub mod telemetry;

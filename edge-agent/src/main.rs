@@ -62,8 +62,8 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::USAGE)
             }
         },
-        Cmd::Run { config } => {
-            let config = match Config::load(&config) {
+        Cmd::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit::SOFTWARE);
                 }
             };
-            match runtime.block_on(daemon::run(config)) {
+            match runtime.block_on(daemon::run(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, error_code = error_code(&e), "edge-agent stopped with an error");
@@ -106,6 +106,8 @@ fn error_code(e: &DaemonError) -> &'static str {
         DaemonError::Signals(_) => "SIGNALS",
         DaemonError::Mqtt(_) => "MQTT_BROKER",
         DaemonError::Sync(_) => "SYNC_CONFIG",
+        DaemonError::Control(_) => "CONTROL_SOCKET",
+        DaemonError::Metrics(..) => "METRICS_LISTEN",
         DaemonError::ShutdownTimeout(_) => "SHUTDOWN_TIMEOUT",
     }
 }

@@ -140,8 +140,8 @@ fn main() {
 
     println!("stock slot merges: {n} slots per round, {ROUNDS} rounds (round 1 inserts, later rounds update)");
     println!(
-        "{:<30} {:>12} {:>12} {:>12}   {}",
-        "merged by", "round 1/s", "round 2/s", "round 3/s", "vs automerge, per round"
+        "{:<30} {:>12} {:>12} {:>12}   vs automerge, per round",
+        "merged by", "round 1/s", "round 2/s", "round 3/s"
     );
     let am: Vec<f64> = reference.iter().map(|d| rate(n, *d)).collect();
     println!("{:<30} {:>12.0} {:>12.0} {:>12.0}   reference", "automerge 0.12 (in memory)", am[0], am[1], am[2]);

@@ -117,6 +117,11 @@ impl Registry {
         self.devices.get(id)
     }
 
+    /// Every adopted device, by id.
+    pub fn devices(&self) -> impl Iterator<Item = (&DeviceId, &DeviceInfo)> {
+        self.devices.iter()
+    }
+
     pub fn online(&self) -> usize {
         self.devices.values().filter(|d| d.online).count()
     }

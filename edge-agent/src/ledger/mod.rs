@@ -217,10 +217,27 @@ pub struct LedgerReader {
     store: StoreId,
 }
 
+/// One event as stored, for export.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EventRow {
+    pub seq: u64,
+    pub hlc_wall_ms: u64,
+    pub hlc_logical: u32,
+    pub actor: String,
+    pub kind: String,
+    pub idem_key: String,
+    pub body: EventBody,
+    pub hash: String,
+}
+
 impl LedgerReader {
     pub fn open(data_dir: &Path) -> Result<LedgerReader, LedgerError> {
-        let path = Ledger::path_in(data_dir);
-        let conn = schema::open_read_only(&path)?;
+        LedgerReader::open_file(&Ledger::path_in(data_dir))
+    }
+
+    /// Opens a ledger file by its own path (a backup, say).
+    pub fn open_file(path: &Path) -> Result<LedgerReader, LedgerError> {
+        let conn = schema::open_read_only(path)?;
         let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
         let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
         Ok(LedgerReader { conn, store })
@@ -285,6 +302,64 @@ impl LedgerReader {
     /// The saved basket in progress of a lane, if any.
     pub fn lane_basket(&self, lane: &str) -> Result<Option<Vec<u8>>, LedgerError> {
         Ok(self.conn.query_row("SELECT basket FROM lane_baskets WHERE lane = ?1", [lane], |r| r.get(0)).optional()?)
+    }
+
+    /// Every event in sequence order, from one snapshot, handed to `each` (which may stop the
+    /// walk by returning an error).
+    pub fn for_each_event<E: From<LedgerError>>(
+        &self,
+        mut each: impl FnMut(EventRow) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let snapshot = self.conn.unchecked_transaction().map_err(LedgerError::from)?;
+        let mut stmt = snapshot
+            .prepare("SELECT seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, hash FROM events ORDER BY seq")
+            .map_err(LedgerError::from)?;
+        let mut rows = stmt.query([]).map_err(LedgerError::from)?;
+        while let Some(row) = rows.next().map_err(LedgerError::from)? {
+            let seq: i64 = row.get(0).map_err(LedgerError::from)?;
+            let corrupt = |detail: String| LedgerError::Corrupt { seq: u64::try_from(seq).ok(), detail };
+            let stamp = projection::stamp_from(row, 1)?;
+            let body: Vec<u8> = row.get(6).map_err(LedgerError::from)?;
+            let hash: Vec<u8> = row.get(7).map_err(LedgerError::from)?;
+            each(EventRow {
+                seq: u64::try_from(seq).map_err(|_| corrupt(format!("negative sequence {seq}")))?,
+                hlc_wall_ms: stamp.wall_ms,
+                hlc_logical: stamp.logical,
+                actor: stamp.actor.to_string(),
+                kind: row.get(4).map_err(LedgerError::from)?,
+                idem_key: row.get(5).map_err(LedgerError::from)?,
+                body: EventBody::decode(&body).map_err(corrupt)?,
+                hash: chain::hex(&hash),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// SQLite's own consistency check of the file (pages, indexes): `Ok(())` or what is wrong.
+    pub fn integrity_check(&self) -> Result<Result<(), String>, LedgerError> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let lines: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(if lines == ["ok"] { Ok(()) } else { Err(lines.join("; ")) })
+    }
+
+    /// Writes a consistent copy of the ledger to `target` while the daemon keeps writing
+    /// (`VACUUM INTO` reads one snapshot). Refuses to overwrite an existing file.
+    pub fn backup_to(&self, target: &Path) -> Result<(), LedgerError> {
+        if target.exists() {
+            return Err(LedgerError::CannotOpen {
+                path: target.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the backup file exists already; choose a new name",
+                ),
+            });
+        }
+        let target_text = target.to_str().ok_or_else(|| LedgerError::CannotOpen {
+            path: target.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path is not valid UTF-8"),
+        })?;
+        self.conn.execute("VACUUM INTO ?1", [target_text])?;
+        Ok(())
     }
 
     /// Where this store stands with the cloud, as committed.

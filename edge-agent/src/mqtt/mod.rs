@@ -34,8 +34,19 @@ pub fn presence(config: &Config) -> Arc<Mutex<Presence>> {
     )))
 }
 
+/// What the router last published about the MQTT side (refreshed once a second).
+#[derive(Debug, Clone, Default)]
+pub struct MqttSnapshot {
+    pub stats: router::RouterStats,
+    pub devices: Vec<(shared::DeviceId, crate::devices::registry::DeviceInfo)>,
+    /// Devices not on the allow-list, with how many messages each sent.
+    pub quarantined: Vec<(shared::DeviceId, u64)>,
+}
+
+pub type MqttBoard = Arc<Mutex<MqttSnapshot>>;
+
 /// Starts the MQTT side when the config has an `[mqtt]` section: the embedded broker if no
-/// broker is named, the link task, and the router. Returns whether MQTT runs.
+/// broker is named, the link task, and the router. Returns the router's board when MQTT runs.
 pub fn start(
     config: &Config,
     ledger: &LedgerHandle,
@@ -44,8 +55,8 @@ pub fn start(
     mismatches: &crate::labels::runtime::Mismatches,
     tasks: &TaskTracker,
     stop: &CancellationToken,
-) -> Result<bool, broker::BrokerError> {
-    let Some(m) = &config.mqtt else { return Ok(false) };
+) -> Result<Option<MqttBoard>, broker::BrokerError> {
+    let Some(m) = &config.mqtt else { return Ok(None) };
     if m.broker.is_none() {
         broker::start_embedded(m.embedded_listen, m.max_payload)?;
     }
@@ -88,6 +99,8 @@ pub fn start(
             LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone(), mismatches.clone());
         tasks.spawn(task.run(rx, ledger.subscribe(), stop.child_token()));
     }
+    let board = MqttBoard::default();
+    router.board = Some(board.clone());
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
-    Ok(true)
+    Ok(Some(board))
 }

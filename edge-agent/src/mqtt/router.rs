@@ -24,7 +24,7 @@ use crate::rfid::impinj;
 use crate::rfid::presence::{Presence, PresenceEvent, TagRead, Zone};
 
 /// Why messages were refused, counted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RouterStats {
     pub accepted: u64,
     pub refused_topic: u64,
@@ -53,6 +53,9 @@ pub struct Router {
     /// Where label check-ins and acks go, when labels are configured.
     pub labels: Option<mpsc::Sender<LabelInput>>,
     pub stats: RouterStats,
+    /// Where the router publishes its counters and the device registry once a second, for
+    /// `storectl devices` and the metrics.
+    pub board: Option<super::MqttBoard>,
     started: Instant,
 }
 
@@ -79,6 +82,7 @@ impl Router {
             sold: None,
             labels: None,
             stats: RouterStats::default(),
+            board: None,
             started: Instant::now(),
         }
     }
@@ -237,6 +241,20 @@ impl Router {
     }
 
     /// Liveness: devices whose heartbeats stopped, tags that departed.
+    /// Copies the counters and the registry to the board (once a second: a copy of up to
+    /// `MAX_DEVICES` entries is cheap at that rate and keeps the router free of locks).
+    pub fn publish_board(&self) {
+        let Some(board) = &self.board else { return };
+        let snapshot = super::MqttSnapshot {
+            stats: self.stats.clone(),
+            devices: self.registry.devices().map(|(id, info)| (id.clone(), info.clone())).collect(),
+            quarantined: self.registry.quarantined().map(|(id, n)| (id.clone(), *n)).collect(),
+        };
+        if let Ok(mut b) = board.lock() {
+            *b = snapshot;
+        }
+    }
+
     pub fn tick(&mut self) {
         let now = self.now_ms();
         for id in self.registry.poll(now) {
@@ -264,7 +282,7 @@ pub async fn run(
     loop {
         let out = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => { router.tick(); Vec::new() }
+            _ = tick.tick() => { router.tick(); router.publish_board(); Vec::new() }
             msg = incoming.recv() => match msg {
                 Some(m) => router.handle(m),
                 None => return,
