@@ -26,6 +26,7 @@ pub struct Snapshot {
     pub sync: Option<SyncStatus>,
     pub labels_mismatched: Option<usize>,
     pub mqtt: Option<MqttSnapshot>,
+    pub labels: Option<crate::labels::runtime::LabelsView>,
     pub now_ms: u64,
 }
 
@@ -136,6 +137,19 @@ pub fn render(s: &Snapshot) -> String {
             &one(n as f64),
         );
     }
+    if let Some(l) = &s.labels {
+        let stages = [
+            ("up_to_date", l.stages.up_to_date),
+            ("pending", l.stages.pending),
+            ("in_flight", l.stages.in_flight),
+            ("failed", l.stages.failed),
+            ("expired", l.stages.expired),
+        ];
+        let stages: Vec<(String, f64)> =
+            stages.iter().map(|(st, n)| (format!("{{store=\"{}\",stage=\"{st}\"}}", s.store), *n as f64)).collect();
+        let stages: Vec<(&str, f64)> = stages.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(&mut out, "edge_labels", "gauge", "Shelf labels by stage of their latest content.", &stages);
+    }
     if let Some(m) = &s.mqtt {
         let online = m.devices.iter().filter(|(_, d)| d.online).count();
         let offline = m.devices.len() - online;
@@ -200,7 +214,12 @@ async fn snapshot(control: &Control) -> Snapshot {
         outbox_rows: outbox,
         sync: control.sync.as_ref().map(|s| s.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         labels_mismatched: control.mismatches.as_ref().map(|m| m.lock().map(|l| l.len()).unwrap_or(0)),
-        mqtt: control.mqtt.as_ref().map(|b| b.lock().map(|s| s.clone()).unwrap_or_default()),
+        mqtt: control.mqtt.as_ref().map(|m| m.board.lock().map(|s| s.clone()).unwrap_or_default()),
+        labels: control
+            .mqtt
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .map(|l| l.board.lock().map(|v| v.clone()).unwrap_or_default()),
         now_ms: crate::labels::runtime::wall_ms(),
     }
 }

@@ -44,7 +44,7 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
     );
     let store = StoreFixture::with_config(&[], &extra);
     let daemon = store.start();
-    let _fleet = EslFleet::start("127.0.0.1", port, "s1", &["milk-1".into(), "milk-2".into()], HashSet::new());
+    let fleet = EslFleet::start("127.0.0.1", port, "s1", &["milk-1".into(), "milk-2".into()], HashSet::new());
 
     // The labels check in and show the price: devices online, nothing mismatched.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -61,6 +61,15 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
     let table = ok(store.storectl(&["devices"]));
     assert!(table.contains("2 devices, 2 online") && table.contains("milk-1"), "{table}");
 
+    // Label stages, and a repush that re-sends every label its content and watches it land.
+    let labels = json(store.storectl(&["--json", "labels", "status"]));
+    assert_eq!((labels["labels"].as_u64(), labels["stages"]["up_to_date"].as_u64()), (Some(2), Some(2)), "{labels}");
+    let before: u32 = fleet.snapshot().values().map(|s| s.commands).sum();
+    let repush = ok(store.storectl(&["labels", "repush", "MILK"]));
+    assert!(repush.contains("2/2 up to date"), "{repush}");
+    let after: u32 = fleet.snapshot().values().map(|s| s.commands).sum();
+    assert_eq!(after, before + 2, "each label told once more");
+
     // The same, as Prometheus sees it.
     let metrics = e2e_tests::cloud::http_client()
         .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
@@ -73,6 +82,7 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
     let expected = [
         "edge_devices{store=\"s1\",state=\"online\"} 2",
         "edge_labels_mismatched{store=\"s1\"} 0",
+        "edge_labels{store=\"s1\",stage=\"up_to_date\"} 2",
         "# TYPE edge_ledger_events_total counter",
     ];
     for line in expected {

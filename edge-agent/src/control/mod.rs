@@ -33,7 +33,7 @@ pub struct Control {
     /// Present when shelf labels are configured.
     pub mismatches: Option<Mismatches>,
     /// The MQTT side's live counters and device registry, when `[mqtt]` is configured.
-    pub mqtt: Option<crate::mqtt::MqttBoard>,
+    pub mqtt: Option<crate::mqtt::MqttHandles>,
     pub started_ms: u64,
 }
 
@@ -258,10 +258,30 @@ async fn handle_inner(control: &Control, cmd: Cmd) -> Result<Reply, Reply> {
                 json!({ "configured": status.is_some(), "status": status, "position": position, "outbox_rows": outbox }),
             )
         }
+        Cmd::LabelsStatus => match control.mqtt.as_ref().and_then(|m| m.labels.as_ref()) {
+            None => Reply::error(ErrorCode::NotConfigured, "no shelf labels are configured ([labels] in the config)"),
+            Some(l) => {
+                let view = l.board.lock().map(|v| v.clone()).unwrap_or_default();
+                let mismatched = control.mismatches.as_ref().map(|m| m.lock().map(|l| l.len()).unwrap_or(0));
+                Reply::ok(
+                    json!({ "labels": view.labels, "stages": view.stages, "stale_inputs": view.stale_inputs, "mismatched": mismatched }),
+                )
+            }
+        },
+        Cmd::LabelsRepush { sku } => match control.mqtt.as_ref().and_then(|m| m.labels.as_ref()) {
+            None => Reply::error(ErrorCode::NotConfigured, "no shelf labels are configured ([labels] in the config)"),
+            Some(l) => {
+                let sku = sku.as_deref().map(parse_sku).transpose()?;
+                match l.inputs.try_send(crate::labels::runtime::LabelInput::Repush { sku }) {
+                    Ok(()) => Reply::ok(json!({ "requested": true })),
+                    Err(_) => Reply::error(ErrorCode::Unavailable, "the label task is busy; try again in a moment"),
+                }
+            }
+        },
         Cmd::Devices => match &control.mqtt {
             None => Reply::error(ErrorCode::NotConfigured, "no MQTT devices are configured ([mqtt] in the config)"),
-            Some(board) => {
-                let snapshot = board.lock().map(|b| b.clone()).unwrap_or_default();
+            Some(handles) => {
+                let snapshot = handles.board.lock().map(|b| b.clone()).unwrap_or_default();
                 let devices: Vec<_> = snapshot
                     .devices
                     .iter()

@@ -50,6 +50,12 @@ pub enum Cmd {
         until_ms: Option<u64>,
     },
     LabelsMismatch,
+    /// Label counts by stage (up to date, pending, in flight, failed, expired).
+    LabelsStatus,
+    /// Send every label (of one SKU, or all) its content again.
+    LabelsRepush {
+        sku: Option<String>,
+    },
     /// MQTT devices: health, firmware, last seen; quarantined strangers; refusal counters.
     Devices,
     SyncStatus,
@@ -66,6 +72,8 @@ impl Cmd {
             Cmd::PriceSet { .. } => "price_set",
             Cmd::LabelsMismatch => "labels_mismatch",
             Cmd::Devices => "devices",
+            Cmd::LabelsStatus => "labels_status",
+            Cmd::LabelsRepush { .. } => "labels_repush",
             Cmd::SyncStatus => "sync_status",
             Cmd::SyncNow => "sync_now",
         }

@@ -397,6 +397,23 @@ impl Planner {
         Some(s.desired.as_ref().map_or(Stage::Applied, |d| d.stage))
     }
 
+    /// Forgets what the label was confirmed to show, so its target is sent again (a repush
+    /// after labels were swapped or a gateway lost its state). Returns false for an unknown label.
+    pub fn forget_displayed(&mut self, label: &DeviceId) -> bool {
+        match self.labels.get_mut(label) {
+            Some(state) => {
+                state.displayed = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many labels are bound.
+    pub fn labels_len(&self) -> usize {
+        self.labels.len()
+    }
+
     pub fn counts(&self) -> StageCounts {
         let mut c = StageCounts::default();
         for s in self.labels.values() {
@@ -440,6 +457,20 @@ mod tests {
             p.bind(id(&format!("esl-{i}")), Sku::new("MILK").unwrap());
         }
         p
+    }
+
+    #[test]
+    fn a_forgotten_label_is_sent_its_content_again() {
+        let mut p = planner(10);
+        let label = id("esl-0");
+        p.set_content(&label, content(119), 0);
+        let cmd = p.next_batch(0).into_iter().find(|c| c.label == label).unwrap();
+        p.on_ack(&label, cmd.command_id, AckStage::Applied, Some(cmd.hash), 1);
+        assert!(!p.set_content(&label, content(119), 2), "it shows it: nothing to send");
+        assert!(p.forget_displayed(&label));
+        assert!(p.set_content(&label, content(119), 3), "forgotten: sent again");
+        assert!(p.next_batch(3).iter().any(|c| c.label == label));
+        assert!(!p.forget_displayed(&id("nobody")));
     }
 
     #[test]

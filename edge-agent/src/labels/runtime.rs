@@ -24,9 +24,34 @@ use crate::mqtt::topics::{self, DeviceKind, Leaf};
 /// What labels tell the hub, routed here from MQTT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelInput {
-    CheckIn { label: DeviceId, shown_hash: u64, sent: SentAs },
-    Ack { label: DeviceId, command_id: u32, stage: AckStage, shown_hash: Option<u64>, sent: SentAs },
+    CheckIn {
+        label: DeviceId,
+        shown_hash: u64,
+        sent: SentAs,
+    },
+    Ack {
+        label: DeviceId,
+        command_id: u32,
+        stage: AckStage,
+        shown_hash: Option<u64>,
+        sent: SentAs,
+    },
+    /// Send every label (of one SKU, or all) its content again (`storectl labels repush`).
+    Repush {
+        sku: Option<Sku>,
+    },
 }
+
+/// What the label task shows the control API and metrics, refreshed every second.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LabelsView {
+    pub labels: usize,
+    pub stages: super::planner::StageCounts,
+    /// Label messages dropped as older than one already handled.
+    pub stale_inputs: u64,
+}
+
+pub type LabelsBoard = Arc<Mutex<LabelsView>>;
 
 /// Where a label's message stands in what it sent: its boot and sequence number. A broker may
 /// deliver a device's messages on different topics out of order (rumqttd keeps one log per
@@ -39,9 +64,10 @@ pub struct SentAs {
 }
 
 impl LabelInput {
-    fn label_and_sent(&self) -> (&DeviceId, SentAs) {
+    fn label_and_sent(&self) -> Option<(&DeviceId, SentAs)> {
         match self {
-            LabelInput::CheckIn { label, sent, .. } | LabelInput::Ack { label, sent, .. } => (label, *sent),
+            LabelInput::CheckIn { label, sent, .. } | LabelInput::Ack { label, sent, .. } => Some((label, *sent)),
+            LabelInput::Repush { .. } => None,
         }
     }
 }
@@ -101,6 +127,8 @@ pub struct LabelTask {
     pub till: Arc<Mutex<TillPrices>>,
     pub client: AsyncClient,
     pub mismatches: Mismatches,
+    /// Stage counts for `storectl labels status` and metrics, refreshed every second.
+    pub board: LabelsBoard,
     /// The price each SKU's labels were last rendered with.
     rendered: HashMap<Sku, (Money, PriceVersion)>,
     /// The newest message seen from each label, to drop older ones delivered late.
@@ -132,6 +160,7 @@ impl LabelTask {
             till,
             client,
             mismatches,
+            board: LabelsBoard::default(),
             rendered: HashMap::new(),
             newest: NewestSeen::default(),
             stale_inputs: 0,
@@ -176,8 +205,27 @@ impl LabelTask {
 
     /// Whether `input` is older than a message already handled from the same label and boot.
     fn is_stale(&mut self, input: &LabelInput) -> bool {
-        let (label, sent) = input.label_and_sent();
-        !self.newest.admit(label, sent)
+        match input.label_and_sent() {
+            Some((label, sent)) => !self.newest.admit(label, sent),
+            None => false,
+        }
+    }
+
+    fn repush(&mut self, sku: Option<Sku>) {
+        let skus: Vec<Sku> = match sku {
+            Some(s) => vec![s],
+            None => self.planner.skus().cloned().collect(),
+        };
+        let mut labels = 0;
+        for sku in &skus {
+            let of_sku: Vec<DeviceId> = self.planner.labels_of(sku).cloned().collect();
+            for label in &of_sku {
+                self.planner.forget_displayed(label);
+            }
+            labels += of_sku.len();
+            self.refresh(sku);
+        }
+        tracing::info!(labels, skus = skus.len(), "Labels repushed on request");
     }
 
     fn on_input(&mut self, input: LabelInput) {
@@ -188,6 +236,7 @@ impl LabelTask {
         let now = self.now_ms();
         match input {
             LabelInput::CheckIn { label, shown_hash, .. } => self.planner.on_check_in(&label, shown_hash, now),
+            LabelInput::Repush { sku } => self.repush(sku),
             LabelInput::Ack { label, command_id, stage, shown_hash, .. } => {
                 if self.planner.on_ack(&label, command_id, stage, shown_hash, now) {
                     if let Some(sku) = self.planner.sku_of(&label).cloned() {
@@ -269,6 +318,14 @@ impl LabelTask {
                     let list = self.planner.mismatched();
                     if let Ok(mut m) = self.mismatches.lock() {
                         *m = list;
+                    }
+                    let view = LabelsView {
+                        labels: self.planner.labels_len(),
+                        stages: self.planner.counts(),
+                        stale_inputs: self.stale_inputs,
+                    };
+                    if let Ok(mut b) = self.board.lock() {
+                        *b = view;
                     }
                 }
                 input = inputs.recv() => match input {

@@ -45,6 +45,20 @@ pub struct MqttSnapshot {
 
 pub type MqttBoard = Arc<Mutex<MqttSnapshot>>;
 
+/// What the rest of the daemon can reach of a running MQTT side.
+#[derive(Clone)]
+pub struct MqttHandles {
+    pub board: MqttBoard,
+    pub labels: Option<LabelHandles>,
+}
+
+/// The label task's board and its input queue (for `storectl labels status|repush`).
+#[derive(Clone)]
+pub struct LabelHandles {
+    pub board: crate::labels::runtime::LabelsBoard,
+    pub inputs: tokio::sync::mpsc::Sender<crate::labels::runtime::LabelInput>,
+}
+
 /// Starts the MQTT side when the config has an `[mqtt]` section: the embedded broker if no
 /// broker is named, the link task, and the router. Returns the router's board when MQTT runs.
 pub fn start(
@@ -55,7 +69,7 @@ pub fn start(
     mismatches: &crate::labels::runtime::Mismatches,
     tasks: &TaskTracker,
     stop: &CancellationToken,
-) -> Result<Option<MqttBoard>, broker::BrokerError> {
+) -> Result<Option<MqttHandles>, broker::BrokerError> {
     let Some(m) = &config.mqtt else { return Ok(None) };
     if m.broker.is_none() {
         broker::start_embedded(m.embedded_listen, m.max_payload)?;
@@ -83,6 +97,7 @@ pub fn start(
     let mut router = router::Router::new(store.clone(), m.max_payload, registry, presence.clone(), impinj);
     router.sold =
         Some(LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?);
+    let mut labels = None;
     if let Some(l) = &config.labels {
         let text = std::fs::read_to_string(&l.bindings)
             .map_err(|e| broker::BrokerError::Config(format!("labels.bindings {}: {e}", l.bindings.display())))?;
@@ -91,16 +106,20 @@ pub fn start(
         let reader =
             LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?;
         let (tx, rx) = tokio::sync::mpsc::channel(crate::labels::runtime::INPUT_QUEUE);
-        router.labels = Some(tx);
+        router.labels = Some(tx.clone());
         tracing::info!(labels = bindings.len(), "Shelf labels bound");
         let planner =
             PlannerConfig { batch_max: l.batch_max, retry_base_ms: l.retry_after_ms, ..PlannerConfig::default() };
         let task =
             LabelTask::new(store, bindings, planner, reader, till.clone(), link.client.clone(), mismatches.clone());
+        let board = crate::labels::runtime::LabelsBoard::default();
+        let mut task = task;
+        task.board = board.clone();
+        labels = Some(LabelHandles { board, inputs: tx });
         tasks.spawn(task.run(rx, ledger.subscribe(), stop.child_token()));
     }
     let board = MqttBoard::default();
     router.board = Some(board.clone());
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
-    Ok(Some(board))
+    Ok(Some(MqttHandles { board, labels }))
 }

@@ -89,6 +89,16 @@ enum Cmd {
 enum LabelsCmd {
     /// Labels not showing what they should (staff fix these at the shelf).
     Mismatch,
+    /// How many labels are up to date, pending, in flight, failed, expired.
+    Status,
+    /// Send every label (or those of one SKU) its content again, and watch it go out
+    /// (Ctrl-C stops watching; the labels keep updating).
+    Repush {
+        sku: Option<String>,
+        /// Ask and return at once, without watching.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -401,6 +411,22 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             return Ok(());
         }
+        Cmd::Labels { command: LabelsCmd::Status } => {
+            let answer = call(&socket, ControlCmd::LabelsStatus, CONTROL_TIMEOUT).map_err(Failure::Control)?;
+            if cli.json {
+                println!("{answer}");
+            } else {
+                let st = &answer["stages"];
+                println!(
+                    "{} labels: {} up to date, {} pending, {} in flight, {} failed, {} expired; {} not showing what they should",
+                    answer["labels"], st["up_to_date"], st["pending"], st["in_flight"], st["failed"], st["expired"], answer["mismatched"]
+                );
+            }
+            return Ok(());
+        }
+        Cmd::Labels { command: LabelsCmd::Repush { sku, no_wait } } => {
+            return repush(cli, &socket, sku.clone(), *no_wait)
+        }
         Cmd::Sync { command: SyncCmd::Now } => {
             call(&socket, ControlCmd::SyncNow, CONTROL_TIMEOUT).map_err(Failure::Control)?;
             if cli.json {
@@ -574,6 +600,46 @@ fn csv_field(text: &str) -> String {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
         text.to_owned()
+    }
+}
+
+/// Asks for a repush, then shows progress until nothing is pending or in flight.
+fn repush(cli: &Cli, socket: &Path, sku: Option<String>, no_wait: bool) -> Result<(), Failure> {
+    use std::io::Write;
+    call(socket, ControlCmd::LabelsRepush { sku: sku.clone() }, CONTROL_TIMEOUT).map_err(Failure::Control)?;
+    if no_wait {
+        println!("{}", if cli.json { json!({ "requested": true }).to_string() } else { "repush requested".into() });
+        return Ok(());
+    }
+    if !cli.json {
+        println!(
+            "repushing {}; Ctrl-C stops watching (the labels keep updating)",
+            sku.as_deref().unwrap_or("every label")
+        );
+    }
+    // The daemon refreshes its label counts once a second: let it see the repush first.
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let answer = call(socket, ControlCmd::LabelsStatus, CONTROL_TIMEOUT).map_err(Failure::Control)?;
+        let st = &answer["stages"];
+        let (total, done) = (answer["labels"].as_u64().unwrap_or(0), st["up_to_date"].as_u64().unwrap_or(0));
+        let open = st["pending"].as_u64().unwrap_or(0) + st["in_flight"].as_u64().unwrap_or(0);
+        if !cli.json {
+            let width = 30;
+            let filled = (done * width).checked_div(total).unwrap_or(width) as usize;
+            print!("\r[{}{}] {done}/{total} up to date   ", "#".repeat(filled), " ".repeat(width as usize - filled));
+            let _ = std::io::stdout().flush();
+        }
+        if open == 0 || std::time::Instant::now() > deadline {
+            if cli.json {
+                println!("{answer}");
+            } else {
+                println!("\n{} failed, {} expired", st["failed"], st["expired"]);
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
 
