@@ -86,7 +86,7 @@ pub fn start(
                         tokio::spawn(async move { serve(stream, &control).await });
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "Control socket accept failed");
+                        tracing::warn!(error = %e, error_code = "CONTROL_ACCEPT", "Control socket accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                 },

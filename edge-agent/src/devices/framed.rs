@@ -109,7 +109,7 @@ impl Session {
         match fp::Envelope::new(self.settings.device_id.as_str(), self.hub_boot, seq, body) {
             Ok(env) => Some(env),
             Err(e) => {
-                tracing::error!(device_id = %self.settings.device_id, error = %e, "Cannot address the device (its id does not fit the protocol)");
+                tracing::error!(device_id = %self.settings.device_id, error = %e, error_code = "DEVICE_ID_TOO_LONG", "Cannot address the device (its id does not fit the protocol)");
                 None
             }
         }
@@ -176,7 +176,7 @@ impl Session {
         };
         if env.boot_id != peer {
             self.refused_frames += 1;
-            tracing::warn!(device_id = %id, "Message from a new boot without HELLO ignored");
+            tracing::warn!(device_id = %id, error_code = "DEVICE_NO_HELLO", "Message from a new boot without HELLO ignored");
             return out;
         }
         if self.stalled {
@@ -403,7 +403,9 @@ pub async fn run(
                             return;
                         }
                     }
-                    Err(e) => tracing::error!(device_id = %id, error = %e, "Cannot encode a frame for the device"),
+                    Err(e) => {
+                        tracing::error!(device_id = %id, error = %e, error_code = "DEVICE_ENCODE", "Cannot encode a frame for the device")
+                    }
                 },
                 Action::Lane(input) => {
                     if lane.send(input).await.is_err() {

@@ -269,13 +269,13 @@ impl LabelTask {
             {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(device_id = %cmd.label, error = %e, "Cannot encode a label command");
+                    tracing::error!(device_id = %cmd.label, device_kind = "esl", error = %e, error_code = "LABEL_ENCODE", "Cannot encode a label command");
                     continue;
                 }
             };
             let topic = topics::device(&self.store, DeviceKind::Esl, &cmd.label, Leaf::Cmd);
             if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, false, payload).await {
-                tracing::error!(device_id = %cmd.label, error = %e, "Label command not queued");
+                tracing::error!(device_id = %cmd.label, device_kind = "esl", error = %e, error_code = "LABEL_SEND", "Label command not queued");
             }
         }
         let passed = match self.till.lock() {
@@ -335,7 +335,7 @@ impl LabelTask {
                 change = changes.recv() => match change {
                     Ok(Change::Product(sku)) => self.refresh(&sku),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "Label planner fell behind the ledger; re-rendering every label");
+                        tracing::warn!(missed = n, error_code = "LABELS_LAGGED", "Label planner fell behind the ledger; re-rendering every label");
                         for sku in &skus {
                             self.refresh(sku);
                         }

@@ -75,7 +75,7 @@ impl LaneTask {
             },
             Ok(None) => None,
             Err(e) => {
-                tracing::error!(lane_id = %id, error = %e, "Cannot read the saved basket; starting a new one");
+                tracing::error!(lane_id = %id, error = %e, error_code = "LANE_BASKET_UNREADABLE", "Cannot read the saved basket; starting a new one");
                 None
             }
         };

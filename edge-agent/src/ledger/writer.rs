@@ -203,7 +203,7 @@ pub struct WriterThread(std::thread::JoinHandle<()>);
 impl WriterThread {
     pub fn join(self) {
         if self.0.join().is_err() {
-            tracing::error!("Ledger writer thread panicked");
+            tracing::error!(error_code = "LEDGER_WRITER_PANIC", "Ledger writer thread panicked");
         }
     }
 
@@ -317,7 +317,7 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, batch = batch.len(), "Ledger batch failed; nothing of it was applied");
+                    tracing::error!(error = %e, batch = batch.len(), error_code = "LEDGER_BATCH_FAILED", "Ledger batch failed; nothing of it was applied");
                     counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                     let msg = e.to_string();
                     for req in batch.drain(..) {

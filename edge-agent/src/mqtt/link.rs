@@ -100,7 +100,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
                     for topic in &s.subscriptions {
                         if let Err(e) = publisher.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(topic = %topic, error = %e, "MQTT subscribe not queued");
+                            tracing::error!(topic = %topic, error = %e, error_code = "MQTT_SUBSCRIBE", "MQTT subscribe not queued");
                         }
                     }
                 }

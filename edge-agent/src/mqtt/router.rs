@@ -291,7 +291,7 @@ pub async fn run(
         for o in out {
             let Outbound::Publish { topic, payload } = o;
             if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
-                tracing::error!(error = %e, "Cannot queue an MQTT publish");
+                tracing::error!(error = %e, error_code = "MQTT_PUBLISH", "Cannot queue an MQTT publish");
             }
         }
     }
