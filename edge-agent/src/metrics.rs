@@ -26,6 +26,7 @@ pub struct Snapshot {
     pub sync: Option<SyncStatus>,
     pub labels_mismatched: Option<usize>,
     pub mqtt: Option<MqttSnapshot>,
+    pub broker_connected: Option<bool>,
     pub labels: Option<crate::labels::runtime::LabelsView>,
     pub now_ms: u64,
 }
@@ -150,6 +151,15 @@ pub fn render(s: &Snapshot) -> String {
         let stages: Vec<(&str, f64)> = stages.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(&mut out, "edge_labels", "gauge", "Shelf labels by stage of their latest content.", &stages);
     }
+    if let Some(up) = s.broker_connected {
+        metric(
+            &mut out,
+            "edge_mqtt_connected",
+            "gauge",
+            "1 when the hub's MQTT connection is up.",
+            &one(f64::from(u8::from(up))),
+        );
+    }
     if let Some(m) = &s.mqtt {
         let online = m.devices.iter().filter(|(_, d)| d.online).count();
         let offline = m.devices.len() - online;
@@ -215,6 +225,7 @@ async fn snapshot(control: &Control) -> Snapshot {
         sync: control.sync.as_ref().map(|s| s.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         labels_mismatched: control.mismatches.as_ref().map(|m| m.lock().map(|l| l.len()).unwrap_or(0)),
         mqtt: control.mqtt.as_ref().map(|m| m.board.lock().map(|s| s.clone()).unwrap_or_default()),
+        broker_connected: control.mqtt.as_ref().map(|m| *m.connected.borrow()),
         labels: control
             .mqtt
             .as_ref()

@@ -83,6 +83,7 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
         "edge_devices{store=\"s1\",state=\"online\"} 2",
         "edge_labels_mismatched{store=\"s1\"} 0",
         "edge_labels{store=\"s1\",stage=\"up_to_date\"} 2",
+        "edge_mqtt_connected{store=\"s1\"} 1",
         "# TYPE edge_ledger_events_total counter",
     ];
     for line in expected {
@@ -95,6 +96,7 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
     let status = json(store.storectl(&["--json", "status"]));
     assert_eq!(status["daemon"], "running");
     assert_eq!(status["cloud"]["configured"], false);
+    assert_eq!(status["broker_connected"], true, "{status}");
 
     // A delivery, recorded once even when the command is run again with its key.
     let first = ok(store.storectl(&["stock", "receive", "MILK", "10", "--reference", "DN-7", "--key", "dn-7"]));

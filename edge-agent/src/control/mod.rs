@@ -204,6 +204,7 @@ async fn handle_inner(control: &Control, cmd: Cmd) -> Result<Reply, Reply> {
                     "failed_batches": stats.failed_batches,
                 },
                 "mqtt": control.mqtt.is_some(),
+                "broker_connected": control.mqtt.as_ref().map(|m| *m.connected.borrow()),
                 "cloud": sync.map(|s| json!({ "configured": true, "status": s })).unwrap_or(json!({ "configured": false })),
                 "sync": { "outbox_rows": outbox, "position": position },
                 "labels_mismatched": control.mismatches.as_ref().map(|m| m.lock().map(|l| l.len()).unwrap_or(0)),

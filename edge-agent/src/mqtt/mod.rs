@@ -49,6 +49,8 @@ pub type MqttBoard = Arc<Mutex<MqttSnapshot>>;
 #[derive(Clone)]
 pub struct MqttHandles {
     pub board: MqttBoard,
+    /// Whether the hub's MQTT connection is up.
+    pub connected: tokio::sync::watch::Receiver<bool>,
     pub labels: Option<LabelHandles>,
 }
 
@@ -91,6 +93,7 @@ pub fn start(
         tasks,
         stop.child_token(),
     );
+    let connected = link.connected.clone();
     let allow: HashSet<_> = m.allow_list.iter().cloned().collect();
     let registry = Registry::new((!allow.is_empty()).then_some(allow), m.heartbeat_timeout_ms);
     let impinj: HashMap<_, _> = config.rfid.impinj.iter().map(|s| (s.topic.clone(), s.reader.clone())).collect();
@@ -121,5 +124,5 @@ pub fn start(
     let board = MqttBoard::default();
     router.board = Some(board.clone());
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
-    Ok(Some(MqttHandles { board, labels }))
+    Ok(Some(MqttHandles { board, connected, labels }))
 }

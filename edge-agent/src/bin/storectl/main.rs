@@ -724,10 +724,12 @@ fn status(cli: &Cli, data_dir: &Path, socket: &Path) -> Result<(), Failure> {
                     "  ledger:  {} events, writer queue {}",
                     answer["ledger"]["events"], answer["ledger"]["queue_depth"]
                 );
-                println!(
-                    "  broker:  {}",
-                    if answer["mqtt"].as_bool() == Some(true) { "configured" } else { "none (no [mqtt])" }
-                );
+                let broker = match answer["broker_connected"].as_bool() {
+                    Some(true) => "connected",
+                    Some(false) => "NOT connected (the hub retries; see `journalctl -u edge-agent` for MQTT_DOWN)",
+                    None => "none (no [mqtt])",
+                };
+                println!("  broker:  {broker}");
                 print_sync(&answer["cloud"]["status"], &answer["sync"]["position"], &answer["sync"]["outbox_rows"]);
                 if let Some(n) = answer["labels_mismatched"].as_u64() {
                     println!("  labels:  {n} not showing what they should");
