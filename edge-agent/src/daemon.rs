@@ -44,6 +44,17 @@ pub fn ledger_options(config: &Config) -> LedgerOptions {
 /// Runs until a signal; returns after a clean shutdown. `config_path` is where `config` was
 /// read from: SIGHUP reads it again for the log level.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+    run_until(config, config_path, std::future::pending()).await
+}
+
+/// Like [`run`] (same signals, same shutdown), and also shuts down cleanly when `stop_when`
+/// completes: for a store run inside another program, such as the demo (`e2e-tests`).
+pub async fn run_until(
+    config: Config,
+    config_path: PathBuf,
+    stop_when: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let mut stop_when = std::pin::pin!(stop_when);
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     // Installed first, so `systemctl reload` during startup cannot kill the daemon.
@@ -128,6 +139,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
+            () = &mut stop_when => break "a stop request",
             _ = usr1.recv() => {
                 tracing::debug!(signal = "SIGUSR1", "Signal received");
                 match &sync_control {

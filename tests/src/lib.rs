@@ -2,6 +2,7 @@
 //! read what they print while they run.
 
 pub mod cloud;
+pub mod demo;
 pub mod mqtt;
 pub mod proxy;
 pub mod store;

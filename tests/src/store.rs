@@ -77,39 +77,15 @@ impl StoreFixture {
     /// A store with its own id, lanes as in [`StoreFixture::new`], and the seed given.
     pub fn custom(store: &str, lanes: &[&str], lane_extra: &str, extra: &str, seed_with: Seed) -> StoreFixture {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let by_id = dir.path().join("by-id");
-        std::fs::create_dir_all(&by_id).unwrap();
-        let mut config = format!(
-            "[store]\nid = \"{store}\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n[log]\nlevel = \"info,edge_agent=debug\"\n",
-            data.display()
-        );
-        for lane in lanes {
-            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\ndouble_read_window_ms = 500\n{lane_extra}"));
-            for (kind, mode) in [("scanner", "plain"), ("scale", "framed"), ("lane", "framed")] {
-                let name = if kind == "lane" { "display" } else { kind };
-                config.push_str(&format!(
-                    "[[serial]]\nid = \"{lane}-{name}\"\nkind = \"{kind}\"\nlane = \"{lane}\"\npath = \"{}\"\nmode = \"{mode}\"\nsuffix = \"cr\"\n",
-                    by_id.join(format!("{lane}-{name}")).display()
-                ));
-            }
-        }
-        config.push_str(extra);
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let fixture = StoreFixture {
+        let files = StoreFiles::create(dir.path(), store, lanes, lane_extra, extra, seed_with);
+        StoreFixture {
             store: store.to_owned(),
-            data,
-            by_id,
-            config: config_path,
+            data: files.data,
+            by_id: files.by_id,
+            config: files.config,
             lanes: lanes.iter().map(|s| s.to_string()).collect(),
             dir,
-        };
-        let (data, id) = (fixture.data.clone(), fixture.store.clone());
-        // Through the real ledger writer, on a plain thread (tests may build fixtures inside a
-        // tokio runtime, where blocking is not allowed).
-        std::thread::spawn(move || seed(&data, &id, seed_with)).join().expect("seeding the ledger");
-        fixture
+        }
     }
 
     pub fn device_path(&self, lane: &str, device: &str) -> PathBuf {
@@ -138,6 +114,52 @@ impl StoreFixture {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// A store's files in a folder the caller owns (a fixture's temporary one, or the demo's):
+/// `data/` seeded as asked, `by-id/` for the devices' pty links, and `config.toml`.
+pub struct StoreFiles {
+    pub data: PathBuf,
+    pub by_id: PathBuf,
+    pub config: PathBuf,
+}
+
+impl StoreFiles {
+    /// Writes the config (lanes as in [`StoreFixture::new`], then `extra`) and seeds the ledger.
+    pub fn create(
+        dir: &Path,
+        store: &str,
+        lanes: &[&str],
+        lane_extra: &str,
+        extra: &str,
+        seed_with: Seed,
+    ) -> StoreFiles {
+        let data = dir.join("data");
+        let by_id = dir.join("by-id");
+        std::fs::create_dir_all(&by_id).unwrap();
+        let mut config = format!(
+            "[store]\nid = \"{store}\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n[log]\nlevel = \"info,edge_agent=debug\"\n",
+            data.display()
+        );
+        for lane in lanes {
+            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\ndouble_read_window_ms = 500\n{lane_extra}"));
+            for (kind, mode) in [("scanner", "plain"), ("scale", "framed"), ("lane", "framed")] {
+                let name = if kind == "lane" { "display" } else { kind };
+                config.push_str(&format!(
+                    "[[serial]]\nid = \"{lane}-{name}\"\nkind = \"{kind}\"\nlane = \"{lane}\"\npath = \"{}\"\nmode = \"{mode}\"\nsuffix = \"cr\"\n",
+                    by_id.join(format!("{lane}-{name}")).display()
+                ));
+            }
+        }
+        config.push_str(extra);
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let (seed_data, id) = (data.clone(), store.to_owned());
+        // Through the real ledger writer, on a plain thread (tests may build fixtures inside a
+        // tokio runtime, where blocking is not allowed).
+        std::thread::spawn(move || seed(&seed_data, &id, seed_with)).join().expect("seeding the ledger");
+        StoreFiles { data, by_id, config: config_path }
     }
 }
 
