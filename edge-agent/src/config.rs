@@ -326,6 +326,17 @@ pub enum SerialKind {
     Lane,
 }
 
+impl SerialKind {
+    /// As it appears in the journal (`DEVICE_KIND`) and the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SerialKind::Scanner => "scanner",
+            SerialKind::Scale => "scale",
+            SerialKind::Lane => "lane",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialMode {

@@ -158,6 +158,14 @@ async fn garbage_bad_codes_double_scans_and_an_unplugged_scanner() {
     d.display.wait_display(WAIT, is_total(369)).await.unwrap();
 
     pay(&mut d).await;
+    // The technician's view: the lost scanner is one line naming the store, lane, device and
+    // kind (journald gets the same fields as STORE_ID, LANE_ID, DEVICE_ID, DEVICE_KIND).
+    let log = daemon.log();
+    let lost: Vec<&String> = log.iter().filter(|l| l.contains("SERIAL_LOST")).collect();
+    assert_eq!(lost.len(), 1, "one line for the state change: {lost:?}");
+    for field in ["store_id=s1", "lane_id=lane-1", "device_id=lane-1-scanner", "device_kind=\"scanner\""] {
+        assert!(lost[0].contains(field), "{field} missing from {}", lost[0]);
+    }
     daemon.stop();
     let sales = sales(&store);
     assert_eq!(sales.len(), 1);

@@ -50,7 +50,8 @@ pub struct SerialLink {
 pub fn spawn(settings: SerialSettings, tasks: &TaskTracker, stop: CancellationToken) -> SerialLink {
     let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
-    tasks.spawn(run(settings, event_tx, write_rx, stop));
+    // In the caller's span (the device's, with its ids), so the link's journal lines carry them.
+    tasks.spawn(tracing::Instrument::in_current_span(run(settings, event_tx, write_rx, stop)));
     SerialLink { events, writes }
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -40,9 +41,20 @@ pub fn start(
         )
         .with_till(till.clone())
         .with_rfid(presence.clone(), crate::config::parse_zones(&lane_cfg.rfid_zones).unwrap_or_default());
-        tasks.spawn(lane.run(lane_rx, stop.child_token()));
+        // Every journal line of a lane or device carries STORE_ID, LANE_ID (and DEVICE_ID,
+        // DEVICE_KIND) from its task's span, so a technician can filter by any of them.
+        let lane_span = tracing::info_span!("lane", store_id = %config.store.id, lane_id = %lane_cfg.id);
+        tasks.spawn(lane.run(lane_rx, stop.child_token()).instrument(lane_span));
         let mut display_rx = Some(display_rx);
         for dev in config.serial.iter().filter(|d| d.lane == lane_cfg.id) {
+            let span = tracing::info_span!(
+                "device",
+                store_id = %config.store.id,
+                lane_id = %lane_cfg.id,
+                device_id = %dev.id,
+                device_kind = dev.kind.as_str()
+            );
+            let _in_device = span.enter();
             let link = serial::spawn(
                 SerialSettings {
                     device_id: dev.id.to_string(),
@@ -62,7 +74,7 @@ pub fn start(
                         ack_nak: dev.ack_nak,
                         double_read_window_ms: lane_cfg.double_read_window_ms,
                     };
-                    tasks.spawn(plain_task::run(link, settings, lane_tx.clone(), stop.child_token()));
+                    tasks.spawn(plain_task::run(link, settings, lane_tx.clone(), stop.child_token()).in_current_span());
                 }
                 (kind, _) => {
                     let display = if kind == SerialKind::Lane { display_rx.take() } else { None };
@@ -71,7 +83,9 @@ pub fn start(
                         kind,
                         double_read_window_ms: lane_cfg.double_read_window_ms,
                     };
-                    tasks.spawn(framed::run(link, session, lane_tx.clone(), display, stop.child_token()));
+                    tasks.spawn(
+                        framed::run(link, session, lane_tx.clone(), display, stop.child_token()).in_current_span(),
+                    );
                 }
             }
         }
