@@ -22,6 +22,8 @@ pub enum DaemonError {
     Mqtt(crate::mqtt::broker::BrokerError),
     #[error("cloud sync: {0}")]
     Sync(String),
+    #[error("another edge-agent is already running on {0} (see `storectl status`); refusing to start a second one")]
+    AlreadyRunning(PathBuf),
     #[error(transparent)]
     Control(crate::control::ControlError),
     #[error("metrics address {0}: {1}")]
@@ -63,6 +65,9 @@ pub async fn run_until(
     // Installed before start-up so an early one does not kill the daemon (its default action).
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
 
+    // One daemon per data folder: a second one (a technician running it by hand next to the
+    // service) would fight the first over the ledger's head and take its control socket.
+    let _lock = lock_data_dir(&config.ledger.data_dir)?;
     let opts = ledger_options(&config);
     let ledger = Ledger::open(&config.ledger.data_dir, &opts)?;
     let (handle, writer) = ledger.start_writer(opts.queue_capacity)?;
@@ -234,4 +239,24 @@ async fn shutdown(
         }
         Err(_) => Err(DaemonError::ShutdownTimeout(deadline)),
     }
+}
+
+/// Takes an exclusive lock on `data_dir/edge-agent.lock` for the life of the returned file
+/// (the kernel drops it when the process ends, however it ends).
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    let cannot = |source| DaemonError::Ledger(LedgerError::CannotOpen { path: data_dir.to_owned(), source });
+    std::fs::create_dir_all(data_dir).map_err(cannot)?;
+    let path = data_dir.join("edge-agent.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(cannot)?;
+    // SAFETY: flock on a file descriptor we own for as long as `file` lives.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.kind() == std::io::ErrorKind::WouldBlock {
+            DaemonError::AlreadyRunning(data_dir.to_owned())
+        } else {
+            cannot(err)
+        });
+    }
+    Ok(file)
 }

@@ -16,6 +16,7 @@ mod exit {
     pub const DATAERR: u8 = 65;
     pub const SOFTWARE: u8 = 70;
     pub const CANTCREAT: u8 = 73;
+    pub const TEMPFAIL: u8 = 75;
 }
 
 #[derive(Parser)]
@@ -90,6 +91,7 @@ fn main() -> ExitCode {
                     ExitCode::from(match &e {
                         DaemonError::Ledger(LedgerError::CannotOpen { .. }) => exit::CANTCREAT,
                         DaemonError::Ledger(l) if l.is_bad_file() => exit::DATAERR,
+                        DaemonError::AlreadyRunning(_) => exit::TEMPFAIL,
                         _ => exit::SOFTWARE,
                     })
                 }
@@ -106,6 +108,7 @@ fn error_code(e: &DaemonError) -> &'static str {
         DaemonError::Signals(_) => "SIGNALS",
         DaemonError::Mqtt(_) => "MQTT_BROKER",
         DaemonError::Sync(_) => "SYNC_CONFIG",
+        DaemonError::AlreadyRunning(_) => "ALREADY_RUNNING",
         DaemonError::Control(_) => "CONTROL_SOCKET",
         DaemonError::Metrics(..) => "METRICS_LISTEN",
         DaemonError::ShutdownTimeout(_) => "SHUTDOWN_TIMEOUT",

@@ -34,7 +34,7 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 fn ack(acked_version: u64, cursor: Cursor) -> SyncAck {
-    SyncAck { acked_version, cursor, cloud_time: cloud_stamp(now_ms()), caught_up: true }
+    SyncAck { acked_version, pushed_to: acked_version, cursor, cloud_time: cloud_stamp(now_ms()), caught_up: true }
 }
 fn receipt(sku_id: &str, quantity: i64) -> Command {
     Command::Receipt { sku: sku(sku_id), quantity, reference: "DN".into() }
@@ -189,10 +189,11 @@ async fn a_rebuilt_ledger_keeps_its_changes_when_the_cloud_holds_more() {
     // The cloud knows this store up to version 50 (its ledger was replaced); the answer leaves
     // more to pull, so the ledger is not caught up yet.
     let mut partial = ack(50, Cursor { chain: 0, store: 10 });
-    partial.caught_up = false;
+    (partial.caught_up, partial.pushed_to) = (false, 0);
     h.apply_sync(partial, None).await.unwrap();
     let position = reader.sync_position().unwrap();
     assert_eq!((position.pushed_version, position.head_version, position.bootstrapped), (0, 50, false));
+    assert_eq!(position.cursor, Cursor::default(), "it pulls everything again, its own slots included");
 
     // A change after the answer takes a version above the cloud's; both changes are pushed.
     h.submit(key("rcv-after"), receipt("B", 2)).await.unwrap();
@@ -220,6 +221,31 @@ async fn chain_prices_written_locally_stay_local() {
     let own = PriceKey { sku: sku("A"), scope: PriceScope::Store(store()), slot: PriceSlot::Regular };
     h.submit(key("store-price"), Command::PriceChange { key: own, value }).await.unwrap();
     assert_eq!(reader.push_page(100).unwrap().unwrap().rows.prices.len(), 1);
+    drop(h);
+    w.join();
+}
+
+#[tokio::test]
+async fn a_rebuilt_ledger_pushing_in_pages_sends_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, w) = start(dir.path());
+    for (i, s) in ["A", "B", "C"].iter().enumerate() {
+        h.submit(key(&format!("rcv-{i}")), receipt(s, 1)).await.unwrap();
+    }
+    let reader = LedgerReader::open(dir.path()).unwrap();
+    // The cloud knows this store up to 50 from its previous ledger; pages of two rows.
+    let first = reader.push_page(2).unwrap().unwrap();
+    assert_eq!(first.rows.len(), 2);
+    let mut answer = ack(50, Cursor::default());
+    answer.pushed_to = first.to_version;
+    h.apply_sync(answer, None).await.unwrap();
+    assert_eq!(reader.sync_position().unwrap().pushed_version, first.to_version, "only what the page carried");
+    let second = reader.push_page(2).unwrap().unwrap();
+    assert_eq!(second.rows.len(), 1, "the third change is still to send: {second:?}");
+    let mut answer = ack(50, Cursor::default());
+    answer.pushed_to = second.to_version;
+    h.apply_sync(answer, None).await.unwrap();
+    assert_eq!(reader.push_page(2).unwrap(), None);
     drop(h);
     w.join();
 }

@@ -22,6 +22,8 @@ pub enum PriceError {
     Negative { sku: Sku, amount: Money },
     #[error("validity window of {sku} is empty: starts at {from_ms} ms, ends at {until_ms} ms")]
     EmptyWindow { sku: Sku, from_ms: u64, until_ms: u64 },
+    #[error("validity window of {sku} ends at {until_ms} ms, beyond the largest storable time {max_ms} ms")]
+    WindowOutOfRange { sku: Sku, until_ms: u64, max_ms: u64 },
     #[error("price of {sku} is in {found}, but this store trades in {expected}")]
     WrongCurrency { sku: Sku, found: crate::money::Currency, expected: crate::money::Currency },
 }
@@ -97,6 +99,14 @@ impl PriceValue {
         if let Some(w) = self.window {
             if w.from_ms >= w.until_ms {
                 return Err(PriceError::EmptyWindow { sku: sku.clone(), from_ms: w.from_ms, until_ms: w.until_ms });
+            }
+            // Stored in SQLite's signed 64-bit integers on both sides of a sync.
+            if w.until_ms > i64::MAX as u64 {
+                return Err(PriceError::WindowOutOfRange {
+                    sku: sku.clone(),
+                    until_ms: w.until_ms,
+                    max_ms: i64::MAX as u64,
+                });
             }
         }
         Ok(())

@@ -53,6 +53,7 @@ async fn edge(n: usize) -> Vec<Duration> {
             cursor.store += page.slots.len() as u64;
             let ack = SyncAck {
                 acked_version: 0,
+                pushed_to: 0,
                 cursor,
                 cloud_time: HlcStamp { wall_ms: now_ms(), logical: 0, actor: ActorId::cloud() },
                 caught_up: true,

@@ -44,6 +44,11 @@ fn starts_and_stops_cleanly_on_sigterm_and_sigint() {
         cmd.arg("run").arg("--config").arg(&config);
         let mut run = Running::spawn(cmd, true);
         run.wait_for("edge-agent ready", Duration::from_secs(30));
+        // A second daemon on the same data folder is refused, and the first keeps its socket.
+        let second = edge_agent(&["run"], &config);
+        assert_eq!(second.status.code(), Some(75), "{}", stderr(&second));
+        assert!(stderr(&second).contains("already running"), "{}", stderr(&second));
+        assert!(dir.path().join("data/control.sock").exists());
         let sent = Instant::now();
         signal(&run.child, sig);
         let lines = run.wait_for("edge-agent stopped cleanly", Duration::from_secs(10));
@@ -158,7 +163,7 @@ fn a_data_folder_the_service_user_cannot_write_is_named() {
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(73), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains(&data.join("ledger.db").display().to_string())
+        stderr(&out).contains(&data.display().to_string())
             && stderr(&out).contains("ermission denied"),
         "{}",
         stderr(&out)

@@ -289,6 +289,16 @@ pub(crate) fn page(
     let more = store_rows.len() > store_taken || chain_rows.len() > chain_taken;
     let store_part = &store_rows[..store_taken];
     let chain_part = &chain_rows[..chain_taken];
+    // A cursor beyond a partition's counter means the database lost versions the store had
+    // seen (a restored backup): the store starts that partition over, or it would never see
+    // the versions given again.
+    if cursor.store > heads.store || cursor.chain > heads.chain {
+        let restart = Cursor {
+            store: if cursor.store > heads.store { 0 } else { cursor.store },
+            chain: if cursor.chain > heads.chain { 0 } else { cursor.chain },
+        };
+        return Page { rows: Rows::default(), next_cursor: restart, more: true };
+    }
     let store_drained = store_rows.len() == store_taken;
     let chain_drained = store_drained && store_taken < max && chain_rows.len() == chain_taken;
     let next_cursor = Cursor {
@@ -389,6 +399,9 @@ mod tests {
         assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 30 }, false), "the chain was not read");
         let p = page(cursor, vec![pulled(21, "A")], vec![pulled(11, "C")], 5, heads);
         assert_eq!((p.next_cursor, p.more), (heads, false), "both drained");
+        let ahead = Cursor { chain: 10, store: 31 };
+        let p = page(ahead, vec![], vec![], 5, heads);
+        assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 0 }, true), "a restored database: start over");
         let three = vec![pulled(21, "A"), pulled(22, "B"), pulled(23, "E")];
         let p = page(cursor, three, vec![], 2, heads);
         assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 22 }, true), "not drained: the last row sent");

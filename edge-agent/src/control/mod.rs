@@ -226,9 +226,10 @@ async fn handle_inner(control: &Control, cmd: Cmd) -> Result<Reply, Reply> {
             let sku = parse_sku(&sku)?;
             let window = match (from_ms, until_ms) {
                 (None, None) => None,
-                (from, until) => {
-                    Some(ValidityWindow { from_ms: from.unwrap_or_else(now_ms), until_ms: until.unwrap_or(u64::MAX) })
-                }
+                (from, until) => Some(ValidityWindow {
+                    from_ms: from.unwrap_or_else(now_ms),
+                    until_ms: until.unwrap_or(i64::MAX as u64),
+                }),
             };
             let value = match amount {
                 None => None,

@@ -191,15 +191,16 @@ pub fn merge_price(conn: &Connection, entry: &PriceEntry, version: u64) -> Resul
     ))?;
     let v = entry.value.as_ref();
     let window = v.and_then(|v| v.window);
+    let to_i64 = |n: u64| i64::try_from(n).map_err(|_| corrupt("price register", format!("{n} exceeds i64")));
     stmt.execute(params![
         entry.key.sku.as_str(),
         scope_text(&entry.key.scope),
         entry.key.slot.as_str(),
         v.map(|v| v.amount.minor),
         v.map(|v| v.amount.currency.code().to_owned()),
-        window.map(|w| w.from_ms as i64),
-        window.map(|w| w.until_ms as i64),
-        entry.stamp.wall_ms as i64,
+        window.map(|w| to_i64(w.from_ms)).transpose()?,
+        window.map(|w| to_i64(w.until_ms)).transpose()?,
+        to_i64(entry.stamp.wall_ms)?,
         i64::from(entry.stamp.logical),
         entry.stamp.actor.as_str(),
         version as i64,

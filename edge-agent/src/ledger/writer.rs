@@ -77,6 +77,10 @@ pub struct MergedPage {
 pub struct SyncAck {
     /// The store's own version the cloud holds: the next push starts after it.
     pub acked_version: u64,
+    /// How far the request this answers pushed (its push's `to_version`, or the pushed version
+    /// when it pushed nothing): the store never counts as pushed more than it sent, whatever
+    /// the cloud holds from an earlier life of this store.
+    pub pushed_to: u64,
     /// Where the store has now merged the cloud's rows up to.
     pub cursor: Cursor,
     pub cloud_time: HlcStamp,
@@ -658,25 +662,31 @@ fn write_sync_position(conn: &Connection, ack: &SyncAck, head: &mut Head) -> Res
         i64::try_from(v)
             .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("sync version {v} exceeds i64") })
     };
+    let mut cursor = ack.cursor;
+    let mut caught_up = ack.caught_up;
     if ack.acked_version > head.change_version {
         // The cloud holds versions this ledger never issued: it was rebuilt (or restored from
-        // an old backup). Adopting the number would mark our next changes as pushed and lose
-        // them; instead our versions continue above it, and what we have is pushed again.
+        // an old backup). Our versions continue above the cloud's, so what we have is pushed
+        // again, and we pull everything again, our own slots included, as a new ledger does.
         tracing::warn!(
             cloud_acked = ack.acked_version,
             local_head = head.change_version,
             error_code = "SYNC_LEDGER_BEHIND_CLOUD",
-            "The cloud holds more of this store than its ledger; continuing versions above the cloud's"
+            "The cloud holds more of this store than its ledger; continuing versions above the cloud's and pulling everything again"
         );
         head.change_version = ack.acked_version;
-    } else {
-        meta.execute(params!["pushed_version", as_i64(ack.acked_version)?])?;
+        cursor = Cursor::default();
+        caught_up = false;
+        meta.execute(params!["bootstrapped", 0])?;
     }
-    if ack.caught_up {
+    // Never more than this request sent: with the cloud ahead of a rebuilt ledger, a page's
+    // answer names the cloud's old number, not what this page carried.
+    meta.execute(params!["pushed_version", as_i64(ack.acked_version.min(ack.pushed_to))?])?;
+    if caught_up {
         meta.execute(params!["bootstrapped", 1])?;
     }
-    meta.execute(params!["cursor_chain", as_i64(ack.cursor.chain)?])?;
-    meta.execute(params!["cursor_store", as_i64(ack.cursor.store)?])?;
+    meta.execute(params!["cursor_chain", as_i64(cursor.chain)?])?;
+    meta.execute(params!["cursor_store", as_i64(cursor.store)?])?;
     Ok(())
 }
 

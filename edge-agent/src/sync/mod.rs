@@ -144,6 +144,7 @@ impl Syncer {
             });
             let ack = SyncAck {
                 acked_version: answer.acked_version,
+                pushed_to: request.push.as_ref().map_or(position.pushed_version, |p| p.to_version),
                 cursor: answer.next_cursor,
                 cloud_time: answer.cloud_time,
                 caught_up: !answer.more,
