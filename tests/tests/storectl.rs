@@ -121,8 +121,14 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
     ok(store.storectl(&["price", "markdown", "BREAD", "--percent", "20"]));
     let bread = json(store.storectl(&["--json", "price", "show", "BREAD"]));
     assert_eq!(bread["effective"]["amount_minor"], 200, "{bread}");
+    let twice = ok(store.storectl(&["price", "markdown", "BREAD", "--percent", "20"]));
+    assert!(twice.contains("already recorded"), "the same markdown runs once, never 20% of 20%: {twice}");
+    let bread = json(store.storectl(&["--json", "price", "show", "BREAD"]));
+    assert_eq!(bread["effective"]["amount_minor"], 200, "{bread}");
 
     // Refusals with their exit codes.
+    let not_a_number = store.storectl(&["stock", "adjust", "MILK", "lots", "--reason", "x"]);
+    assert_eq!(code(&not_a_number), 64, "{}", text(&not_a_number));
     let bad_sku = store.storectl(&["stock", "receive", "no spaces allowed", "1"]);
     assert_eq!(code(&bad_sku), 64, "{}", text(&bad_sku));
     let bad_price = store.storectl(&["price", "set", "MILK", "1.999"]);

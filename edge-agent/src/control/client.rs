@@ -15,6 +15,9 @@ pub enum ClientError {
     NotRunning { path: String, reason: String },
     #[error("{}", .0.message)]
     Refused(ErrorBody),
+    /// The socket is there but this user may not use it.
+    #[error("no permission to use the control socket {path}: run as a member of its group (see [control] group in the daemon's config) or as the service user")]
+    NoPermission { path: String },
     #[error("control socket: {0}")]
     Io(String),
 }
@@ -23,7 +26,10 @@ pub enum ClientError {
 pub fn call(socket: &Path, cmd: Cmd, timeout: Duration) -> Result<serde_json::Value, ClientError> {
     let not_running =
         |e: std::io::Error| ClientError::NotRunning { path: socket.display().to_string(), reason: e.to_string() };
-    let mut stream = UnixStream::connect(socket).map_err(not_running)?;
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::NoPermission { path: socket.display().to_string() },
+        _ => not_running(e),
+    })?;
     let io = |e: std::io::Error| ClientError::Io(e.to_string());
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;

@@ -45,6 +45,11 @@ pub enum ControlError {
     NoSuchGroup(String),
 }
 
+/// Requests served at once; further connections wait to be accepted.
+const MAX_CONNECTIONS: usize = 16;
+/// A request must arrive, be answered and be read within this long.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -74,6 +79,8 @@ pub fn start(
     }
     tracing::info!(path = %path.display(), "Control socket listening");
     let control = Arc::new(control);
+    // Bounded (DESIGN 13.7): at most this many requests at once; more wait to be accepted.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let stop = stop.clone();
     let socket_path = path.to_owned();
     tasks.spawn(async move {
@@ -82,8 +89,13 @@ pub fn start(
                 () = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        let Ok(permit) = slots.clone().acquire_owned().await else { break };
                         let control = control.clone();
-                        tokio::spawn(async move { serve(stream, &control).await });
+                        tokio::spawn(async move {
+                            // A client that sends nothing, or never reads, loses its slot.
+                            let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(stream, &control)).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, error_code = "CONTROL_ACCEPT", "Control socket accept failed");

@@ -51,7 +51,7 @@ pub fn run(json: bool, config: Option<&Path>, data_dir: &Path, socket: &Path) ->
             "configuration",
             Verdict::Skip,
             "no --config given: clock, broker and serial checks skipped",
-            Some("run `storectl doctor --config /etc/edge-agent/edge-agent.toml`"),
+            Some("run `storectl doctor --config /etc/edge-agent/config.toml`"),
         )),
     }
     if json {

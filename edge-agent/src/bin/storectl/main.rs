@@ -237,7 +237,15 @@ impl From<LedgerError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors exit 64 (README).
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
@@ -264,6 +272,8 @@ fn main() -> ExitCode {
                     ErrorCode::NotConfigured => 78,
                     ErrorCode::Unavailable => 75,
                 },
+                ClientError::NoPermission { .. } => 77,
+                ClientError::Io(e) if e.contains("timed out") || e.contains("temporarily unavailable") => 75,
                 ClientError::Io(_) => 74,
             })
         }
@@ -283,13 +293,16 @@ fn paths(cli: &Cli) -> Result<(PathBuf, PathBuf), Failure> {
     let (data, socket) = match &cli.data_dir {
         Some(dir) => (dir.clone(), dir.join("control.sock")),
         None => {
-            let config = cli.config.clone().unwrap_or_else(|| PathBuf::from("/etc/edge-agent/config.toml"));
+            let config = cli.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             let config = Config::load(&config).map_err(|e| Failure::Usage(e.to_string()))?;
             (config.ledger.data_dir.clone(), config.control_socket())
         }
     };
     Ok((data, cli.socket.clone().unwrap_or(socket)))
 }
+
+/// Where the daemon's configuration lives when installed (see `systemd/edge-agent.service`).
+const DEFAULT_CONFIG: &str = "/etc/edge-agent/config.toml";
 
 const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -300,7 +313,21 @@ fn random_key() -> String {
 
 /// Sends a write to the daemon and prints what it recorded.
 fn write(cli: &Cli, socket: &Path, cmd: ControlCmd) -> Result<(), Failure> {
-    let answer = call(socket, cmd, CONTROL_TIMEOUT).map_err(Failure::Control)?;
+    let key = match &cmd {
+        ControlCmd::StockAdjust { key, .. }
+        | ControlCmd::StockReceive { key, .. }
+        | ControlCmd::StockCount { key, .. }
+        | ControlCmd::PriceSet { key, .. } => Some(key.clone()),
+        _ => None,
+    };
+    let answer = call(socket, cmd, CONTROL_TIMEOUT).map_err(|e| {
+        // The daemon may have applied it before the failure reached us: the same key makes a
+        // retry safe.
+        if let (Some(key), ClientError::Io(_)) = (&key, &e) {
+            eprintln!("to retry without applying it twice, run the same command with --key {key}");
+        }
+        Failure::Control(e)
+    })?;
     if cli.json {
         println!("{answer}");
     } else {
@@ -376,15 +403,25 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let sku_id = Sku::new(sku.clone()).map_err(|e| Failure::Usage(e.to_string()))?;
             let entries = reader.prices(&sku_id)?;
             let now = now_ms();
-            let current = effective_price(&entries, &sku_id, reader.store(), now)
-                .and_then(|e| e.value.as_ref().map(|v| v.amount))
+            // Marked down from the price without any store promotion, so a markdown never
+            // compounds on an earlier one.
+            let own_promo = |e: &&shared::PriceEntry| {
+                e.key.slot == shared::PriceSlot::Promotion
+                    && e.key.scope == shared::PriceScope::Store(reader.store().clone())
+            };
+            let entries: Vec<shared::PriceEntry> = entries.iter().filter(|e| !own_promo(e)).cloned().collect();
+            let effective = effective_price(&entries, &sku_id, reader.store(), now)
+                .and_then(|e| e.value.as_ref().map(|v| (v.amount, e.stamp.clone())))
                 .ok_or_else(|| Failure::Usage(format!("{sku} has no price in effect to mark down")))?;
+            let (current, stamp) = effective;
+            // Run twice, the same markdown of the same price applies once (not 30% of 30% off).
+            let default_key = format!("markdown:{sku}:{percent}:{}.{}", stamp.wall_ms, stamp.logical);
             // Rounded down to the minor unit: a markdown never charges more than it says.
             let minor = current.minor * i64::from(100 - percent) / 100;
             let amount = shared::Money::new(minor, current.currency).to_string();
             let amount = amount.split_whitespace().next().unwrap_or(&amount).to_owned();
             let cmd = ControlCmd::PriceSet {
-                key: key(k),
+                key: k.key.clone().unwrap_or(default_key),
                 sku: sku.clone(),
                 amount: Some(amount),
                 promotion: true,
@@ -447,7 +484,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             return Ok(());
         }
         Cmd::Devices => return devices(cli, &socket),
-        Cmd::Doctor => return doctor::run(cli.json, cli.config.as_deref(), &data_dir, &socket),
+        Cmd::Doctor => {
+            // The configuration `paths` used: the one given, or the default when no
+            // --data-dir was given.
+            let default = PathBuf::from(DEFAULT_CONFIG);
+            let config = cli.config.as_deref().or(cli.data_dir.is_none().then_some(default.as_path()));
+            return doctor::run(cli.json, config, &data_dir, &socket);
+        }
         Cmd::Backup { path } => return backup(cli, &data_dir, path),
         _ => {}
     }
