@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod epc;
+pub mod escrow;
 pub mod gtin;
 pub mod hlc;
 pub mod ids;
@@ -18,6 +19,7 @@ pub mod wire;
 
 pub use catalog::{CatalogField, CatalogItem, CatalogUpdate, TaxClass, Unit};
 pub use epc::{decode_sgtin96, decode_sgtin96_hex, EpcError, Sgtin};
+pub use escrow::{Escrow, EscrowError, EscrowKey, EscrowOp, EscrowRow, EscrowState, OrderId, OrderStatus, Side};
 pub use gtin::{Gtin, GtinError};
 pub use hlc::{ClockJump, Hlc, HlcStamp, SkewError};
 pub use ids::{ActorId, DeviceId, IdError, Sku, StoreId};
