@@ -163,8 +163,7 @@ fn a_data_folder_the_service_user_cannot_write_is_named() {
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(73), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains(&data.display().to_string())
-            && stderr(&out).contains("ermission denied"),
+        stderr(&out).contains(&data.display().to_string()) && stderr(&out).contains("ermission denied"),
         "{}",
         stderr(&out)
     );
