@@ -6,8 +6,8 @@
 //! Exit codes: 0 ok; 1 the ledger failed verification; 3 `status`: the daemon is not running;
 //! 64 bad arguments (an invalid SKU, GTIN or price); 65 the ledger file is not usable, or the
 //! ledger refused the command; 66 no ledger in the data folder; 69 the daemon is not running
-//! (a write needs it); 74 I/O error; 75 the daemon could not do it now (retry); 78 the feature
-//! is not configured on this daemon.
+//! (a write needs it); 74 I/O error; 75 the daemon could not do it now (retry); 77 no
+//! permission to use the control socket; 78 the feature is not configured on this daemon.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
