@@ -80,6 +80,20 @@ pub fn render(s: &Snapshot) -> String {
         "Time the writer spent applying and committing batches (divide by batches for the mean duration).",
         &one(w.busy_micros as f64 / 1e6),
     );
+    // The batch-duration histogram (cumulative buckets, as Prometheus wants them).
+    let _ =
+        writeln!(out, "# HELP edge_ledger_batch_seconds Time to apply and commit one ledger batch (with its fsync).");
+    let _ = writeln!(out, "# TYPE edge_ledger_batch_seconds histogram");
+    let mut cumulative = 0u64;
+    for (i, n) in w.batch_buckets.iter().enumerate() {
+        cumulative += n;
+        let le = crate::ledger::writer::BATCH_BUCKETS_MICROS
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), |b| format!("{}", *b as f64 / 1e6));
+        let _ = writeln!(out, "edge_ledger_batch_seconds_bucket{{store=\"{}\",le=\"{le}\"}} {cumulative}", s.store);
+    }
+    let _ = writeln!(out, "edge_ledger_batch_seconds_sum{store} {}", w.busy_micros as f64 / 1e6);
+    let _ = writeln!(out, "edge_ledger_batch_seconds_count{store} {cumulative}");
     metric(
         &mut out,
         "edge_ledger_queue_depth",
@@ -290,10 +304,17 @@ mod tests {
     fn renders_the_exposition_format_with_help_and_type() {
         let mut s = Snapshot { store: "s1".into(), queue_depth: 3, outbox_rows: Some(7), ..Snapshot::default() };
         s.writer.events = 42;
+        s.writer.batch_buckets[0] = 3;
+        s.writer.batch_buckets[2] = 1;
+        s.writer.busy_micros = 1_500;
         s.labels_mismatched = Some(2);
         let text = render(&s);
         assert!(text.contains("# TYPE edge_ledger_events_total counter\nedge_ledger_events_total{store=\"s1\"} 42\n"));
         assert!(text.contains("edge_ledger_queue_depth{store=\"s1\"} 3\n"));
+        assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"0.00025\"} 3\n"), "{text}");
+        assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"0.001\"} 4\n"), "{text}");
+        assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"+Inf\"} 4\n"), "{text}");
+        assert!(text.contains("edge_ledger_batch_seconds_count{store=\"s1\"} 4\n"), "{text}");
         assert!(text.contains("edge_sync_outbox_rows{store=\"s1\"} 7\n"));
         assert!(text.contains("edge_labels_mismatched{store=\"s1\"} 2\n"));
         assert!(!text.contains("edge_devices"), "no MQTT section without MQTT");

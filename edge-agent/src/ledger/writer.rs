@@ -123,7 +123,12 @@ struct Counters {
     events: AtomicU64,
     failed_batches: AtomicU64,
     busy_micros: AtomicU64,
+    /// Batches by duration, one count per bucket of [`BATCH_BUCKETS_MICROS`] (the last: above).
+    batch_buckets: [AtomicU64; BATCH_BUCKETS_MICROS.len() + 1],
 }
+
+/// Upper bounds of the batch-duration histogram, in microseconds (a commit with its fsync).
+pub const BATCH_BUCKETS_MICROS: [u64; 10] = [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 500_000];
 
 /// A snapshot of the writer's totals since start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -137,6 +142,8 @@ pub struct WriterStats {
     pub failed_batches: u64,
     /// Time spent applying and committing batches (the rest is waiting for work).
     pub busy_micros: u64,
+    /// Batches per duration bucket (not cumulative); the last counts those above every bound.
+    pub batch_buckets: [u64; BATCH_BUCKETS_MICROS.len() + 1],
 }
 
 impl LedgerHandle {
@@ -192,6 +199,7 @@ impl LedgerHandle {
             events: c.events.load(Ordering::Relaxed),
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             busy_micros: c.busy_micros.load(Ordering::Relaxed),
+            batch_buckets: std::array::from_fn(|i| c.batch_buckets[i].load(Ordering::Relaxed)),
         }
     }
 
@@ -263,7 +271,10 @@ impl Writer {
             }
             let started = std::time::Instant::now();
             let outcome = self.apply_batch(&batch);
-            counters.busy_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let micros = started.elapsed().as_micros() as u64;
+            counters.busy_micros.fetch_add(micros, Ordering::Relaxed);
+            let bucket = BATCH_BUCKETS_MICROS.iter().position(|b| micros <= *b).unwrap_or(BATCH_BUCKETS_MICROS.len());
+            counters.batch_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             match outcome {
                 Ok(results) => {
                     tracing::trace!(
