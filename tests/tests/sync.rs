@@ -219,3 +219,40 @@ async fn an_offline_store_converges_with_the_cloud_and_its_labels_follow() {
         offline_store_converges(backend).await;
     }
 }
+
+/// DESIGN 9: a planned stop makes one bounded final sync, so a change made just before it
+/// reaches the cloud although the next interval is an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_just_before_a_planned_stop_reaches_the_cloud() {
+    let cloud = CloudFixture::start(Backend::Sqlite);
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, cloud.add_store("s1")).unwrap();
+    let section = format!(
+        "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 3600000\n",
+        cloud.url(),
+        token_file.display()
+    );
+    let store = StoreFixture::custom("s1", &[], "", &section, Seed::StockOnly);
+    let daemon = store.start();
+    // The first session runs at start: the opening stock reaches the cloud.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cloud_stock_of(&cloud_stock(&cloud, "MILK").await, "s1") != Some(100) {
+        assert!(tokio::time::Instant::now() < deadline, "the opening stock never reached the cloud");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and that session is over (the next one is an hour away).
+    while {
+        let out = store.storectl(&["--json", "sync", "status"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        status["status"]["last_success_ms"].as_u64().is_none()
+    } {
+        assert!(tokio::time::Instant::now() < deadline, "the first sync session never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let receipt = store.storectl(&["stock", "receive", "MILK", "5", "--reference", "late delivery"]);
+    assert!(receipt.status.success(), "{}", String::from_utf8_lossy(&receipt.stderr));
+    daemon.stop();
+    assert_eq!(cloud_stock_of(&cloud_stock(&cloud, "MILK").await, "s1"), Some(105), "the final sync pushed it");
+    assert_eq!(store.reader().outbox_depth().unwrap(), 0);
+}

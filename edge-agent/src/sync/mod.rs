@@ -271,5 +271,23 @@ async fn run(syncer: Syncer, timing: Timing, control: SyncControl, stop: Cancell
             () = stop.cancelled() => break,
         }
     }
+    // DESIGN 9: one bounded final sync, so the last changes reach the cloud before a planned
+    // stop (a reboot for an update); a cloud that does not answer in time leaves them in the
+    // outbox for the next start.
+    match tokio::time::timeout(FINAL_SYNC, syncer.session()).await {
+        Ok(Ok(report)) => tracing::info!(
+            store_id = %syncer.store,
+            pushed_rows = report.pushed_rows,
+            pulled_rows = report.pulled_rows,
+            "Final sync before stopping"
+        ),
+        Ok(Err(e)) => tracing::info!(store_id = %syncer.store, error = %e,
+            "Final sync before stopping failed; local changes wait in the outbox for the next start"),
+        Err(_) => tracing::info!(store_id = %syncer.store,
+            "Final sync before stopping did not finish in time; local changes wait in the outbox for the next start"),
+    }
     tracing::info!(store_id = %syncer.store, "Cloud sync stopped");
 }
+
+/// How long the final sync at shutdown may take (well inside the shutdown deadline).
+const FINAL_SYNC: Duration = Duration::from_secs(3);
