@@ -55,6 +55,24 @@ async fn a_tag_sold_at_the_lane_passes_the_exit_and_an_unpaid_one_alarms() {
                 .is_err(),
             "{kind:?}: the paid item raised an alarm"
         );
+
+        // A customer puts an item down at the lane, then voids the basket and walks off with
+        // it; the next customer pays at the same lane. Only tags that came to the lane during
+        // a basket are sold with it: the walked-off item still alarms.
+        checkout.read(&[sgtin(1004)], 1, 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        scanner.scan("96385074").await.unwrap();
+        display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor: 250, .. })).await.unwrap();
+        display.input(fp::LaneInput::VoidBasket).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await; // past the double-read window
+        scanner.scan("96385074").await.unwrap();
+        display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor: 250, .. })).await.unwrap();
+        display.input(fp::LaneInput::Tender(fp::TenderKind::Card)).await.unwrap();
+        display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Receipt { .. })).await.unwrap();
+        gate.read(&[sgtin(1004)], 1, 1).await.unwrap();
+        let alarm = watcher.wait_for("se/v1/s1/hub/alarm", WAIT, |_| true).await;
+        let v: serde_json::Value = serde_json::from_slice(&alarm).unwrap();
+        assert_eq!(v["serial"], 1004, "{kind:?}: the voided basket's item was not sold with the next one: {v}");
         daemon.stop();
     }
 }

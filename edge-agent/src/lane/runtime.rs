@@ -50,8 +50,12 @@ pub struct LaneTask {
     pub display: mpsc::Sender<Display>,
     /// Display updates were dropped because the display's queue was full: redraw when it drains.
     display_behind: bool,
-    /// RFID presence and this lane's zones: tags there at a sale are recorded as sold.
+    /// RFID presence and this lane's zones: tags that came into them during the basket are
+    /// recorded as sold with its sale.
     rfid: Option<(Arc<Mutex<Presence>>, Vec<Zone>)>,
+    /// The basket in progress (session, number) and the presence arrival mark taken when it
+    /// started. A basket resumed after a restart counts from mark 0 (every tag still there).
+    basket_mark: ((u64, u64), u64),
 }
 
 impl LaneTask {
@@ -83,7 +87,9 @@ impl LaneTask {
             tracing::info!(lane_id = %id, basket = b.number, lines = b.lines.len(), "Lane basket resumed");
         }
         let lane = Lane::new(id.clone(), store.clone(), currency, restored, rand::random());
+        let basket_mark = ((lane.basket().session, lane.basket().number), 0);
         LaneTask {
+            basket_mark,
             lane,
             id,
             store,
@@ -110,10 +116,25 @@ impl LaneTask {
     }
 
     /// The tags in the lane's RFID zones now, bounded by the ledger's line limit.
+    /// Notes when a new basket starts (after a sale or a voided basket), so that tags left at
+    /// the lane by an earlier customer, such as a voided basket's, are not sold with this one.
+    fn track_basket(&mut self) {
+        let basket = self.lane.basket();
+        let id = (basket.session, basket.number);
+        if id != self.basket_mark.0 {
+            let mark = match &self.rfid {
+                Some((presence, _)) => presence.lock().map(|p| p.arrival_mark()).unwrap_or(0),
+                None => 0,
+            };
+            self.basket_mark = (id, mark);
+        }
+    }
+
     fn tags_at_lane(&self) -> Vec<Vec<u8>> {
         let Some((presence, zones)) = &self.rfid else { return Vec::new() };
+        let mark = self.basket_mark.1;
         let mut epcs: Vec<Vec<u8>> = match presence.lock() {
-            Ok(p) => zones.iter().flat_map(|z| p.tags_in(z)).collect(),
+            Ok(p) => zones.iter().flat_map(|z| p.tags_arrived_since(z, mark)).collect(),
             Err(_) => return Vec::new(),
         };
         epcs.truncate(crate::ledger::command::MAX_LINES);
@@ -140,6 +161,7 @@ impl LaneTask {
             };
             let out = self.lane.handle(input, now_ms(), &self.catalog);
             self.process(out).await;
+            self.track_basket();
         }
     }
 

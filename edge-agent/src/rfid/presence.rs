@@ -66,6 +66,8 @@ impl Default for PresenceConfig {
 struct Seen {
     zone: Zone,
     last_ms: u64,
+    /// When the tag arrived in `zone`, in the order of arrivals (see [`Presence::arrival_mark`]).
+    arrival: u64,
 }
 
 /// Totals for metrics.
@@ -81,6 +83,8 @@ pub struct Presence {
     config: PresenceConfig,
     tags: HashMap<Vec<u8>, Seen>,
     exit_zones: HashSet<Zone>,
+    /// Arrivals and moves so far: an ordering of "came into its zone" that needs no clock.
+    arrivals: u64,
     pub stats: PresenceStats,
 }
 
@@ -111,6 +115,8 @@ impl Presence {
             Some(seen) => {
                 let from = std::mem::replace(&mut seen.zone, read.zone.clone());
                 seen.last_ms = read.at_ms;
+                self.arrivals += 1;
+                seen.arrival = self.arrivals;
                 out.push(PresenceEvent::Moved { epc: read.epc.clone(), from, to: read.zone.clone() });
             }
             None => {
@@ -118,7 +124,9 @@ impl Presence {
                     self.stats.dropped += 1;
                     return out;
                 }
-                self.tags.insert(read.epc.clone(), Seen { zone: read.zone.clone(), last_ms: read.at_ms });
+                self.arrivals += 1;
+                let seen = Seen { zone: read.zone.clone(), last_ms: read.at_ms, arrival: self.arrivals };
+                self.tags.insert(read.epc.clone(), seen);
                 out.push(PresenceEvent::Arrived { epc: read.epc.clone(), zone: read.zone.clone() });
             }
         }
@@ -158,6 +166,20 @@ impl Presence {
         tags
     }
 
+    /// A mark in the order of arrivals: tags that come into a zone after it is taken are
+    /// [`Presence::tags_arrived_since`] it (a lane takes one when a basket starts).
+    pub fn arrival_mark(&self) -> u64 {
+        self.arrivals
+    }
+
+    /// Tags in `zone` that arrived there after `mark`.
+    pub fn tags_arrived_since(&self, zone: &Zone, mark: u64) -> Vec<Vec<u8>> {
+        let mut tags: Vec<Vec<u8>> =
+            self.tags.iter().filter(|(_, s)| &s.zone == zone && s.arrival > mark).map(|(e, _)| e.clone()).collect();
+        tags.sort();
+        tags
+    }
+
     /// What a cycle count of `zone` finds now.
     pub fn count(&self, zone: &Zone) -> ZoneCount {
         let mut c = ZoneCount::default();
@@ -177,6 +199,22 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_that_arrived_after_a_mark_are_told_apart() {
+        let mut p = Presence::new(PresenceConfig::default(), []);
+        let lane = Zone { reader: "checkout-1".into(), antenna: 1 };
+        let shelf = Zone { reader: "shelf-1".into(), antenna: 1 };
+        let read = |epc: u8, zone: &Zone, at_ms| TagRead { epc: vec![epc], zone: zone.clone(), at_ms };
+        p.on_read(read(1, &lane, 0), |_| false); // left at the lane before the basket
+        p.on_read(read(2, &shelf, 0), |_| false);
+        let mark = p.arrival_mark();
+        p.on_read(read(1, &lane, 10_000), |_| false); // read again: not a new arrival
+        p.on_read(read(3, &lane, 10_000), |_| false); // put down during the basket
+        p.on_read(read(2, &lane, 10_000), |_| false); // moved from the shelf during the basket
+        assert_eq!(p.tags_arrived_since(&lane, mark), vec![vec![2], vec![3]]);
+        assert_eq!(p.tags_in(&lane), vec![vec![1], vec![2], vec![3]]);
+    }
 
     fn zone(reader: &str, antenna: u8) -> Zone {
         Zone { reader: reader.into(), antenna }
