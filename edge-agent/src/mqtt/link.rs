@@ -97,12 +97,15 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     tracing::info!(broker = %format!("{}:{}", s.host, s.port), "MQTT connected");
                     // From inside the poll loop only queue (try_*): awaiting here could wait on
                     // the very loop that drains the queue.
-                    let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
+                    // Subscribe first, then say "online": the broker handles one connection's
+                    // packets in order, so whoever sees "online" can publish to the hub and
+                    // be heard (the other order lost a reader's first read in a test).
                     for topic in &s.subscriptions {
                         if let Err(e) = publisher.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
                             tracing::error!(topic = %topic, error = %e, error_code = "MQTT_SUBSCRIBE", "MQTT subscribe not queued");
                         }
                     }
+                    let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let msg = Incoming { topic: p.topic, payload: p.payload.to_vec() };
