@@ -42,7 +42,7 @@ static LOGGING: AtomicBool = AtomicBool::new(false);
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/cloud-sync/config.toml";
 
-mod notify;
+use shared::notify;
 
 #[derive(Parser)]
 #[command(name = "cloud-sync", version, about = "store-edge cloud: the store sync endpoint and the HQ API")]

@@ -130,7 +130,7 @@ pub async fn run_until(
         "edge-agent ready"
     );
 
-    crate::notify::ready(&format!(
+    shared::notify::ready(&format!(
         "Serving store {}: {} lanes, {} serial devices, MQTT {}, cloud {}",
         config.store.id,
         config.lanes.len(),
@@ -138,7 +138,7 @@ pub async fn run_until(
         if config.mqtt.is_some() { "on" } else { "off" },
         config.cloud.as_ref().map(|c| c.url.as_str()).unwrap_or("none"),
     ));
-    let mut watchdog = crate::notify::Watchdog::from_env();
+    let mut watchdog = shared::notify::Watchdog::from_env();
     let mut writer_lost = false;
     let stopping = loop {
         tokio::select! {
@@ -159,7 +159,7 @@ pub async fn run_until(
             () = watchdog.due() => ping_watchdog(&writer, &mut writer_lost),
         }
     };
-    crate::notify::stopping(&format!("Shutting down on {stopping}: draining the ledger writer"));
+    shared::notify::stopping(&format!("Shutting down on {stopping}: draining the ledger writer"));
     tracing::info!(
         signal = stopping,
         "Shutting down: draining the ledger writer (send the signal again to force exit)"
@@ -187,7 +187,7 @@ pub async fn run_until(
 /// can be sold or recorded, so the pings stop and systemd restarts the daemon.
 fn ping_watchdog(writer: &crate::ledger::WriterThread, writer_lost: &mut bool) {
     if !writer.is_finished() {
-        crate::notify::watchdog_ping();
+        shared::notify::watchdog_ping();
     } else if !std::mem::replace(writer_lost, true) {
         tracing::error!(
             error_code = "LEDGER_WRITER_GONE",

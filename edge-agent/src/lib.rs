@@ -10,7 +10,6 @@ pub mod lane;
 pub mod ledger;
 pub mod metrics;
 pub mod mqtt;
-pub mod notify;
 pub mod rfid;
 pub mod sync;
 pub mod telemetry;

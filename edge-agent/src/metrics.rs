@@ -31,12 +31,17 @@ pub struct Snapshot {
     pub now_ms: u64,
 }
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
+fn metric<L: AsRef<str>>(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(L, f64)]) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
+        let _ = writeln!(out, "{name}{} {value}", labels.as_ref());
     }
+}
+
+/// One sample per value of `label`, each also labelled with the store.
+fn by_label(store: &str, label: &str, values: &[(&str, u64)]) -> Vec<(String, f64)> {
+    values.iter().map(|(v, n)| (format!("{{store=\"{store}\",{label}=\"{v}\"}}"), *n as f64)).collect()
 }
 
 /// The exposition text of a snapshot.
@@ -153,16 +158,18 @@ pub fn render(s: &Snapshot) -> String {
         );
     }
     if let Some(l) = &s.labels {
-        let stages = [
-            ("up_to_date", l.stages.up_to_date),
-            ("pending", l.stages.pending),
-            ("in_flight", l.stages.in_flight),
-            ("failed", l.stages.failed),
-            ("expired", l.stages.expired),
-        ];
-        let stages: Vec<(String, f64)> =
-            stages.iter().map(|(st, n)| (format!("{{store=\"{}\",stage=\"{st}\"}}", s.store), *n as f64)).collect();
-        let stages: Vec<(&str, f64)> = stages.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let st = &l.stages;
+        let stages = by_label(
+            &s.store,
+            "stage",
+            &[
+                ("up_to_date", st.up_to_date as u64),
+                ("pending", st.pending as u64),
+                ("in_flight", st.in_flight as u64),
+                ("failed", st.failed as u64),
+                ("expired", st.expired as u64),
+            ],
+        );
         metric(&mut out, "edge_labels", "gauge", "Shelf labels by stage of their latest content.", &stages);
     }
     if let Some(up) = s.broker_connected {
@@ -177,25 +184,25 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(m) = &s.mqtt {
         let online = m.devices.iter().filter(|(_, d)| d.online).count();
         let offline = m.devices.len() - online;
-        let by_state = [
-            (format!("{{store=\"{}\",state=\"online\"}}", s.store), online as f64),
-            (format!("{{store=\"{}\",state=\"offline\"}}", s.store), offline as f64),
-            (format!("{{store=\"{}\",state=\"quarantined\"}}", s.store), m.quarantined.len() as f64),
-        ];
-        let by_state: Vec<(&str, f64)> = by_state.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let by_state = by_label(
+            &s.store,
+            "state",
+            &[("online", online as u64), ("offline", offline as u64), ("quarantined", m.quarantined.len() as u64)],
+        );
         metric(&mut out, "edge_devices", "gauge", "MQTT devices by state.", &by_state);
         let st = &m.stats;
         metric(&mut out, "edge_mqtt_accepted_total", "counter", "Device messages accepted.", &one(st.accepted as f64));
-        let refused = [
-            ("topic", st.refused_topic),
-            ("oversized", st.refused_oversized),
-            ("payload", st.refused_payload),
-            ("quarantined", st.quarantined),
-            ("impinj", st.impinj_refused),
-        ];
-        let refused: Vec<(String, f64)> =
-            refused.iter().map(|(r, n)| (format!("{{store=\"{}\",reason=\"{r}\"}}", s.store), *n as f64)).collect();
-        let refused: Vec<(&str, f64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let refused = by_label(
+            &s.store,
+            "reason",
+            &[
+                ("topic", st.refused_topic),
+                ("oversized", st.refused_oversized),
+                ("payload", st.refused_payload),
+                ("quarantined", st.quarantined),
+                ("impinj", st.impinj_refused),
+            ],
+        );
         metric(&mut out, "edge_mqtt_refused_total", "counter", "Device messages refused, by reason.", &refused);
         metric(&mut out, "edge_rfid_tag_reads_total", "counter", "RFID tag reads received.", &one(st.tag_reads as f64));
         metric(

@@ -12,6 +12,9 @@ pub mod hlc;
 pub mod ids;
 pub mod lww;
 pub mod money;
+/// Not pure: the systemd notify helper both daemons use, behind the `notify` feature.
+#[cfg(feature = "notify")]
+pub mod notify;
 pub mod price;
 pub mod stock;
 pub mod sync;

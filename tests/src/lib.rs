@@ -3,6 +3,7 @@
 
 pub mod cloud;
 pub mod demo;
+pub mod lane;
 pub mod mqtt;
 pub mod proxy;
 pub mod store;

@@ -3,37 +3,15 @@
 
 use std::time::Duration;
 
-use device_sim::{FramedSim, PlainScannerSim, Port, Suffix};
+use e2e_tests::lane::LaneDevices;
 use e2e_tests::store::{StoreFixture, STORE};
 use edge_agent::ledger::EventBody;
 use firmware_proto as fp;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct LaneDevices {
-    scanner: PlainScannerSim,
-    scale: FramedSim,
-    display: FramedSim,
-}
-
 async fn attach(store: &StoreFixture, lane: &str) -> LaneDevices {
-    let scanner =
-        PlainScannerSim::new(Port::pty(&store.device_path(lane, "scanner")).unwrap(), Suffix::Cr, Some("]E0"));
-    let mut scale = FramedSim::new(
-        Port::pty(&store.device_path(lane, "scale")).unwrap(),
-        &format!("{lane}-scale"),
-        fp::DeviceKind::Scale,
-    );
-    let mut display = FramedSim::new(
-        Port::pty(&store.device_path(lane, "display")).unwrap(),
-        &format!("{lane}-display"),
-        fp::DeviceKind::Lane,
-    );
-    assert!(matches!(scale.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
-    assert!(matches!(display.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
-    // The plain scanner has no handshake: give the hub a moment to open its port.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    LaneDevices { scanner, scale, display }
+    e2e_tests::lane::attach(store, lane, Some("]E0")).await
 }
 
 fn is_total(minor: i64) -> impl Fn(&fp::LaneDisplay) -> bool {

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use device_sim::esl::EslFleet;
-use device_sim::{FramedSim, PlainScannerSim, Port, Suffix};
 use e2e_tests::cloud::{backends, Backend, CloudFixture};
+use e2e_tests::lane::{attach, LaneDevices};
 use e2e_tests::mqtt::free_port;
 use e2e_tests::proxy::{Fault, FaultProxy};
 use e2e_tests::store::{Daemon, Seed, StoreFixture};
@@ -61,20 +61,7 @@ fn cloud_stock_of(answer: &Value, store: &str) -> Option<i64> {
 
 /// Sells one item at a lane: scan, wait for the total, pay by card, wait for the receipt.
 async fn sell_one(store: &StoreFixture, lane: &str, gtin: &str) {
-    let mut scanner = PlainScannerSim::new(Port::pty(&store.device_path(lane, "scanner")).unwrap(), Suffix::Cr, None);
-    let mut scale = FramedSim::new(
-        Port::pty(&store.device_path(lane, "scale")).unwrap(),
-        &format!("{lane}-scale"),
-        fp::DeviceKind::Scale,
-    );
-    let mut display = FramedSim::new(
-        Port::pty(&store.device_path(lane, "display")).unwrap(),
-        &format!("{lane}-display"),
-        fp::DeviceKind::Lane,
-    );
-    assert!(matches!(scale.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
-    assert!(matches!(display.hello(WAIT).await.unwrap(), fp::Body::HelloAck(_)));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let LaneDevices { mut scanner, mut display, scale: _scale } = attach(store, lane, None).await;
     scanner.scan(gtin).await.unwrap();
     display
         .wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor, .. } if *amount_minor > 0))

@@ -417,7 +417,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             // Run twice, the same markdown of the same price applies once (not 30% of 30% off).
             let default_key = format!("markdown:{sku}:{percent}:{}.{}", stamp.wall_ms, stamp.logical);
             // Rounded down to the minor unit: a markdown never charges more than it says.
-            let minor = current.minor * i64::from(100 - percent) / 100;
+            // In i128: a price read from the ledger must not overflow the arithmetic.
+            let minor = (i128::from(current.minor) * i128::from(100 - percent) / 100) as i64;
             let amount = shared::Money::new(minor, current.currency).to_string();
             let amount = amount.split_whitespace().next().unwrap_or(&amount).to_owned();
             let cmd = ControlCmd::PriceSet {

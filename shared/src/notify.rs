@@ -1,9 +1,8 @@
-//! systemd service notifications (sd_notify(3)), so `Type=notify` and `WatchdogSec=` in
-//! `systemd/cloud-sync.service` mean what they say: READY once the listener is bound, STOPPING
-//! when shutdown begins, and watchdog pings while the service waits for a signal. Without
-//! `NOTIFY_SOCKET` (not started by systemd) every call does nothing; a failed send is logged,
-//! never fatal. The same module as `edge-agent/src/notify.rs` (the binaries share no crate
-//! beyond `shared`, which does no I/O): keep the two in step.
+//! systemd service notifications (sd_notify(3)) for both daemons, so `Type=notify` and
+//! `WatchdogSec=` in `systemd/*.service` mean what they say: READY once the daemon serves,
+//! STOPPING when shutdown begins, and watchdog pings from the daemon's main loop. The one part
+//! of `shared` that does I/O, compiled only with the `notify` feature. Without `NOTIFY_SOCKET` (not started by systemd) every call does nothing; a failed
+//! send is logged, never fatal: the daemon serves the store with or without a supervisor.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
