@@ -116,6 +116,7 @@ async fn a_cloud_page_merges_once_as_an_event_that_verify_replays() {
             field: CatalogField::Name("Milk 1 l".into()),
             stamp: cloud_stamp(now_ms() - 1_000),
         }],
+        ..Rows::default()
     };
     let to = Cursor { chain: 2, store: 7 };
     let page =

@@ -48,6 +48,9 @@ pub enum CatalogField {
     Unit(Unit),
     TaxClass(TaxClass),
     Discontinued(bool),
+    /// The merchandising category (e.g. `dairy`): what store policies such as the online
+    /// allocation target are configured by. Added after the first release, hence last.
+    Category(String),
 }
 
 impl CatalogField {
@@ -58,6 +61,7 @@ impl CatalogField {
             CatalogField::Unit(_) => "unit",
             CatalogField::TaxClass(_) => "tax_class",
             CatalogField::Discontinued(_) => "discontinued",
+            CatalogField::Category(_) => "category",
         }
     }
 }
@@ -78,11 +82,12 @@ pub struct CatalogItem {
     pub unit: Option<Lww<Unit>>,
     pub tax_class: Option<Lww<TaxClass>>,
     pub discontinued: Option<Lww<bool>>,
+    pub category: Option<Lww<String>>,
 }
 
 impl CatalogItem {
     pub fn new(sku: Sku) -> CatalogItem {
-        CatalogItem { sku, name: None, gtins: None, unit: None, tax_class: None, discontinued: None }
+        CatalogItem { sku, name: None, gtins: None, unit: None, tax_class: None, discontinued: None, category: None }
     }
 
     /// Merges one field write (updates for other SKUs are ignored); returns whether it won.
@@ -97,6 +102,7 @@ impl CatalogItem {
             CatalogField::Unit(v) => merge_opt(&mut self.unit, &Lww::new(*v, stamp)),
             CatalogField::TaxClass(v) => merge_opt(&mut self.tax_class, &Lww::new(v.clone(), stamp)),
             CatalogField::Discontinued(v) => merge_opt(&mut self.discontinued, &Lww::new(*v, stamp)),
+            CatalogField::Category(v) => merge_opt(&mut self.category, &Lww::new(v.clone(), stamp)),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod money;
 /// Not pure: the systemd notify helper both daemons use, behind the `notify` feature.
 #[cfg(feature = "notify")]
 pub mod notify;
+pub mod orders;
 pub mod price;
 pub mod stock;
 pub mod sync;
@@ -28,6 +29,7 @@ pub use hlc::{ClockJump, Hlc, HlcStamp, SkewError};
 pub use ids::{ActorId, DeviceId, IdError, Sku, StoreId};
 pub use lww::Lww;
 pub use money::{Currency, Money, MoneyError};
+pub use orders::{OrderError, OrderHeader, OrderLine};
 pub use price::{
     effective_price, PriceBook, PriceEntry, PriceError, PriceKey, PriceScope, PriceSlot, PriceValue, PriceVersion,
     ValidityWindow,

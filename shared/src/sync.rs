@@ -17,8 +17,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::CatalogUpdate;
+use crate::escrow::{EscrowRow, Side};
 use crate::hlc::HlcStamp;
 use crate::ids::{ActorId, Sku, StoreId};
+use crate::orders::OrderHeader;
 use crate::price::{PriceEntry, PriceScope};
 use crate::stock::{Slot, SlotKey, SlotRow};
 
@@ -58,16 +60,27 @@ pub struct SlotGroup {
 }
 
 /// Rows of replicated state, as pushed or pulled.
+///
+/// Online allocation ([`crate::escrow`]) lives in the store's partition: a store pushes its
+/// `Granted` and `Fulfilled` rows and pulls the cloud's `Released` and `Reservation` rows and the
+/// headers of its orders. A page that carries a reservation also carries its order's header
+/// (the cloud writes both with one version), so a store never sees a line without its order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rows {
     pub stock: Vec<SlotGroup>,
     pub prices: Vec<PriceEntry>,
     pub catalog: Vec<CatalogUpdate>,
+    pub escrow: Vec<EscrowRow>,
+    pub orders: Vec<OrderHeader>,
 }
 
 impl Rows {
     pub fn len(&self) -> usize {
-        self.stock.iter().map(|g| g.slots.len()).sum::<usize>() + self.prices.len() + self.catalog.len()
+        self.stock.iter().map(|g| g.slots.len()).sum::<usize>()
+            + self.prices.len()
+            + self.catalog.len()
+            + self.escrow.len()
+            + self.orders.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,6 +163,10 @@ pub enum PushRefusal {
     ForeignPrice { pusher: StoreId, own: ActorId, sku: Sku, scope: PriceScope, actor: ActorId },
     #[error("catalog {sku}.{field}: store {pusher} may only write fields stamped by {own} (found {actor})")]
     ForeignCatalog { pusher: StoreId, own: ActorId, sku: Sku, field: &'static str, actor: ActorId },
+    #[error("online allocation row {row}: store {pusher} may not write it ({reason})")]
+    ForeignEscrow { pusher: StoreId, row: String, reason: String },
+    #[error("order {order}: store {pusher} may not push order headers; only HQ creates orders")]
+    ForeignOrder { pusher: StoreId, order: String },
     #[error("request for store {path} carries store id {body}")]
     StoreMismatch { path: StoreId, body: StoreId },
     #[error("push range ({from}, {to}] is backwards")]
@@ -169,6 +186,8 @@ impl PushRefusal {
             PushRefusal::ForeignSlot { .. }
                 | PushRefusal::ForeignPrice { .. }
                 | PushRefusal::ForeignCatalog { .. }
+                | PushRefusal::ForeignEscrow { .. }
+                | PushRefusal::ForeignOrder { .. }
                 | PushRefusal::StoreMismatch { .. }
         )
     }
@@ -228,6 +247,20 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
                 actor: update.stamp.actor.clone(),
             });
         }
+    }
+    let writer = Side::Store(store.clone());
+    for row in &push.rows.escrow {
+        if let Err(e) = row.check_writer(&writer) {
+            return Err(PushRefusal::ForeignEscrow {
+                pusher: store.clone(),
+                row: format!("{}", row.key()),
+                reason: e.to_string(),
+            });
+        }
+        row.validate().map_err(|e| PushRefusal::Invalid(e.to_string()))?;
+    }
+    if let Some(header) = push.rows.orders.first() {
+        return Err(PushRefusal::ForeignOrder { pusher: store.clone(), order: header.order.to_string() });
     }
     Ok(())
 }
@@ -314,5 +347,39 @@ mod tests {
         let mut expected = rows;
         expected.sort();
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn a_store_pushes_only_its_own_allocation_rows_and_never_orders() {
+        use crate::escrow::{EscrowKey, OrderId};
+        let key = |s: &str| EscrowKey { store: store(s), sku: Sku::new("MILK").unwrap() };
+        let own = Rows {
+            escrow: vec![
+                EscrowRow::Granted { key: key("s1"), granted: 5 },
+                EscrowRow::Fulfilled { key: key("s1"), order: OrderId::new("W1").unwrap() },
+            ],
+            ..Rows::default()
+        };
+        check_push(&store("s1"), &request(own)).unwrap();
+        for row in [
+            EscrowRow::Granted { key: key("s2"), granted: 5 },
+            EscrowRow::Released { key: key("s1"), released: 1 },
+            EscrowRow::Reservation { key: key("s1"), order: OrderId::new("W1").unwrap(), units: 1, seq: 1, cancelled: false },
+        ] {
+            let e = check_push(&store("s1"), &request(Rows { escrow: vec![row], ..Rows::default() })).unwrap_err();
+            assert!(e.is_ownership(), "{e}");
+        }
+        let order = OrderId::new("W1").unwrap();
+        let header = OrderHeader {
+            pickup_code_digest: crate::orders::pickup_code_digest(&order, "000000"),
+            order,
+            store: store("s1"),
+            customer_ref: "c".into(),
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            lines: vec![crate::orders::OrderLine { sku: Sku::new("MILK").unwrap(), units: 1 }],
+        };
+        let e = check_push(&store("s1"), &request(Rows { orders: vec![header], ..Rows::default() })).unwrap_err();
+        assert!(matches!(e, PushRefusal::ForeignOrder { .. }), "{e}");
     }
 }

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The sync protocol version this build speaks.
-pub const SYNC_PROTOCOL_VERSION: u16 = 1;
+pub const SYNC_PROTOCOL_VERSION: u16 = 2;
 const MAGIC: [u8; 2] = *b"SE";
 const HEADER_LEN: usize = 4;
 
@@ -77,17 +77,17 @@ mod tests {
     #[test]
     fn golden_bytes_pin_the_layout() {
         let bytes = encode(&row()).unwrap();
-        assert_eq!(bytes, [b"SE".as_slice(), &[1, 0], &[2], b"s1", &[1], b"A", &[8], b"store:s1", &[12, 3]].concat());
+        assert_eq!(bytes, [b"SE".as_slice(), &[2, 0], &[2], b"s1", &[1], b"A", &[8], b"store:s1", &[12, 3]].concat());
         assert_eq!(decode::<SlotRow>(&bytes).unwrap(), row());
     }
 
     #[test]
     fn refuses_unknown_versions_before_reading_the_body() {
         let mut bytes = encode(&row()).unwrap();
-        bytes[2] = 2;
+        bytes[2] = 1;
         assert_eq!(
             decode::<SlotRow>(&bytes).unwrap_err().to_string(),
-            "unsupported sync protocol version 2; this build speaks version 1: upgrade the older side"
+            "unsupported sync protocol version 1; this build speaks version 2: upgrade the older side"
         );
         assert!(matches!(decode::<SlotRow>(b"XX\x01\x00"), Err(WireError::BadMagic { .. })));
         assert!(matches!(decode::<SlotRow>(b"SE"), Err(WireError::TooShort { len: 2 })));

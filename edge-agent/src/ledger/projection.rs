@@ -257,7 +257,7 @@ pub fn own_rows(conn: &Connection, store: &StoreId, actor: &ActorId, from: u64, 
             stamp: stamp_from(row, 2)?,
         });
     }
-    Ok(Rows { stock: Rows::group_slots(slots), prices, catalog })
+    Ok(Rows { stock: Rows::group_slots(slots), prices, catalog, ..Rows::default() })
 }
 
 // ---- catalog ----

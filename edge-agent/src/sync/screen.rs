@@ -50,7 +50,7 @@ pub fn screen(store: &StoreId, rows: Rows) -> (Rows, Vec<String>) {
         }
         prices.push(price);
     }
-    (Rows { stock, prices, catalog: rows.catalog }, refused)
+    (Rows { stock, prices, catalog: rows.catalog, ..Rows::default() }, refused)
 }
 
 #[cfg(test)]
@@ -86,6 +86,7 @@ mod tests {
                 price(PriceScope::Chain, -5),
             ],
             catalog: vec![],
+            ..Rows::default()
         };
         let (kept, refused) = screen(&store("s1"), rows);
         assert_eq!(kept.len(), 3);

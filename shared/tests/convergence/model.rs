@@ -354,7 +354,7 @@ impl Cloud {
                 next.store = next.store.max(part.index.head());
             }
         }
-        (Rows { stock: Rows::group_slots(slots), prices, catalog }, next, more)
+        (Rows { stock: Rows::group_slots(slots), prices, catalog, ..Rows::default() }, next, more)
     }
 
     /// A movement of the cloud actor's slot (a transfer leg, an HQ correction).
@@ -603,7 +603,7 @@ impl Store {
         Push {
             from_version: self.pushed,
             to_version: to,
-            rows: Rows { stock: Rows::group_slots(slots), prices, catalog },
+            rows: Rows { stock: Rows::group_slots(slots), prices, catalog, ..Rows::default() },
         }
     }
 
