@@ -7,6 +7,7 @@ pub mod lane;
 pub mod mqtt;
 pub mod proxy;
 pub mod store;
+pub mod synced;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

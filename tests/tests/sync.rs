@@ -9,16 +9,13 @@ use std::time::Duration;
 
 use device_sim::esl::EslFleet;
 use e2e_tests::cloud::{backends, Backend, CloudFixture};
-use e2e_tests::lane::{attach, LaneDevices};
 use e2e_tests::mqtt::free_port;
-use e2e_tests::proxy::{Fault, FaultProxy};
-use e2e_tests::store::{Daemon, Seed, StoreFixture};
-use e2e_tests::{signal, SIGUSR1};
-use firmware_proto as fp;
+use e2e_tests::proxy::Fault;
+use e2e_tests::store::{Seed, StoreFixture};
+use e2e_tests::synced::{cloud_stock, cloud_stock_of, sell, until, SyncedStore, WAIT};
 use serde_json::{json, Value};
 use shared::{PriceScope, Sku};
 
-const WAIT: Duration = Duration::from_secs(60);
 const MILK_GTIN: &str = "4006381333931";
 
 pub const CATALOG_CSV: &str = "sku,name,gtins,unit,tax_class,discontinued
@@ -27,14 +24,6 @@ BREAD,Bread,96385074,piece,food,false
 EGGS,Eggs x6,036000291452,piece,food,false
 APPLES,Apples,10614141000415,gram,food,false
 ";
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn set_chain_price(cloud: &CloudFixture, sku: &str, amount: &str) {
     let body = json!({"sku": sku, "scope": "chain", "slot": "regular", "amount": amount, "currency": "EUR"});
@@ -46,58 +35,6 @@ async fn set_chain_price(cloud: &CloudFixture, sku: &str, amount: &str) {
 fn chain_price(store: &StoreFixture, sku: &str) -> Option<i64> {
     let prices = store.reader().prices(&Sku::new(sku).unwrap()).ok()?;
     prices.iter().find(|p| p.key.scope == PriceScope::Chain).and_then(|p| p.value.as_ref()).map(|v| v.amount.minor)
-}
-
-/// Stock of a SKU per store as the cloud holds it.
-async fn cloud_stock(cloud: &CloudFixture, sku: &str) -> Value {
-    let (status, answer) = cloud.hq("GET", &format!("/v1/hq/stock/{sku}"), None).await;
-    assert_eq!(status, 200, "{answer}");
-    answer
-}
-
-fn cloud_stock_of(answer: &Value, store: &str) -> Option<i64> {
-    answer["stores"].as_array()?.iter().find(|s| s["store"] == store)?["value"].as_i64()
-}
-
-/// Sells one item at a lane: scan, wait for the total, pay by card, wait for the receipt.
-async fn sell_one(store: &StoreFixture, lane: &str, gtin: &str) {
-    let LaneDevices { mut scanner, mut display, scale: _scale } = attach(store, lane, None).await;
-    scanner.scan(gtin).await.unwrap();
-    display
-        .wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor, .. } if *amount_minor > 0))
-        .await
-        .unwrap();
-    display.input(fp::LaneInput::Tender(fp::TenderKind::Card)).await.unwrap();
-    display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Receipt { .. })).await.unwrap();
-}
-
-struct SyncedStore {
-    fixture: StoreFixture,
-    proxy: FaultProxy,
-    daemon: Option<Daemon>,
-    _token_dir: tempfile::TempDir,
-}
-
-impl SyncedStore {
-    async fn new(cloud: &CloudFixture, id: &str, extra: &str) -> SyncedStore {
-        let proxy = FaultProxy::start(cloud.addr).await;
-        let token = cloud.add_store(id);
-        let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("token");
-        std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        let cloud_section = format!(
-            "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 300\ntimeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n",
-            proxy.url(),
-            token_file.display()
-        );
-        let fixture = StoreFixture::custom(id, &["lane-1"], "", &format!("{extra}{cloud_section}"), Seed::StockOnly);
-        let daemon = Some(fixture.start());
-        SyncedStore { fixture, proxy, daemon, _token_dir: dir }
-    }
-
-    fn sync_now(&self) {
-        signal(&self.daemon.as_ref().unwrap().run.child, SIGUSR1);
-    }
 }
 
 async fn offline_store_converges(backend: Backend) {
@@ -142,8 +79,8 @@ async fn offline_store_converges(backend: Backend) {
     assert_eq!(chain_price(&a.fixture, "MILK"), Some(119), "A is offline and cannot know yet");
 
     // Both sell milk; A sells offline.
-    sell_one(&a.fixture, "lane-1", MILK_GTIN).await;
-    sell_one(&b.fixture, "lane-1", MILK_GTIN).await;
+    sell(&a.fixture, "lane-1", &[MILK_GTIN]).await;
+    sell(&b.fixture, "lane-1", &[MILK_GTIN]).await;
     assert_eq!(a.fixture.on_hand("MILK"), 99);
     assert_eq!(b.fixture.on_hand("MILK"), 99);
     let mut b_synced = false;
