@@ -3,15 +3,19 @@
 //! field (up to [`MAX_ERRORS`]), and a file with any bad row yields no rows at all, so HQ fixes
 //! the file and sends it again instead of finding half a catalog applied.
 //!
-//! CSV: a header line naming the columns (`sku,name,gtins,unit,tax_class,discontinued`, in any
-//! order; `discontinued` may be left out), RFC 4180 quoting (`"a, b"`, `""` for a quote, line
-//! breaks inside quotes), LF or CRLF line endings, an optional UTF-8 byte order mark. GTINs are
-//! separated by `;`. JSON: an array of objects with the same fields, `gtins` an array of strings
-//! (or one `;`-separated string), `discontinued` a boolean; a row's line is where its object
-//! starts.
+//! CSV: a header line naming the columns (`sku,name,gtins,unit,tax_class,discontinued,category`,
+//! in any order; `discontinued` and `category` may be left out), RFC 4180 quoting (`"a, b"`,
+//! `""` for a quote, line breaks inside quotes), LF or CRLF line endings, an optional UTF-8 byte
+//! order mark. GTINs are separated by `;`. JSON: an array of objects with the same fields,
+//! `gtins` an array of strings (or one `;`-separated string), `discontinued` a boolean; a row's
+//! line is where its object starts.
+//!
+//! The `category` (e.g. `dairy`) is what store policies such as the online allocation target
+//! match on; an empty or absent one writes no category field.
 //!
 //! Bounds: at most [`MAX_ROWS`] rows a file, [`MAX_GTINS`] GTINs a row, names of at most
-//! [`MAX_NAME_CHARS`] characters; the HTTP layer bounds the file's bytes.
+//! [`MAX_NAME_CHARS`] characters, categories of at most [`MAX_CATEGORY_LEN`] bytes; the HTTP
+//! layer bounds the file's bytes.
 
 use std::collections::HashMap;
 
@@ -27,8 +31,10 @@ pub const MAX_ROWS: usize = 100_000;
 pub const MAX_GTINS: usize = 32;
 pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_TAX_CLASS_LEN: usize = 32;
+pub const MAX_CATEGORY_LEN: usize = 64;
 
-const COLUMNS: [&str; 6] = ["sku", "name", "gtins", "unit", "tax_class", "discontinued"];
+/// The known columns; the first five are required.
+const COLUMNS: [&str; 7] = ["sku", "name", "gtins", "unit", "tax_class", "discontinued", "category"];
 
 /// One valid row of an import file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,10 +47,12 @@ pub struct CatalogRow {
     pub unit: Unit,
     pub tax_class: TaxClass,
     pub discontinued: bool,
+    /// `None` when the file gives none: no category field is written.
+    pub category: Option<String>,
 }
 
 impl CatalogRow {
-    /// The row as field writes, one per field.
+    /// The row as field writes, one per field (five, six with a category).
     pub fn writes(&self) -> impl Iterator<Item = CatalogWrite> + '_ {
         [
             CatalogField::Name(self.name.clone()),
@@ -54,6 +62,7 @@ impl CatalogRow {
             CatalogField::Discontinued(self.discontinued),
         ]
         .into_iter()
+        .chain(self.category.clone().map(CatalogField::Category))
         .map(|field| CatalogWrite { sku: self.sku.clone(), field })
     }
 }
@@ -120,6 +129,7 @@ struct RawRow {
     unit: Option<String>,
     tax_class: Option<String>,
     discontinued: Option<Result<bool, String>>,
+    category: Option<String>,
 }
 
 /// Validates rows, including across rows (a SKU or a GTIN given twice).
@@ -235,6 +245,24 @@ impl Validator {
                 None
             }
         };
+        let category = match raw.category.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(c)
+                if c.len() > MAX_CATEGORY_LEN
+                    || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)) =>
+            {
+                e.push(
+                    line,
+                    Some("category"),
+                    format!(
+                        "invalid category {:?}: up to {MAX_CATEGORY_LEN} ASCII letters, digits, '-', '_', '.' or '/'",
+                        c.chars().take(40).collect::<String>()
+                    ),
+                );
+                None
+            }
+            Some(c) => Some(c.to_owned()),
+        };
         if self.errors.total > before {
             return;
         }
@@ -247,7 +275,7 @@ impl Validator {
         for g in &gtins {
             self.gtins.entry(*g).or_insert_with(|| (line, sku.clone()));
         }
-        self.rows.push(CatalogRow { line, sku, name, gtins, unit, tax_class, discontinued });
+        self.rows.push(CatalogRow { line, sku, name, gtins, unit, tax_class, discontinued, category });
     }
 
     fn finish(mut self, line_after: usize) -> Result<Vec<CatalogRow>, ImportErrors> {
@@ -403,6 +431,7 @@ pub fn parse_csv(bytes: &[u8]) -> Result<Vec<CatalogRow>, ImportErrors> {
             unit: get("unit"),
             tax_class: get("tax_class"),
             discontinued: get("discontinued").map(|d| parse_flag(&d)),
+            category: get("category"),
         };
         v.row(record.line, raw);
     }
@@ -487,6 +516,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<Vec<CatalogRow>, ImportErrors> {
                 "name" => text_field(&mut raw.name),
                 "unit" => text_field(&mut raw.unit),
                 "tax_class" => text_field(&mut raw.tax_class),
+                "category" => text_field(&mut raw.category),
                 "gtins" => match value {
                     Value::String(s) => raw.gtins = Some(s.split(';').map(str::to_owned).collect()),
                     Value::Null => {}
@@ -658,6 +688,29 @@ mod tests {
                 (2, Some("discontinued"))
             ]
         );
+    }
+
+    #[test]
+    fn an_optional_category_becomes_a_sixth_write_and_a_bad_one_names_its_line() {
+        let rows = parse_csv(
+            b"sku,name,gtins,unit,tax_class,category\nMILK,Milk,,piece,reduced,dairy\nSALT,Salt,,piece,standard,\n",
+        )
+        .unwrap();
+        assert_eq!(rows[0].category.as_deref(), Some("dairy"));
+        assert_eq!(rows[1].category, None);
+        let w = writes(&rows);
+        assert_eq!(w.len(), 11);
+        assert_eq!(w[5].field, CatalogField::Category("dairy".into()));
+        let e = parse_csv(b"sku,name,gtins,unit,tax_class,category\nA,A,,piece,x,ok\nB,B,,piece,x,bad category!\n")
+            .unwrap_err();
+        assert_eq!(fields(&e), vec![(3, Some("category"))]);
+        assert!(e.errors[0].message.contains("bad category!"), "{e:?}");
+        let good = r#"{"sku":"A","name":"A","unit":"piece","tax_class":"x","category":"food/dairy"}"#;
+        let json = format!("[{good},\n{}]", r#"{"sku":"B","name":"B","unit":"piece","tax_class":"x","category":7}"#);
+        let e = parse_json(json.as_bytes()).unwrap_err();
+        assert_eq!(fields(&e), vec![(2, Some("category"))]);
+        let rows = parse_json(format!("[{good}]").as_bytes()).unwrap();
+        assert_eq!(rows[0].category.as_deref(), Some("food/dairy"));
     }
 
     #[test]

@@ -42,6 +42,14 @@ hold_decrease_pct = 60
 # ...or raises it by more than this percent.
 hold_increase_pct = 100
 
+[orders]
+# An online pickup order not picked up within this many minutes of its creation expires: the
+# cloud cancels it (reason "expired") and its units go back to the store. HQ may give an order
+# its own window ("pickup_window_minutes" in POST /v1/hq/orders). At most 525600 (a year).
+pickup_window_minutes = 2880
+# How often the service looks for expired orders, in seconds.
+expiry_sweep_seconds = 60
+
 [log]
 # A tracing filter: error, warn, info, debug, trace, or e.g. "cloud_sync=debug,warn".
 # RUST_LOG overrides it. Logs go to journald when systemd starts the service, stderr otherwise.
@@ -50,6 +58,10 @@ level = "info"
 
 /// Largest `server.max_body_bytes` accepted (1 GiB).
 pub const MAX_BODY_BYTES_LIMIT: usize = 1 << 30;
+/// Longest pickup window, in minutes (a year), in the configuration and in an order request.
+pub const MAX_PICKUP_WINDOW_MINUTES: u64 = 525_600;
+/// Longest interval between expiry sweeps, in seconds (a day).
+pub const MAX_EXPIRY_SWEEP_SECONDS: u64 = 86_400;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +73,8 @@ pub struct Config {
     pub sync: SyncSection,
     #[serde(default)]
     pub prices: PricesSection,
+    #[serde(default)]
+    pub orders: OrdersSection,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -128,6 +142,19 @@ pub struct PricesSection {
 impl Default for PricesSection {
     fn default() -> Self {
         PricesSection { hold_decrease_pct: 60, hold_increase_pct: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrdersSection {
+    pub pickup_window_minutes: u64,
+    pub expiry_sweep_seconds: u64,
+}
+
+impl Default for OrdersSection {
+    fn default() -> Self {
+        OrdersSection { pickup_window_minutes: 2_880, expiry_sweep_seconds: 60 }
     }
 }
 
@@ -246,6 +273,24 @@ impl Config {
                 format!("must be between 0 and 100000, got {}", self.prices.hold_increase_pct),
             ));
         }
+        if !(1..=MAX_PICKUP_WINDOW_MINUTES).contains(&self.orders.pickup_window_minutes) {
+            return Err((
+                "orders.pickup_window_minutes",
+                format!(
+                    "must be between 1 and {MAX_PICKUP_WINDOW_MINUTES} (a year), got {}",
+                    self.orders.pickup_window_minutes
+                ),
+            ));
+        }
+        if !(1..=MAX_EXPIRY_SWEEP_SECONDS).contains(&self.orders.expiry_sweep_seconds) {
+            return Err((
+                "orders.expiry_sweep_seconds",
+                format!(
+                    "must be between 1 and {MAX_EXPIRY_SWEEP_SECONDS} (a day), got {}",
+                    self.orders.expiry_sweep_seconds
+                ),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(("log.level", format!("not a valid filter ({e}); use error, warn, info, debug or trace")));
         }
@@ -270,6 +315,7 @@ mod tests {
         assert_eq!(c.storage.backend, Backend::Sqlite);
         assert_eq!(c.sync.page_rows, MAX_PAGE_ROWS);
         assert_eq!((c.prices.hold_decrease_pct, c.prices.hold_increase_pct), (60, 100));
+        assert_eq!((c.orders.pickup_window_minutes, c.orders.expiry_sweep_seconds), (2880, 60));
     }
 
     #[test]
@@ -293,6 +339,12 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("sync.max_skew_ms"), "{e}");
         let e = parse(&format!("{SQLITE}[prices]\nhold_decrease_pct = 101\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("prices.hold_decrease_pct"), "{e}");
+        let e = parse(&format!("{SQLITE}[orders]\npickup_window_minutes = 0\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("orders.pickup_window_minutes"), "{e}");
+        let e = parse(&format!("{SQLITE}[orders]\nexpiry_sweep_seconds = 86401\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("orders.expiry_sweep_seconds"), "{e}");
+        let e = parse(&format!("{SQLITE}[orders]\npickup_window = 5\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("orders.pickup_window"), "{e}");
         let e = parse(&format!("{SQLITE}[log]\nlevel = \"info,,=[\"\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("log.level"), "{e}");
         let e = parse("[storage]\nbackend = \"mysql\"\n").unwrap_err();

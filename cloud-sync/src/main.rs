@@ -16,12 +16,14 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use cloud_sync::auth::Token;
 use cloud_sync::config::{Backend, Config, DEFAULT_CONFIG};
+use cloud_sync::expiry;
 use cloud_sync::http::{self, Settings};
 use cloud_sync::storage::postgres::PostgresStorage;
 use cloud_sync::storage::sqlite::SqliteStorage;
 use cloud_sync::storage::{Storage, StorageError};
 use shared::StoreId;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -363,8 +365,20 @@ async fn run<S: Storage>(storage: S, config: &Config) -> Result<(), Failure> {
             std::process::exit(i32::from(exit::SOFTWARE));
         });
     };
+    // Online orders not picked up in time are cancelled as expired, every sweep interval.
+    let stop_sweeping = CancellationToken::new();
+    let sweeper = tokio::spawn(expiry::run(
+        storage.clone(),
+        Duration::from_secs(config.orders.expiry_sweep_seconds),
+        stop_sweeping.clone(),
+    ));
     let router = http::router(storage, Settings::from_config(config));
-    http::serve(listener, router, shutdown).await.map_err(|e| Failure::Internal(format!("server failed: {e}")))?;
+    let served = http::serve(listener, router, shutdown).await;
+    stop_sweeping.cancel();
+    if let Err(e) = sweeper.await {
+        tracing::error!(error = %e, "The order expiry task failed");
+    }
+    served.map_err(|e| Failure::Internal(format!("server failed: {e}")))?;
     tracing::info!("cloud-sync stopped");
     Ok(())
 }

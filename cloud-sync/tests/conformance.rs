@@ -10,16 +10,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cloud_sync::orders::{self, OrderState};
 use cloud_sync::storage::postgres::PostgresStorage;
 use cloud_sync::storage::sqlite::SqliteStorage;
 use cloud_sync::storage::{
-    CatalogWrite, CloudMovement, CloudWrites, PriceWrite, Principal, Storage, StorageError, SyncReport,
+    CancelOutcome, CancelReason, CatalogWrite, CloudMovement, CloudWrites, CreateOutcome, NewOrder, OrderRecord,
+    PriceWrite, Principal, ShortLine, Storage, StorageError, SyncReport, SCHEMA_VERSION,
 };
 use sha2::{Digest, Sha256};
+use shared::orders::{pickup_code_digest, OrderLine};
 use shared::sync::{Cursor, Push, Rows, SlotGroup, SlotValue};
 use shared::{
-    ActorId, CatalogField, CatalogUpdate, Currency, HlcStamp, Money, PriceEntry, PriceKey, PriceScope, PriceSlot,
-    PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId,
+    ActorId, CatalogField, CatalogUpdate, Currency, EscrowKey, EscrowRow, HlcStamp, Money, OrderHeader, OrderId,
+    PriceEntry, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId,
 };
 
 const NOW: u64 = 1_700_000_000_000;
@@ -409,7 +412,7 @@ async fn sqlite_refuses_a_newer_schema() {
     SqliteStorage::open(&path).unwrap().migrate().await.unwrap();
     rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
     let err = SqliteStorage::open(&path).unwrap().migrate().await.unwrap_err();
-    assert!(matches!(err, StorageError::TooNew { found: 99, known: 1 }), "{err}");
+    assert!(matches!(err, StorageError::TooNew { found: 99, known: SCHEMA_VERSION }), "{err}");
     let foreign = dir.path().join("other.db");
     let conn = rusqlite::Connection::open(&foreign).unwrap();
     conn.execute_batch("CREATE TABLE notes (body TEXT)").unwrap();
@@ -512,7 +515,7 @@ async fn postgres_refuses_a_newer_schema() {
     tokio::spawn(conn);
     client.batch_execute("UPDATE schema_version SET version = 99").await.unwrap();
     let err = storage.migrate().await.unwrap_err();
-    assert!(matches!(err, StorageError::TooNew { found: 99, known: 1 }), "{err}");
+    assert!(matches!(err, StorageError::TooNew { found: 99, known: SCHEMA_VERSION }), "{err}");
 }
 
 /// What a puller has merged, newest row per register (pages arrive in version order per
@@ -653,4 +656,367 @@ async fn postgres_pullers_never_skip_rows_committed_late() {
     let own_slots: HashMap<Sku, Slot> =
         slots.into_iter().filter(|s| s.key.actor == own(&s1)).map(|s| (s.key.sku, s.slot)).collect();
     assert_eq!(own_slots, *pushed);
+}
+
+// ---- online orders ----
+
+fn order_id(id: &str) -> OrderId {
+    OrderId::new(id).unwrap()
+}
+
+/// An order created at `NOW`, expiring `expires_in` ms later, whose pickup code is `code`.
+fn new_order(id: &str, s: &StoreId, lines: &[(&str, u64)], code: &str, expires_in: i64) -> NewOrder {
+    let order = order_id(id);
+    NewOrder {
+        header: OrderHeader {
+            pickup_code_digest: pickup_code_digest(&order, code),
+            order,
+            store: s.clone(),
+            customer_ref: "cust 42".into(),
+            created_at_ms: NOW as i64,
+            expires_at_ms: NOW as i64 + expires_in,
+            lines: lines.iter().map(|(k, units)| OrderLine { sku: sku(k), units: *units }).collect(),
+        },
+        pickup_code: code.into(),
+    }
+}
+
+const HOUR: i64 = 3_600_000;
+
+fn key(s: &StoreId, k: &str) -> EscrowKey {
+    EscrowKey { store: s.clone(), sku: sku(k) }
+}
+
+fn granted(s: &StoreId, k: &str, granted: u64) -> EscrowRow {
+    EscrowRow::Granted { key: key(s, k), granted }
+}
+
+fn fulfilled(s: &StoreId, k: &str, order: &str) -> EscrowRow {
+    EscrowRow::Fulfilled { key: key(s, k), order: order_id(order) }
+}
+
+/// A store push of its own slots `(sku, inc, dec)` and allocation rows.
+fn store_push(s: &StoreId, from: u64, to: u64, slots: &[(&str, u64, u64)], escrow: Vec<EscrowRow>) -> Push {
+    let mut push = slot_push(s, from, to, slots);
+    push.rows.escrow = escrow;
+    push
+}
+
+async fn created<S: Storage>(storage: &S, order: &NewOrder) -> OrderRecord {
+    match storage.create_order(order).await.unwrap() {
+        CreateOutcome::Created(record) => record,
+        other => panic!("order {} not created: {other:?}", order.header.order),
+    }
+}
+
+async fn cancelled<S: Storage>(storage: &S, order: &str, reason: CancelReason, now: u64) -> OrderRecord {
+    match storage.cancel_order(&order_id(order), reason, now).await.unwrap() {
+        CancelOutcome::Cancelled(record) => record,
+        other => panic!("order {order} not cancelled: {other:?}"),
+    }
+}
+
+/// The order as HQ sees it, joined from the stored escrow.
+async fn seen<S: Storage>(storage: &S, order: &str) -> orders::OrderView {
+    let record = storage.order(&order_id(order)).await.unwrap().expect("order exists");
+    let skus: Vec<Sku> = record.header.lines.iter().map(|l| l.sku.clone()).collect();
+    let allocations = storage.allocations(&record.header.store, Some(&skus)).await.unwrap();
+    let by_sku = allocations.into_iter().map(|a| (a.escrow.key().sku.clone(), a)).collect();
+    orders::order_view(&record, &by_sku).unwrap()
+}
+
+/// `(granted, released, reserved, cancelled, fulfilled, promised, rights)` of each SKU.
+async fn totals<S: Storage>(storage: &S, s: &StoreId) -> Vec<(String, [i128; 7])> {
+    let allocations = storage.allocations(s, None).await.unwrap();
+    allocations
+        .iter()
+        .map(|a| {
+            let t = a.escrow.totals();
+            let n = |v: u64| i128::from(v);
+            let all = [n(t.granted), n(t.released), n(t.reserved), n(t.cancelled), n(t.fulfilled), n(t.promised)];
+            let [g, rel, res, c, f, p] = all;
+            (a.escrow.key().sku.to_string(), [g, rel, res, c, f, p, a.escrow.cloud_rights()])
+        })
+        .collect()
+}
+
+async fn listed<S: Storage>(storage: &S, s: &StoreId, state: Option<OrderState>, limit: u32) -> Vec<String> {
+    let records = storage.store_orders(s, state, limit).await.unwrap();
+    records.iter().map(|r| r.header.order.to_string()).collect()
+}
+
+/// Pulls pages of at most `max` rows from `cursor` until caught up; checks that every
+/// reservation arrives with its order's header in the same page or an earlier one (or one the
+/// store `held` from before `cursor`).
+async fn pull_pages<S: Storage>(
+    storage: &S,
+    s: &StoreId,
+    mut cursor: Cursor,
+    max: u32,
+    own: bool,
+    held: &[&OrderRecord],
+) -> (Vec<Rows>, Cursor) {
+    let mut pages = Vec::new();
+    let mut headers: HashSet<OrderId> = held.iter().map(|r| r.header.order.clone()).collect();
+    loop {
+        let page = storage.pull(s, cursor, max, own).await.unwrap();
+        headers.extend(page.rows.orders.iter().map(|h| h.order.clone()));
+        for row in &page.rows.escrow {
+            if let EscrowRow::Reservation { order, .. } = row {
+                assert!(headers.contains(order), "reservation of {order} arrived without its order: {:?}", page.rows);
+            }
+        }
+        cursor = page.next_cursor;
+        let more = page.more;
+        pages.push(page.rows);
+        if !more {
+            return (pages, cursor);
+        }
+    }
+}
+
+/// Online orders against one store's allocation: reserve all or nothing, idempotent creation,
+/// pages that carry an order whole, cancellation, handovers, expiry, and what HQ reads.
+async fn orders_story<S: Storage>(storage: S) {
+    let (s1, s2) = (store("s1"), store("s2"));
+    storage.migrate().await.unwrap();
+    for s in [&s1, &s2] {
+        storage.add_store(s, sha(&format!("token-{s}")), NOW).await.unwrap();
+    }
+    storage
+        .apply(
+            &CloudWrites {
+                catalog: vec![CatalogWrite { sku: sku("MILK"), field: CatalogField::Name("Milk".into()) }],
+                ..CloudWrites::default()
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(storage.known_skus(&[sku("EGGS"), sku("MILK")]).await.unwrap(), vec![sku("MILK")]);
+
+    // s1 grants 5 MILK and 2 EGGS to the online channel.
+    let grant = store_push(
+        &s1,
+        0,
+        3,
+        &[("MILK", 10, 0), ("EGGS", 4, 0)],
+        vec![granted(&s1, "MILK", 5), granted(&s1, "EGGS", 2)],
+    );
+    assert_eq!(storage.push(report(&s1, Some(&grant), 3, Cursor::default(), None)).await.unwrap(), 3);
+    let c0 = storage.pull(&s1, Cursor::default(), 1000, false).await.unwrap();
+    assert!(
+        c0.rows.escrow.is_empty() && c0.rows.stock.is_empty() && c0.rows.catalog.len() == 1,
+        "a store gets its own grants back only when rebuilding: {:?}",
+        c0.rows
+    );
+    let c0 = c0.next_cursor;
+
+    // An order reserves every line; its retry (lines in another order, a new code drawn) is the
+    // first answer; the same id with another body is a conflict.
+    let w1 = created(&storage, &new_order("W-1", &s1, &[("MILK", 2), ("EGGS", 1)], "111111", HOUR)).await;
+    assert_eq!((w1.pickup_code.as_str(), w1.cancel_reason), ("111111", None));
+    let retry = new_order("W-1", &s1, &[("EGGS", 1), ("MILK", 2)], "222222", 2 * HOUR);
+    match storage.create_order(&retry).await.unwrap() {
+        CreateOutcome::Replayed(first) => assert_eq!(first, w1),
+        other => panic!("retry: {other:?}"),
+    }
+    for other in [
+        new_order("W-1", &s1, &[("MILK", 3), ("EGGS", 1)], "333333", HOUR),
+        new_order("W-1", &s2, &[("MILK", 2), ("EGGS", 1)], "333333", HOUR),
+    ] {
+        assert!(matches!(storage.create_order(&other).await.unwrap(), CreateOutcome::Conflict(r) if r == w1));
+    }
+
+    // Short: every short line named, nothing reserved, the id still free.
+    let short = new_order("W-2", &s1, &[("MILK", 4), ("EGGS", 2), ("BREAD", 1)], "444444", HOUR);
+    let expected = vec![
+        ShortLine { sku: sku("MILK"), wanted: 4, available: 3 },
+        ShortLine { sku: sku("EGGS"), wanted: 2, available: 1 },
+        ShortLine { sku: sku("BREAD"), wanted: 1, available: 0 },
+    ];
+    assert_eq!(storage.create_order(&short).await.unwrap(), CreateOutcome::Short(expected));
+    assert_eq!(storage.order(&order_id("W-2")).await.unwrap(), None);
+    assert_eq!(
+        totals(&storage, &s1).await,
+        vec![("EGGS".into(), [2, 0, 1, 0, 0, 1, 1]), ("MILK".into(), [5, 0, 2, 0, 0, 2, 3])]
+    );
+    let w2 = created(&storage, &new_order("W-2", &s1, &[("MILK", 3)], "555555", HOUR)).await;
+    assert_eq!(seen(&storage, "W-2").await.state, OrderState::Reserved);
+
+    // The store pulls with one row a page: each order arrives whole, header and reservations.
+    let (pages, c1) = pull_pages(&storage, &s1, c0, 1, false, &[]).await;
+    let shape: Vec<(usize, usize)> = pages.iter().map(|p| (p.orders.len(), p.escrow.len())).collect();
+    assert_eq!(shape, [(1, 2), (1, 1)], "one order a page, never split");
+    assert_eq!(pages[0].orders, vec![w1.header.clone()]);
+    assert_eq!(pages[1].orders, vec![w2.header.clone()]);
+    assert!(pages.iter().all(|p| p.stock.is_empty()));
+    // A rebuilt store gets its own grants back too, and every order with it.
+    let (pages, _) = pull_pages(&storage, &s1, Cursor::default(), 1, true, &[]).await;
+    let rows: Vec<EscrowRow> = pages.iter().flat_map(|p| p.escrow.clone()).collect();
+    assert!(rows.contains(&granted(&s1, "MILK", 5)) && rows.contains(&granted(&s1, "EGGS", 2)), "{rows:?}");
+    assert_eq!(rows.len(), 5);
+    assert_eq!(pages.iter().map(|p| p.orders.len()).sum::<usize>(), 2);
+    let s2_rows = storage.pull(&s2, Cursor::default(), 1000, false).await.unwrap().rows;
+    assert!(s2_rows.orders.is_empty() && s2_rows.escrow.is_empty(), "s1's orders stay in s1's partition");
+
+    // Cancelled once (one version for both lines), again harmlessly; units go back to the
+    // store's free stock, not to the cloud's rights.
+    let w1c = cancelled(&storage, "W-1", CancelReason::Cancelled, NOW + 10).await;
+    assert_eq!((w1c.cancel_reason, w1c.cancelled_at_ms), (Some(CancelReason::Cancelled), Some(NOW + 10)));
+    assert_eq!(cancelled(&storage, "W-1", CancelReason::Cancelled, NOW + 20).await, w1c);
+    let (pages, c2) = pull_pages(&storage, &s1, c1, 1, false, &[&w1, &w2]).await;
+    assert_eq!(pages.len(), 1, "both lines' cancellations in one page");
+    assert!(pages[0].orders.is_empty(), "the header was sent with the order");
+    assert!(pages[0].escrow.iter().all(|r| matches!(r, EscrowRow::Reservation { cancelled: true, .. })));
+    assert_eq!(pages[0].escrow.len(), 2);
+    assert_eq!(seen(&storage, "W-1").await.state, OrderState::Cancelled);
+    assert_eq!(
+        totals(&storage, &s1).await,
+        vec![("EGGS".into(), [2, 0, 1, 1, 0, 0, 1]), ("MILK".into(), [5, 0, 5, 2, 0, 3, 0])]
+    );
+    assert!(storage.pull(&s1, c2, 1000, false).await.unwrap().rows.is_empty());
+
+    // s1 hands W-2 over: it is fulfilled, and can no longer be cancelled.
+    let handover = store_push(&s1, 3, 4, &[("MILK", 10, 3)], vec![fulfilled(&s1, "MILK", "W-2")]);
+    storage.push(report(&s1, Some(&handover), 4, c2, None)).await.unwrap();
+    assert_eq!(storage.order(&order_id("W-2")).await.unwrap().unwrap().handed_over_at_ms, Some(NOW));
+    assert_eq!(seen(&storage, "W-2").await.state, OrderState::Fulfilled);
+    match storage.cancel_order(&order_id("W-2"), CancelReason::Cancelled, NOW + 30).await.unwrap() {
+        CancelOutcome::AlreadyFulfilled { record, skus } => {
+            assert_eq!((record.cancel_reason, skus), (None, vec![sku("MILK")]));
+        }
+        other => panic!("cancel of a handed-over order: {other:?}"),
+    }
+    assert!(
+        storage.pull(&s1, c2, 1000, false).await.unwrap().rows.is_empty(),
+        "the store's own rows are not sent back"
+    );
+    // Its handover comes back only to a store rebuilding its ledger.
+    let (rebuilt, _) = pull_pages(&storage, &s1, Cursor::default(), 1000, true, &[]).await;
+    let rebuilt: Vec<EscrowRow> = rebuilt.iter().flat_map(|p| p.escrow.clone()).collect();
+    assert!(rebuilt.contains(&fulfilled(&s1, "MILK", "W-2")), "{rebuilt:?}");
+    let (normal, _) = pull_pages(&storage, &s1, Cursor::default(), 1000, false, &[]).await;
+    assert!(normal.iter().flat_map(|p| &p.escrow).all(|r| matches!(r, EscrowRow::Reservation { .. })));
+    let again = storage.push(report(&s1, Some(&handover), 4, c2, None)).await.unwrap();
+    assert_eq!(again, 4);
+    assert_eq!(storage.order(&order_id("W-2")).await.unwrap().unwrap().handed_over_at_ms, Some(NOW));
+
+    // HQ cancels W-3 while s1, offline, hands it over: cancelled but fulfilled.
+    let more = store_push(&s1, 4, 5, &[], vec![granted(&s1, "MILK", 9)]);
+    storage.push(report(&s1, Some(&more), 5, c2, None)).await.unwrap();
+    created(&storage, &new_order("W-3", &s1, &[("MILK", 2)], "666666", HOUR)).await;
+    cancelled(&storage, "W-3", CancelReason::Cancelled, NOW + 40).await;
+    let offline = store_push(&s1, 5, 6, &[], vec![fulfilled(&s1, "MILK", "W-3")]);
+    storage.push(report(&s1, Some(&offline), 6, c2, None)).await.unwrap();
+    let w3 = seen(&storage, "W-3").await;
+    assert_eq!((w3.state, w3.lines[0].state), (OrderState::CancelledButFulfilled, OrderState::CancelledButFulfilled));
+
+    // Expiry: only orders past their time, neither cancelled nor handed over.
+    created(&storage, &new_order("W-4", &s1, &[("EGGS", 1)], "777777", 1_000)).await;
+    created(&storage, &new_order("W-5", &s1, &[("MILK", 1)], "888888", 1_000)).await;
+    let picked = store_push(&s1, 6, 7, &[], vec![fulfilled(&s1, "MILK", "W-5")]);
+    storage.push(report(&s1, Some(&picked), 7, c2, None)).await.unwrap();
+    assert!(storage.due_orders(NOW + 999, 10).await.unwrap().is_empty());
+    assert_eq!(storage.due_orders(NOW + 1_000, 10).await.unwrap(), vec![order_id("W-4")]);
+    let swept = cloud_sync::expiry::sweep(&storage, NOW + 2_000).await.unwrap();
+    assert_eq!((swept.expired, swept.skipped), (1, 0));
+    assert_eq!(cloud_sync::expiry::sweep(&storage, NOW + 3_000).await.unwrap().expired, 0);
+    let w4 = storage.order(&order_id("W-4")).await.unwrap().unwrap();
+    assert_eq!((w4.cancel_reason, w4.cancelled_at_ms), (Some(CancelReason::Expired), Some(NOW + 2_000)));
+    assert_eq!(seen(&storage, "W-4").await.state, OrderState::Expired);
+    assert_eq!(
+        cancelled(&storage, "W-4", CancelReason::Cancelled, NOW + 4_000).await.cancel_reason,
+        Some(CancelReason::Expired)
+    );
+    created(&storage, &new_order("W-6", &s1, &[("MILK", 1)], "999999", HOUR)).await;
+
+    // HQ lists a store's orders by state, newest first.
+    assert_eq!(listed(&storage, &s1, Some(OrderState::Reserved), 10).await, ["W-6"]);
+    assert_eq!(listed(&storage, &s1, Some(OrderState::Cancelled), 10).await, ["W-1"]);
+    assert_eq!(listed(&storage, &s1, Some(OrderState::Expired), 10).await, ["W-4"]);
+    assert_eq!(listed(&storage, &s1, Some(OrderState::Fulfilled), 10).await, ["W-5", "W-2"]);
+    assert_eq!(listed(&storage, &s1, Some(OrderState::CancelledButFulfilled), 10).await, ["W-3"]);
+    assert_eq!(listed(&storage, &s1, None, 3).await, ["W-6", "W-5", "W-4"]);
+    assert!(listed(&storage, &s2, None, 10).await.is_empty());
+
+    // Till sales take s1's MILK below what is promised: the cloud sees W-6 at risk after sync.
+    let allocations = storage.allocations(&s1, None).await.unwrap();
+    assert!(orders::at_risk(&allocations).lines.is_empty(), "7 on hand cover W-6");
+    let sales = store_push(&s1, 7, 8, &[("MILK", 10, 10)], vec![]);
+    storage.push(report(&s1, Some(&sales), 8, c2, None)).await.unwrap();
+    let risk = orders::at_risk(&storage.allocations(&s1, None).await.unwrap());
+    assert_eq!(risk.lines, vec![orders::LineAtRisk { order: order_id("W-6"), sku: sku("MILK"), units: 1 }]);
+    assert_eq!(risk.shortages, vec![orders::Shortage { sku: sku("MILK"), on_hand: 0, promised: 1, short: 1 }]);
+    assert!(seen(&storage, "W-6").await.at_risk);
+
+    // HQ's view of what s1 has yet to pull counts headers and the cloud's allocation rows.
+    let st1 = storage.stores().await.unwrap().into_iter().find(|s| s.store == s1).unwrap();
+    let all = storage.pull(&s1, st1.cursor, 10_000, false).await.unwrap();
+    assert_eq!(st1.pending_rows, all.rows.len() as u64);
+    // Beyond c2: W-3 to W-6, each header with its (latest) reservation row.
+    assert_eq!((all.rows.orders.len(), all.rows.escrow.len()), (4, 4), "{:?}", all.rows);
+}
+
+#[tokio::test]
+async fn sqlite_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    orders_story(SqliteStorage::open(&dir.path().join("cloud.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_orders() {
+    let Some(db) = TestDb::create().await else { return };
+    orders_story(PostgresStorage::connect(&db.conninfo).await.unwrap()).await;
+}
+
+/// Two service processes take orders for one store at once: the partition lock makes each
+/// reservation see the last, so the channel never promises more than the store granted, and one
+/// order id sent to both is created once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_concurrent_orders_never_promise_a_unit_twice() {
+    let Some(db) = TestDb::create().await else { return };
+    let (a, b) =
+        (PostgresStorage::connect(&db.conninfo).await.unwrap(), PostgresStorage::connect(&db.conninfo).await.unwrap());
+    a.migrate().await.unwrap();
+    let s1 = store("s1");
+    a.add_store(&s1, sha("token-s1"), NOW).await.unwrap();
+    let grant = store_push(&s1, 0, 1, &[("MILK", 100, 0)], vec![granted(&s1, "MILK", 25)]);
+    a.push(report(&s1, Some(&grant), 1, Cursor::default(), None)).await.unwrap();
+
+    const EACH: usize = 20;
+    let start = Arc::new(tokio::sync::Barrier::new(2));
+    let mut tasks = Vec::new();
+    for (p, storage) in [a.clone(), b.clone()].into_iter().enumerate() {
+        let (s1, start) = (s1.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut outcomes = Vec::new();
+            for i in 0..EACH {
+                let order = new_order(&format!("P{p}-{i}"), &s1, &[("MILK", 1)], "123456", HOUR);
+                outcomes.push(storage.create_order(&order).await.unwrap());
+                // Both processes send the same order too.
+                let shared = new_order(&format!("BOTH-{i}"), &s1, &[("MILK", 1)], "123456", HOUR);
+                outcomes.push(storage.create_order(&shared).await.unwrap());
+            }
+            outcomes
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.extend(t.await.unwrap());
+    }
+    let count = |f: fn(&CreateOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    assert_eq!(count(|o| matches!(o, CreateOutcome::Created(_))), 25, "exactly what was granted");
+    assert_eq!(count(|o| matches!(o, CreateOutcome::Conflict(_))), 0);
+    let replayed = count(|o| matches!(o, CreateOutcome::Replayed(_)));
+    let short = count(|o| matches!(o, CreateOutcome::Short(_)));
+    assert_eq!(25 + replayed + short, 4 * EACH);
+    let totals = totals(&a, &s1).await;
+    assert_eq!(totals, vec![("MILK".into(), [25, 0, 25, 0, 0, 25, 0])]);
+    // Every order created is stored with its reservation, and pages carry each one whole.
+    let (pages, _) = pull_pages(&a, &s1, Cursor::default(), 7, false, &[]).await;
+    let headers: usize = pages.iter().map(|p| p.orders.len()).sum();
+    let reservations: usize = pages.iter().map(|p| p.escrow.len()).sum();
+    assert_eq!((headers, reservations), (25, 25));
 }

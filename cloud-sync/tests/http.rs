@@ -11,8 +11,9 @@ use cloud_sync::http::{self, Settings};
 use cloud_sync::storage::sqlite::SqliteStorage;
 use cloud_sync::storage::Storage;
 use serde_json::{json, Value};
+use shared::orders::{pickup_code_digest, OrderLine};
 use shared::sync::{Cursor, Push, Rows, SlotGroup, SlotValue, SyncRequest, SyncResponse};
-use shared::{wire, ActorId, CatalogField, HlcStamp, Sku, StoreId};
+use shared::{wire, ActorId, CatalogField, EscrowKey, EscrowRow, HlcStamp, OrderHeader, OrderId, Sku, StoreId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -344,7 +345,8 @@ async fn an_unknown_protocol_version_is_refused_naming_both_versions() {
     let reply = cloud.send_bytes("s1", &cloud.s1, &bytes).await;
     assert_eq!(reply.status, 400, "{}", reply.text());
     let text = reply.text();
-    assert!(text.contains("version 7") && text.contains("version 1"), "{text}");
+    let ours = format!("version {}", shared::SYNC_PROTOCOL_VERSION);
+    assert!(text.contains("version 7") && text.contains(&ours), "{text}");
     let garbage = cloud.send_bytes("s1", &cloud.s1, b"SE\x01\x00\xff\xff\xff").await;
     assert_eq!(garbage.status, 400, "{}", garbage.text());
     assert!(cloud.storage.stock_of_sku(&sku("MILK")).await.unwrap().is_empty());
@@ -518,4 +520,325 @@ async fn a_replayed_transfer_moves_stock_once() {
     assert_eq!(cloud.transfer(&json!({"id":"T-6","from":"s1","to":"s2","sku":"MILK"})).await.status, 400);
     let stock = cloud.get("/v1/hq/stock/MILK", &cloud.admin).await.json();
     assert_eq!(stock["stores"][0]["value"], -5, "refused transfers moved nothing");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online orders
+
+impl Cloud {
+    async fn order(&self, body: &Value) -> Reply {
+        self.send_json("POST", "/v1/hq/orders", &self.admin, body).await
+    }
+
+    /// s1 pushes `rows` as its versions `(from, to]` with nothing to pull back checked.
+    async fn s1_pushes(&self, from: u64, to: u64, rows: Rows) -> SyncResponse {
+        let mut req = sync_request("s1", vec![], Cursor::default());
+        req.head_version = to;
+        req.push = Some(Push { from_version: from, to_version: to, rows });
+        decode(&self.sync("s1", &self.s1, &req).await)
+    }
+
+    async fn import_milk_and_eggs(&self) {
+        let file =
+            "sku,name,gtins,unit,tax_class,category\nMILK,Milk,,piece,reduced,dairy\nEGGS,Eggs,,piece,reduced,dairy\n";
+        let reply = self.import("text/csv", file).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+}
+
+fn key(sku_id: &str) -> EscrowKey {
+    EscrowKey { store: store("s1"), sku: sku(sku_id) }
+}
+
+fn granted(sku_id: &str, granted: u64) -> EscrowRow {
+    EscrowRow::Granted { key: key(sku_id), granted }
+}
+
+fn stock_and_escrow(slots: &[(&str, u64, u64)], escrow: Vec<EscrowRow>) -> Rows {
+    Rows { stock: vec![own_slots("s1", slots)], escrow, ..Rows::default() }
+}
+
+fn order_body(order: &str, lines: &[(&str, i64)]) -> Value {
+    let lines: Vec<Value> = lines.iter().map(|(sku, units)| json!({"sku": sku, "units": units})).collect();
+    json!({"order": order, "store": "s1", "customer_ref": "cust 42", "lines": lines})
+}
+
+/// `2023-11-14T22:13:20.123Z`: RFC 3339 in UTC with milliseconds.
+fn is_rfc3339(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    b.len() == 24
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[19] == b'.'
+        && digits(20..23)
+        && b[23] == b'Z'
+}
+
+#[tokio::test]
+async fn an_online_order_is_reserved_shown_cancelled_and_refused_by_the_hq_api() {
+    let cloud = start().await;
+    cloud.import_milk_and_eggs().await;
+    let dairy = cloud.storage.catalog_of(&sku("MILK")).await.unwrap();
+    assert!(dairy.iter().any(|u| u.field == CatalogField::Category("dairy".into())), "{dairy:?}");
+    // s1 grants 5 MILK and 2 EGGS to the online channel.
+    let first = cloud
+        .s1_pushes(
+            0,
+            3,
+            stock_and_escrow(&[("MILK", 10, 0), ("EGGS", 5, 0)], vec![granted("MILK", 5), granted("EGGS", 2)]),
+        )
+        .await;
+    assert_eq!(first.acked_version, 3);
+
+    // Reserved: 201 with the pickup code, once.
+    let body = order_body("W-1001", &[("MILK", 2)]);
+    let reply = cloud.order(&body).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let made = reply.json();
+    let keys: Vec<&str> = made.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut expected = ["created_at", "customer_ref", "expires_at", "lines", "order", "pickup_code", "status", "store"];
+    expected.sort();
+    let mut keys = keys;
+    keys.sort();
+    assert_eq!(keys, expected, "{made}");
+    assert_eq!(
+        (made["order"].as_str(), made["store"].as_str(), made["status"].as_str()),
+        (Some("W-1001"), Some("s1"), Some("reserved"))
+    );
+    assert_eq!(made["customer_ref"], "cust 42");
+    assert_eq!(made["lines"], json!([{"sku": "MILK", "units": 2, "status": "reserved"}]));
+    let code = made["pickup_code"].as_str().unwrap().to_owned();
+    assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()), "{code}");
+    assert!(
+        is_rfc3339(made["created_at"].as_str().unwrap()) && is_rfc3339(made["expires_at"].as_str().unwrap()),
+        "{made}"
+    );
+    let again = cloud.order(&body).await;
+    assert_eq!((again.status, again.json()), (200, made.clone()), "a retry answers the first answer");
+    let other = cloud.order(&order_body("W-1001", &[("MILK", 1)])).await;
+    assert_eq!(other.status, 409, "{}", other.text());
+    assert_eq!(other.json()["error"], "order exists");
+    assert!(other.json()["message"].as_str().unwrap().contains("W-1001"));
+
+    // The store receives the order with its reservation; only the code's digest travels.
+    let mut pull = sync_request("s1", vec![], first.next_cursor);
+    pull.push = None;
+    let page = decode(&cloud.sync("s1", &cloud.s1, &pull).await);
+    assert_eq!(page.rows.orders.len(), 1);
+    let header = &page.rows.orders[0];
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    assert!(header.code_matches(&code) && !header.code_matches(wrong));
+    assert_eq!(header.expires_at_ms - header.created_at_ms, 2880 * 60_000, "the configured pickup window");
+    assert_eq!(
+        page.rows.escrow,
+        vec![EscrowRow::Reservation {
+            key: key("MILK"),
+            order: OrderId::new("W-1001").unwrap(),
+            units: 2,
+            seq: 1,
+            cancelled: false
+        }]
+    );
+
+    // Short: every short line named, nothing reserved.
+    let short = cloud.order(&order_body("W-1002", &[("MILK", 4), ("EGGS", 3)])).await;
+    assert_eq!(short.status, 409, "{}", short.text());
+    let refusal = short.json();
+    assert_eq!(refusal["error"], "insufficient allocation");
+    assert_eq!(refusal["order"], "W-1002");
+    assert_eq!(
+        refusal["lines"],
+        json!([{"sku":"MILK","wanted":4,"available":3},{"sku":"EGGS","wanted":3,"available":2}])
+    );
+    let message = refusal["message"].as_str().unwrap();
+    assert!(message.contains("MILK") && message.contains("EGGS") && !message.contains('\n'), "{message}");
+    assert_eq!(cloud.get("/v1/hq/orders/W-1002", &cloud.admin).await.status, 404);
+
+    // Invalid bodies: 422 naming the field or line.
+    for (body, names) in [
+        (json!({"order":"W-9","store":"s9","customer_ref":"c","lines":[{"sku":"MILK","units":1}]}), "s9"),
+        (order_body("W-9", &[("MILK", 1), ("BREAD", 1)]), "BREAD (line 2)"),
+        (order_body("W-9", &[("MILK", 0)]), "line 1 (MILK) asks for 0 units"),
+        (order_body("W-9", &[("MILK", 1), ("MILK", 2)]), "lines 1 and 2"),
+        (order_body("W 9", &[("MILK", 1)]), "`order`"),
+        (json!({"order":"W-9","store":"s1","lines":[{"sku":"MILK","units":1}]}), "customer_ref"),
+    ] {
+        let reply = cloud.order(&body).await;
+        assert_eq!(reply.status, 422, "{body}: {}", reply.text());
+        assert_eq!(reply.json()["error"], "invalid order");
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(names), "{body}: {message}");
+    }
+
+    // Read: no code unless asked for; at_risk shown.
+    let shown = cloud.get("/v1/hq/orders/W-1001", &cloud.admin).await;
+    assert_eq!(shown.status, 200, "{}", shown.text());
+    let shown = shown.json();
+    assert_eq!((shown["status"].as_str(), shown["at_risk"].as_bool()), (Some("reserved"), Some(false)));
+    assert!(shown.get("pickup_code").is_none(), "{shown}");
+    assert_eq!(shown["created_at"], made["created_at"]);
+    let with_code = cloud.get("/v1/hq/orders/W-1001?with_code=true", &cloud.admin).await.json();
+    assert_eq!(with_code["pickup_code"], code.as_str());
+    assert_eq!(cloud.get("/v1/hq/orders/W-404", &cloud.admin).await.json()["error"], "unknown order");
+    assert_eq!(cloud.get("/v1/hq/orders/W-1001", &cloud.s1).await.status, 403, "a store token cannot read orders");
+
+    // Allocation per SKU.
+    let allocation = cloud.get("/v1/hq/stores/s1/allocation", &cloud.admin).await.json();
+    assert_eq!(
+        allocation,
+        json!({"store":"s1","skus":[
+            {"sku":"EGGS","granted":2,"released":0,"reserved":0,"promised":0,"fulfilled":0,"cancelled":0,"rights":2},
+            {"sku":"MILK","granted":5,"released":0,"reserved":2,"promised":2,"fulfilled":0,"cancelled":0,"rights":3}
+        ]})
+    );
+    let milk = cloud.get("/v1/hq/stores/s1/allocation?sku=MILK", &cloud.admin).await.json();
+    assert_eq!(milk["skus"].as_array().unwrap().len(), 1);
+    assert_eq!(cloud.get("/v1/hq/stores/s9/allocation", &cloud.admin).await.status, 404);
+
+    // Cancel, twice: the same answer.
+    let cancel = cloud.send_json("POST", "/v1/hq/orders/W-1001/cancel", &cloud.admin, &json!({})).await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    let cancelled = cancel.json();
+    assert_eq!(
+        (cancelled["status"].as_str(), cancelled["lines"][0]["status"].as_str()),
+        (Some("cancelled"), Some("cancelled"))
+    );
+    let twice = cloud.send_json("POST", "/v1/hq/orders/W-1001/cancel", &cloud.admin, &json!({})).await;
+    assert_eq!((twice.status, twice.json()), (200, cancelled));
+    assert_eq!(cloud.send_json("POST", "/v1/hq/orders/W-404/cancel", &cloud.admin, &json!({})).await.status, 404);
+
+    // Handed over at the store: fulfilled after the sync, and no longer cancellable.
+    assert_eq!(cloud.order(&order_body("W-1003", &[("MILK", 3)])).await.status, 201);
+    let handover = EscrowRow::Fulfilled { key: key("MILK"), order: OrderId::new("W-1003").unwrap() };
+    cloud.s1_pushes(3, 4, stock_and_escrow(&[("MILK", 10, 3)], vec![handover])).await;
+    assert_eq!(cloud.get("/v1/hq/orders/W-1003", &cloud.admin).await.json()["status"], "fulfilled");
+    let late = cloud.send_json("POST", "/v1/hq/orders/W-1003/cancel", &cloud.admin, &json!({})).await;
+    assert_eq!(late.status, 409, "{}", late.text());
+    assert_eq!(late.json()["error"], "already handed over");
+    assert!(late.json()["message"].as_str().unwrap().contains("W-1003"));
+
+    // Expired: not picked up in time (the sweep the service runs on an interval).
+    let soon = json!({"order":"W-1004","store":"s1","customer_ref":"c","lines":[{"sku":"EGGS","units":1}],"pickup_window_minutes":1});
+    assert_eq!(cloud.order(&soon).await.status, 201);
+    let swept = cloud_sync::expiry::sweep(&cloud.storage, now_ms() + 61_000).await.unwrap();
+    assert_eq!(swept.expired, 1);
+    let expired = cloud.get("/v1/hq/orders/W-1004", &cloud.admin).await.json();
+    assert_eq!(
+        (expired["status"].as_str(), expired["lines"][0]["status"].as_str()),
+        (Some("expired"), Some("expired"))
+    );
+
+    // A store's orders, by status, newest first.
+    let list = |q: &'static str| {
+        let cloud = &cloud;
+        async move {
+            let reply = cloud.get(&format!("/v1/hq/stores/s1/orders{q}"), &cloud.admin).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            let body = reply.json();
+            assert_eq!(body["store"], "s1");
+            body["orders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["order"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list("?status=cancelled").await, ["W-1001"]);
+    assert_eq!(list("?status=fulfilled").await, ["W-1003"]);
+    assert_eq!(list("?status=expired").await, ["W-1004"]);
+    assert!(list("?status=reserved").await.is_empty());
+    assert_eq!(list("").await.len(), 3);
+    assert_eq!(list("?limit=1").await.len(), 1);
+    let bad = cloud.get("/v1/hq/stores/s1/orders?status=open", &cloud.admin).await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(bad.json()["message"].as_str().unwrap().contains("reserved"));
+    assert_eq!(cloud.get("/v1/hq/stores/s9/orders", &cloud.admin).await.json()["error"], "unknown store");
+}
+
+#[tokio::test]
+async fn a_store_pushing_a_reservation_or_an_order_is_refused_and_recorded() {
+    let cloud = start().await;
+    let reservation = EscrowRow::Reservation {
+        key: key("MILK"),
+        order: OrderId::new("W-1").unwrap(),
+        units: 5,
+        seq: 1,
+        cancelled: false,
+    };
+    let mut req = sync_request("s1", vec![], Cursor::default());
+    req.push.as_mut().unwrap().rows.escrow = vec![granted("MILK", 5), reservation];
+    let reply = cloud.sync("s1", &cloud.s1, &req).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert!(reply.text().contains("only the cloud may"), "{}", reply.text());
+    let order = OrderId::new("W-1").unwrap();
+    let header = OrderHeader {
+        pickup_code_digest: pickup_code_digest(&order, "123456"),
+        order,
+        store: store("s1"),
+        customer_ref: "me".into(),
+        created_at_ms: 1,
+        expires_at_ms: 2,
+        lines: vec![OrderLine { sku: sku("MILK"), units: 1 }],
+    };
+    let mut req = sync_request("s1", vec![], Cursor::default());
+    req.push.as_mut().unwrap().rows.orders = vec![header];
+    let reply = cloud.sync("s1", &cloud.s1, &req).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    let events = cloud.events().await;
+    assert_eq!(events.iter().filter(|e| e["kind"] == "ownership" && e["store"] == "s1").count(), 2, "{events:?}");
+    assert!(
+        cloud.storage.allocations(&store("s1"), None).await.unwrap().is_empty(),
+        "nothing merged, not even the grant"
+    );
+}
+
+#[tokio::test]
+async fn the_cloud_sees_orders_at_risk_once_the_store_syncs_fewer_units_than_promised() {
+    let cloud = start().await;
+    cloud.import_milk_and_eggs().await;
+    cloud.s1_pushes(0, 1, stock_and_escrow(&[("MILK", 5, 0)], vec![granted("MILK", 5)])).await;
+    assert_eq!(cloud.order(&order_body("W-1", &[("MILK", 2)])).await.status, 201);
+    assert_eq!(cloud.order(&order_body("W-2", &[("MILK", 3)])).await.status, 201);
+    let none = cloud.get("/v1/hq/stores/s1/orders/at-risk", &cloud.admin).await.json();
+    assert_eq!(none, json!({"store":"s1","orders":[],"skus":[]}));
+
+    // Offline, s1 sells 3 MILK at the till; it syncs: 2 on hand, 5 promised.
+    cloud.s1_pushes(1, 2, stock_and_escrow(&[("MILK", 5, 3)], vec![])).await;
+    let risk = cloud.get("/v1/hq/stores/s1/orders/at-risk", &cloud.admin).await;
+    assert_eq!(risk.status, 200, "{}", risk.text());
+    assert_eq!(
+        risk.json(),
+        json!({"store":"s1","orders":[{"order":"W-2","sku":"MILK","units":3}],
+               "skus":[{"sku":"MILK","on_hand":2,"promised":5,"short":3}]})
+    );
+    assert_eq!(cloud.get("/v1/hq/orders/W-2", &cloud.admin).await.json()["at_risk"], true);
+    assert_eq!(
+        cloud.get("/v1/hq/orders/W-1", &cloud.admin).await.json()["at_risk"],
+        false,
+        "reserved first, covered first"
+    );
+    let stores = cloud.get("/v1/hq/stores", &cloud.admin).await.json();
+    let at_risk = |s: &str| {
+        stores["stores"].as_array().unwrap().iter().find(|v| v["store"] == s).unwrap()["orders_at_risk"].clone()
+    };
+    assert_eq!((at_risk("s1"), at_risk("s2")), (json!(1), json!(0)));
+    let reserved = cloud.get("/v1/hq/stores/s1/orders?status=reserved", &cloud.admin).await.json();
+    let flags: Vec<(&str, bool)> = reserved["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["order"].as_str().unwrap(), o["at_risk"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(flags, [("W-2", true), ("W-1", false)]);
 }

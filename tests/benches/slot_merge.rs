@@ -4,6 +4,11 @@
 //! each moved by one actor, merged into a replica that has the previous round.
 //! Target (DESIGN section 10): >= 100k slots/s and >= 5x automerge.
 //!
+//! A second reference, "bare SQLite", is the ceiling for any store that keeps slots as SQLite
+//! rows (DESIGN 5): the same rows written into a table of the edge's slot shape with the
+//! cheapest statement for the round (a plain insert in round 1, a keyed max-update after), one
+//! durable transaction per page, and nothing else (no event log, no parsing, no checks).
+//!
 //! `cargo bench -p e2e-tests --bench slot_merge` (`SLOT_MERGE_N` sets N, default 50,000).
 
 use std::time::{Duration, Instant};
@@ -98,6 +103,61 @@ async fn cloud<S: Storage>(storage: S, n: usize) -> Vec<Duration> {
     times
 }
 
+/// The same pages written into a bare table of the edge's slot shape (DESIGN 5), with the
+/// ledger's durability (WAL, synchronous=FULL) and page-cache settings.
+fn bare_upsert(n: usize) -> Vec<Duration> {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("bare.db")).unwrap();
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(())).unwrap();
+    conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    edge_agent::ledger::schema::tune(&conn).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE slots (store TEXT NOT NULL, sku TEXT NOT NULL, actor TEXT NOT NULL,
+                             inc INTEGER NOT NULL, dec INTEGER NOT NULL, version INTEGER NOT NULL,
+                             PRIMARY KEY (store, sku, actor)) STRICT, WITHOUT ROWID;
+         CREATE INDEX slots_by_version ON slots (version);",
+    )
+    .unwrap();
+    let store = StoreId::new("s1").unwrap();
+    let skus = skus(n);
+    let mut version = 0i64;
+    let mut times = Vec::new();
+    for round in 1..=ROUNDS {
+        let pages = group(&store, ActorId::cloud(), &skus, round);
+        let started = Instant::now();
+        for page in pages {
+            let tx = conn.unchecked_transaction().unwrap();
+            {
+                // The cheapest statement for what the round does: a plain insert of new rows in
+                // round 1, a keyed update of existing ones after.
+                let sql = if round == 1 {
+                    "INSERT INTO slots (inc, dec, version, store, sku, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                } else {
+                    "UPDATE slots SET inc = max(inc, ?1), dec = max(dec, ?2), version = ?3
+                      WHERE store = ?4 AND sku = ?5 AND actor = ?6"
+                };
+                let mut upsert = tx.prepare_cached(sql).unwrap();
+                for slot in &page.slots {
+                    version += 1;
+                    upsert
+                        .execute(rusqlite::params![
+                            slot.inc as i64,
+                            slot.dec as i64,
+                            version,
+                            page.store.as_str(),
+                            slot.sku.as_str(),
+                            page.actor.as_str()
+                        ])
+                        .unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        times.push(started.elapsed());
+    }
+    times
+}
+
 fn automerge(n: usize) -> Vec<Duration> {
     let keys: Vec<String> = (0..n).map(|i| format!("SKU-{i:07}")).collect();
     let mut source = AutoCommit::new();
@@ -126,10 +186,15 @@ fn main() {
     let n: usize = std::env::var("SLOT_MERGE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let reference = automerge(n);
+    let bare = bare_upsert(n);
     let edge = runtime.block_on(edge(n));
     let dir = tempfile::tempdir().unwrap();
     let cloud_sqlite = runtime.block_on(cloud(SqliteStorage::open(&dir.path().join("cloud.db")).unwrap(), n));
-    let mut rows = vec![("edge ledger (SQLite, FULL)", edge), ("cloud SQLite backend", cloud_sqlite)];
+    let mut rows = vec![
+        ("bare SQLite (ceiling)", bare),
+        ("edge ledger (SQLite, FULL)", edge),
+        ("cloud SQLite backend", cloud_sqlite),
+    ];
     match postgres_conninfo() {
         Some(conninfo) => {
             let storage = runtime.block_on(cloud_sync::storage::postgres::PostgresStorage::connect(&conninfo)).unwrap();

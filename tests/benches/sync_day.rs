@@ -59,6 +59,7 @@ async fn run(skus: usize, changed: usize) {
         max_skew_ms: 300_000,
         page_rows: MAX_PAGE_ROWS,
         price_bounds: Bounds { decrease_pct: 60, increase_pct: 100 },
+        pickup_window_minutes: 2_880,
     };
     let app = router(storage.clone(), settings)
         .route("/reference", axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }));

@@ -75,7 +75,9 @@ impl SyncedStore {
             proxy.url(),
             token_file.display()
         );
-        let fixture = StoreFixture::custom(id, &["lane-1"], "", &format!("{extra}{cloud_section}"), Seed::StockOnly);
+        // The stories scan baskets of identical items back to back: no double-read filter.
+        let lane = "double_read_window_ms = 0\n";
+        let fixture = StoreFixture::custom(id, &["lane-1"], lane, &format!("{extra}{cloud_section}"), Seed::StockOnly);
         let daemon = Some(fixture.start());
         SyncedStore { fixture, proxy, daemon, _token_dir: dir }
     }

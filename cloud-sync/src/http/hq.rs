@@ -2,7 +2,8 @@
 //! transfers, chain-wide stock, per-store sync status and security events. Every endpoint needs
 //! an HQ admin token: no token or an unknown one is 401 and a `bad_token` security event, a
 //! store's token is 403 and a `store_token_on_hq` security event. Errors are
-//! `{"error": "..."}`, except a refused catalog file, which lists its bad rows.
+//! `{"error": "..."}`, except a refused catalog file, which lists its bad rows, and the order
+//! routes ([`super::orders`]), whose errors are `{"error": NAME, "message": "..."}`.
 //! `cloud-sync/openapi.yaml` documents every shape.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,16 +33,32 @@ pub const MAX_EVENTS: u32 = 1_000;
 /// Longest transfer id.
 pub const MAX_TRANSFER_ID: usize = 64;
 
-/// An HQ API error: status and a one-line message, answered as `{"error": message}`.
+/// An HQ API error: status and a one-line message, answered as `{"error": message}`; or, with
+/// a `code`, as `{"error": code, "message": message, ...detail}`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// A stable name for the error, for clients to match on.
+    pub code: Option<&'static str>,
+    /// More members of the body, beside `error` and `message` (only with a `code`).
+    pub detail: serde_json::Map<String, Value>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into() }
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), code: None, detail: serde_json::Map::new() }
+    }
+
+    /// An error with a stable name.
+    pub(crate) fn coded(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { code: Some(code), ..ApiError::new(status, message) }
+    }
+
+    /// Adds a member to the body of a coded error.
+    pub(crate) fn with(mut self, key: &str, value: Value) -> ApiError {
+        self.detail.insert(key.to_owned(), value);
+        self
     }
 
     fn bad_request(message: impl Into<String>) -> ApiError {
@@ -65,16 +82,27 @@ impl From<StorageError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": super::one_line(&self.message) }))).into_response();
+        let message = super::one_line(&self.message);
+        let body = match self.code {
+            None => json!({ "error": message }),
+            Some(code) => {
+                let mut body = serde_json::Map::new();
+                body.insert("error".into(), json!(code));
+                body.insert("message".into(), json!(message));
+                body.extend(self.detail);
+                Value::Object(body)
+            }
+        };
+        let mut response = (self.status, Json(body)).into_response();
         super::decorate(self.status, response.headers_mut());
         response
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// Checks that the request carries an HQ admin token; records refused credentials.
-async fn admin<S: Storage>(app: &AppState<S>, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) async fn admin<S: Storage>(app: &AppState<S>, headers: &HeaderMap) -> Result<String, ApiError> {
     let now = now_ms();
     let (store, message, kind) = match authenticate(&app.storage, headers).await {
         Ok(Principal::Admin(name)) => return Ok(name),
@@ -125,7 +153,7 @@ fn parse_sku(text: &str) -> Result<Sku, ApiError> {
     Sku::new(text).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-async fn known_stores<S: Storage>(app: &AppState<S>) -> Result<Vec<StoreStatus>, ApiError> {
+pub(crate) async fn known_stores<S: Storage>(app: &AppState<S>) -> Result<Vec<StoreStatus>, ApiError> {
     Ok(app.storage.stores().await?)
 }
 
@@ -455,7 +483,7 @@ pub async fn stock_of<S: Storage>(
 
 /// A stock value as a JSON number, or as a decimal string beyond the 64-bit range JSON
 /// readers handle (sums of slots can reach it; they are never truncated).
-fn count(value: i128) -> Value {
+pub(crate) fn count(value: i128) -> Value {
     i64::try_from(value).map_or_else(|_| Value::String(value.to_string()), Value::from)
 }
 
@@ -468,20 +496,24 @@ struct StoreView<'a> {
     status: &'a StoreStatus,
     push_lag_versions: u64,
     seconds_since_seen: Option<u64>,
+    /// Online orders the store's stock, as last synced, no longer covers.
+    orders_at_risk: usize,
 }
 
 pub async fn stores<S: Storage>(State(app): State<AppState<S>>, headers: HeaderMap) -> ApiResult {
     admin(&app, &headers).await?;
     let stores = known_stores(&app).await?;
     let now = now_ms();
-    let views: Vec<StoreView<'_>> = stores
-        .iter()
-        .map(|status| StoreView {
+    let mut views: Vec<StoreView<'_>> = Vec::with_capacity(stores.len());
+    for status in &stores {
+        let allocations = app.storage.allocations(&status.store, None).await?;
+        views.push(StoreView {
             status,
             push_lag_versions: status.head_version.saturating_sub(status.acked_version),
             seconds_since_seen: status.last_seen_ms.map(|seen| now.saturating_sub(seen) / 1000),
-        })
-        .collect();
+            orders_at_risk: crate::orders::at_risk(&allocations).orders(),
+        });
+    }
     Ok(Json(json!({ "stores": views })).into_response())
 }
 

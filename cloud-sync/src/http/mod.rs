@@ -9,6 +9,7 @@
 //! back in a moment.
 
 pub mod hq;
+pub mod orders;
 pub mod sync;
 
 use std::future::Future;
@@ -36,6 +37,8 @@ pub struct Settings {
     pub max_skew_ms: u64,
     pub page_rows: u32,
     pub price_bounds: Bounds,
+    /// How long an online order waits for pickup unless its request says otherwise.
+    pub pickup_window_minutes: u64,
 }
 
 impl Settings {
@@ -48,6 +51,7 @@ impl Settings {
                 decrease_pct: config.prices.hold_decrease_pct,
                 increase_pct: config.prices.hold_increase_pct,
             },
+            pickup_window_minutes: config.orders.pickup_window_minutes,
         }
     }
 }
@@ -120,6 +124,12 @@ pub fn router<S: Storage>(storage: S, settings: Settings) -> Router {
         .route("/v1/hq/transfers", post(hq::transfer::<S>))
         .route("/v1/hq/stock/{sku}", get(hq::stock_of::<S>))
         .route("/v1/hq/stores", get(hq::stores::<S>))
+        .route("/v1/hq/orders", post(orders::create::<S>))
+        .route("/v1/hq/orders/{order}", get(orders::get::<S>))
+        .route("/v1/hq/orders/{order}/cancel", post(orders::cancel::<S>))
+        .route("/v1/hq/stores/{store}/orders", get(orders::store_orders::<S>))
+        .route("/v1/hq/stores/{store}/orders/at-risk", get(orders::at_risk::<S>))
+        .route("/v1/hq/stores/{store}/allocation", get(orders::allocation::<S>))
         .route("/v1/hq/security-events", get(hq::security_events::<S>))
         .fallback(not_found)
         .with_state(state)

@@ -8,7 +8,8 @@
 //! bearer token (401, a `bad_token` security event) and that it is this store's (403, a
 //! `wrong_store` security event); the body read with the limit (413); the envelope (400 naming
 //! the versions when the protocol version is unknown); ownership of every pushed row (403, a
-//! refusal with a security event, counted in the store's refused rows) and the request's shape
+//! refusal with a security event, counted in the store's refused rows: another store's or
+//! actor's row, an allocation row only the cloud writes, an order header) and the request's shape
 //! (400, a refusal); every stamp against the skew fence (409, a refusal). Only then is anything
 //! merged. Storage failures answer 503: the store retries, and a retry is harmless because
 //! every merge is idempotent.

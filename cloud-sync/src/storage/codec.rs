@@ -5,11 +5,12 @@
 use std::fmt::Display;
 
 use shared::{
-    ActorId, CatalogField, CatalogUpdate, Currency, HlcStamp, Money, PriceEntry, PriceKey, PriceScope, PriceSlot,
-    PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId, ValidityWindow,
+    ActorId, CatalogField, CatalogUpdate, Currency, EscrowKey, EscrowRow, HlcStamp, Money, OrderHeader, OrderId,
+    PriceEntry, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId, ValidityWindow,
 };
 
-use super::{PriceWrite, StorageError};
+use super::{CancelReason, PriceWrite, StorageError};
+use crate::orders::OrderState;
 
 /// The partition of chain prices and of the whole catalog.
 pub(crate) const CHAIN: &str = "chain";
@@ -212,6 +213,111 @@ impl CatalogColumns {
     }
 }
 
+/// The escrow row kinds the cloud sends every store; `granted` and `fulfilled` are the store's
+/// own, sent back only to a store rebuilding its ledger.
+pub(crate) const CLOUD_ESCROW_KINDS: [&str; 2] = ["released", "reservation"];
+
+/// An escrow row (without its version). `order_id` is empty for `granted` and `released`;
+/// `units` holds the granted or released count or the reservation's units (0 for `fulfilled`).
+#[derive(Debug, Clone)]
+pub(crate) struct EscrowColumns {
+    pub store: String,
+    pub sku: String,
+    pub kind: String,
+    pub order_id: String,
+    pub units: i64,
+    pub seq: i64,
+    pub cancelled: bool,
+}
+
+impl EscrowColumns {
+    pub fn of(row: &EscrowRow) -> Result<EscrowColumns, StorageError> {
+        let key = row.key();
+        let what = format!("escrow row {key}");
+        let (kind, order, units, seq, cancelled) = match row {
+            EscrowRow::Granted { granted, .. } => ("granted", "", *granted, 0, false),
+            EscrowRow::Released { released, .. } => ("released", "", *released, 0, false),
+            EscrowRow::Reservation { order, units, seq, cancelled, .. } => {
+                ("reservation", order.as_str(), *units, *seq, *cancelled)
+            }
+            EscrowRow::Fulfilled { order, .. } => ("fulfilled", order.as_str(), 0, 0, false),
+        };
+        Ok(EscrowColumns {
+            store: key.store.as_str().to_owned(),
+            sku: key.sku.as_str().to_owned(),
+            kind: kind.to_owned(),
+            order_id: order.to_owned(),
+            units: to_i64(&what, units)?,
+            seq: to_i64(&what, seq)?,
+            cancelled,
+        })
+    }
+
+    pub fn row(self) -> Result<EscrowRow, StorageError> {
+        let what = format!("escrow row {}/{}/{}/{}", self.store, self.sku, self.kind, self.order_id);
+        let key = EscrowKey { store: parse_store(&what, self.store)?, sku: parse_sku(&what, self.sku)? };
+        let order = || OrderId::new(self.order_id.clone()).map_err(|e| corrupt(&what, e));
+        let row = match self.kind.as_str() {
+            "granted" => EscrowRow::Granted { key, granted: to_u64(&what, self.units)? },
+            "released" => EscrowRow::Released { key, released: to_u64(&what, self.units)? },
+            "reservation" => EscrowRow::Reservation {
+                key,
+                order: order()?,
+                units: to_u64(&what, self.units)?,
+                seq: to_u64(&what, self.seq)?,
+                cancelled: self.cancelled,
+            },
+            "fulfilled" => EscrowRow::Fulfilled { key, order: order()? },
+            other => return Err(corrupt(&what, format!("unknown kind {other:?}"))),
+        };
+        row.validate().map_err(|e| corrupt(&what, e))?;
+        Ok(row)
+    }
+}
+
+/// The SQL condition (on the `orders` table's own columns, the same in both backends) that
+/// selects the orders in `state`. The cloud writes `cancel_reason` with the cancelled flags,
+/// and `handed_over_ms` with the first `Fulfilled` row a store pushes, in one transaction each.
+pub(crate) fn order_state_sql(state: Option<OrderState>) -> &'static str {
+    match state {
+        None => "TRUE",
+        Some(OrderState::Reserved) => "cancel_reason IS NULL AND handed_over_ms IS NULL",
+        Some(OrderState::Cancelled) => "cancel_reason = 'cancelled' AND handed_over_ms IS NULL",
+        Some(OrderState::Expired) => "cancel_reason = 'expired' AND handed_over_ms IS NULL",
+        Some(OrderState::Fulfilled) => "cancel_reason IS NULL AND handed_over_ms IS NOT NULL",
+        Some(OrderState::CancelledButFulfilled) => "cancel_reason IS NOT NULL AND handed_over_ms IS NOT NULL",
+    }
+}
+
+/// An order header as stored: postcard bytes beside the columns it is found by.
+pub(crate) fn header_bytes(header: &OrderHeader) -> Result<Vec<u8>, StorageError> {
+    postcard::to_allocvec(header).map_err(|e| corrupt(format!("order {}", header.order), e))
+}
+
+/// Decodes a stored header, checking it against its row's key columns and its own rules.
+pub(crate) fn header_of(order_id: &str, store: &str, bytes: &[u8]) -> Result<OrderHeader, StorageError> {
+    let what = format!("order {order_id}");
+    let header: OrderHeader = postcard::from_bytes(bytes).map_err(|e| corrupt(&what, e))?;
+    if header.order.as_str() != order_id || header.store.as_str() != store {
+        return Err(corrupt(&what, format!("header names order {} of store {}", header.order, header.store)));
+    }
+    header.validate().map_err(|e| corrupt(&what, e))?;
+    Ok(header)
+}
+
+pub(crate) fn parse_order(what: &str, text: String) -> Result<OrderId, StorageError> {
+    OrderId::new(text).map_err(|e| corrupt(what, e))
+}
+
+pub(crate) fn parse_reason(what: &str, text: Option<String>) -> Result<Option<CancelReason>, StorageError> {
+    match text.as_deref() {
+        None => Ok(None),
+        Some("cancelled") => Ok(Some(CancelReason::Cancelled)),
+        Some("expired") => Ok(Some(CancelReason::Expired)),
+        Some(other) => Err(corrupt(what, format!("unknown cancel reason {other:?}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +354,28 @@ mod tests {
         assert!(matches!(swapped.update(StampColumns::of(&stamp()).unwrap()), Err(StorageError::Corrupt(_))));
         let garbage = CatalogColumns { value: vec![0xff, 0xff], ..cols };
         assert!(matches!(garbage.update(StampColumns::of(&stamp()).unwrap()), Err(StorageError::Corrupt(_))));
+    }
+
+    #[test]
+    fn escrow_rows_round_trip_and_refuse_bad_columns() {
+        let key = EscrowKey { store: StoreId::new("s1").unwrap(), sku: Sku::new("A").unwrap() };
+        let order = OrderId::new("W-1").unwrap();
+        for row in [
+            EscrowRow::Granted { key: key.clone(), granted: 5 },
+            EscrowRow::Released { key: key.clone(), released: 1 },
+            EscrowRow::Reservation { key: key.clone(), order: order.clone(), units: 2, seq: 3, cancelled: true },
+            EscrowRow::Fulfilled { key: key.clone(), order: order.clone() },
+        ] {
+            assert_eq!(EscrowColumns::of(&row).unwrap().row().unwrap(), row);
+        }
+        let cols = EscrowColumns::of(&EscrowRow::Fulfilled { key, order }).unwrap();
+        let unknown = EscrowColumns { kind: "promised".into(), ..cols.clone() };
+        assert!(matches!(unknown.row(), Err(StorageError::Corrupt(m)) if m.contains("promised")));
+        let no_order = EscrowColumns { order_id: String::new(), ..cols.clone() };
+        assert!(matches!(no_order.row(), Err(StorageError::Corrupt(m)) if m.contains("escrow row s1/A/fulfilled/")));
+        let zero = EscrowColumns { kind: "reservation".into(), units: 0, seq: 1, ..cols };
+        assert!(matches!(zero.row(), Err(StorageError::Corrupt(_))));
+        assert!(parse_reason("x", Some("lost".into())).is_err());
     }
 
     #[test]

@@ -8,14 +8,22 @@
 //! - Merges are per-slot max and LWW by (HLC, actor): applying the same rows twice, or in any
 //!   order, gives the same state.
 //! - Rows live in partitions (`chain`: chain prices and the catalog; `store:{id}`: that store's
-//!   stock slots and store-scope prices). A row that changes takes the next version of its
-//!   partition, assigned in commit order (the counter row is bumped inside the transaction and
-//!   its lock held to commit), so a puller reading "versions above my cursor" never skips a row
-//!   that commits late (DESIGN section 13.1).
+//!   stock slots, store-scope prices, online allocation rows and order headers). A row that
+//!   changes takes the next version of its partition, assigned in commit order (the counter row
+//!   is bumped inside the transaction and its lock held to commit), so a puller reading
+//!   "versions above my cursor" never skips a row that commits late (DESIGN section 13.1).
 //! - The cloud's own writes (HQ prices, catalog, transfers) are stamped inside their transaction
 //!   from the clock row, which also observes every store stamp merged, so two service processes
 //!   never issue the same stamp and a cloud write always orders after what it has seen.
 //! - A group of writes is all or nothing: a rejected catalog file leaves no row behind.
+//! - Online allocation (DESIGN 5, 13.5) lives in the store's partition: escrow rows
+//!   (`shared::escrow`) and order headers. A store's `Granted` and `Fulfilled` rows merge by max
+//!   and union, each changed row taking its own version; an order operation (a creation: the
+//!   header and every reservation; a cancellation: every line) takes one version for all its
+//!   rows, and a pulled page never ends inside a version, so a store never sees a reservation
+//!   without its order, nor half an order cancelled.
+//! - Order operations are one transaction under the partition lock: the cloud reserves only
+//!   against its rights as stored, all lines or none.
 
 mod codec;
 mod pg_pool;
@@ -27,10 +35,15 @@ use std::future::Future;
 
 use serde::Serialize;
 use shared::sync::{Cursor, Push, Rows};
-use shared::{CatalogField, CatalogUpdate, HlcStamp, PriceEntry, PriceKey, PriceValue, Sku, SlotRow, StoreId};
+use shared::{
+    CatalogField, CatalogUpdate, Escrow, HlcStamp, OrderHeader, OrderId, PriceEntry, PriceKey, PriceValue, Sku,
+    SlotRow, StoreId,
+};
+
+use crate::orders::OrderState;
 
 /// The schema version this build writes (both backends migrate to the same meaning).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -158,6 +171,88 @@ pub struct SecurityEvent {
     pub detail: String,
 }
 
+/// Why the cloud cancelled an order. Only the cloud knows: the replicated state is the
+/// reservations' `cancelled` flag alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// HQ cancelled it.
+    Cancelled,
+    /// Not picked up by its `expires_at`.
+    Expired,
+}
+
+impl CancelReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::Cancelled => "cancelled",
+            CancelReason::Expired => "expired",
+        }
+    }
+}
+
+/// An online pickup order as the cloud keeps it: the replicated header, and what only the
+/// cloud knows (the pickup code itself, why and when it was cancelled, when the cloud learnt
+/// it was handed over).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRecord {
+    pub header: OrderHeader,
+    /// The six digits the customer was given (the header holds only their digest).
+    pub pickup_code: String,
+    pub cancel_reason: Option<CancelReason>,
+    pub cancelled_at_ms: Option<u64>,
+    /// When a push first brought one of its `Fulfilled` rows.
+    pub handed_over_at_ms: Option<u64>,
+}
+
+/// An order HQ asks for: the header (validated by the caller) and the code behind its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    pub header: OrderHeader,
+    pub pickup_code: String,
+}
+
+/// One line the cloud cannot reserve: it holds fewer rights than wanted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShortLine {
+    pub sku: Sku,
+    pub wanted: u64,
+    /// The cloud's rights on the key (never below 0 here).
+    pub available: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// Every line reserved.
+    Created(OrderRecord),
+    /// The same order (store, customer reference, lines) was created before: its first answer.
+    Replayed(OrderRecord),
+    /// Some lines are short (every one of them listed); nothing was reserved.
+    Short(Vec<ShortLine>),
+    /// The order id belongs to a different order.
+    Conflict(OrderRecord),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Cancelled now, or before (a repeated cancel changes nothing).
+    Cancelled(OrderRecord),
+    /// The cloud knows these lines were handed over: nothing changed.
+    AlreadyFulfilled {
+        record: OrderRecord,
+        skus: Vec<Sku>,
+    },
+    NotFound,
+}
+
+/// One (store, SKU) of online allocation, with the stock the cloud has merged for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub escrow: Escrow,
+    /// The sum of every stock slot of the key, as merged in the cloud.
+    pub on_hand: i128,
+}
+
 /// The service's database. Each method is one transaction (or one consistent read).
 pub trait Storage: Clone + Send + Sync + 'static {
     /// Creates or upgrades the schema; refuses a database from a newer build.
@@ -189,10 +284,12 @@ pub trait Storage: Clone + Send + Sync + 'static {
     /// records the report, and returns the acknowledged version.
     fn push(&self, report: SyncReport<'_>) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
-    /// The cloud's rows for `store` beyond `cursor`, at most `max_rows`, in version order per
-    /// partition. The store's own slots are left out unless `include_own`. A partition whose
-    /// rows all fit moves its cursor to the partition's version as of the same snapshot, so
-    /// rows skipped (the store's own) are not scanned again by every later pull.
+    /// The cloud's rows for `store` beyond `cursor`, at most `max_rows` (more only to carry one
+    /// order whole: a page never ends inside a version), in version order per partition. The
+    /// store's own rows (its stock slots, its `Granted` and `Fulfilled` allocation rows) are
+    /// left out unless `include_own`. A partition whose rows all fit moves its cursor to the
+    /// partition's version as of the same snapshot, so rows skipped (the store's own) are not
+    /// scanned again by every later pull.
     fn pull(
         &self,
         store: &StoreId,
@@ -251,4 +348,41 @@ pub trait Storage: Clone + Send + Sync + 'static {
     fn stock_of_store(&self, store: &StoreId) -> impl Future<Output = Result<Vec<SlotRow>, StorageError>> + Send;
 
     fn stores(&self) -> impl Future<Output = Result<Vec<StoreStatus>, StorageError>> + Send;
+
+    /// Which of `skus` the catalog knows (has any field of).
+    fn known_skus(&self, skus: &[Sku]) -> impl Future<Output = Result<Vec<Sku>, StorageError>> + Send;
+
+    /// Creates an online order under its store's partition lock: every line reserved against
+    /// the cloud's rights as stored, or none. Idempotent by order id.
+    fn create_order(&self, order: &NewOrder) -> impl Future<Output = Result<CreateOutcome, StorageError>> + Send;
+
+    /// Cancels every line of an order (`reason` is kept beside it), unless the cloud knows it
+    /// was handed over. Idempotent.
+    fn cancel_order(
+        &self,
+        order: &OrderId,
+        reason: CancelReason,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<CancelOutcome, StorageError>> + Send;
+
+    fn order(&self, order: &OrderId) -> impl Future<Output = Result<Option<OrderRecord>, StorageError>> + Send;
+
+    /// A store's orders, newest first, at most `limit`, only those in `state` when given.
+    fn store_orders(
+        &self,
+        store: &StoreId,
+        state: Option<OrderState>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OrderRecord>, StorageError>> + Send;
+
+    /// Orders past their expiry, neither cancelled nor handed over, oldest expiry first.
+    fn due_orders(&self, now_ms: u64, limit: u32) -> impl Future<Output = Result<Vec<OrderId>, StorageError>> + Send;
+
+    /// The allocation of `skus` at `store` (each of them, empty where nothing happened yet), or
+    /// of every SKU with allocation rows there when `None`, in SKU order.
+    fn allocations(
+        &self,
+        store: &StoreId,
+        skus: Option<&[Sku]>,
+    ) -> impl Future<Output = Result<Vec<Allocation>, StorageError>> + Send;
 }

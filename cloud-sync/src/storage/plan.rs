@@ -1,19 +1,22 @@
 //! The storage decisions that need no database: which incoming rows change the state (by the
 //! merge rules of `shared`, exactly as the edge applies them), which version each changed row
 //! takes, how the cloud clock stamps and observes, when a push advances the acknowledged
-//! version, and how a pulled page is cut. Both backends load rows, call these, and write the
-//! result, so SQLite and PostgreSQL cannot drift apart in meaning.
+//! version, how an online order is reserved or cancelled against the stored escrow, and how a
+//! pulled page is cut. Both backends load rows, call these, and write the result, so SQLite and
+//! PostgreSQL cannot drift apart in meaning.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 
+use shared::orders::MAX_ORDER_LINES;
 use shared::sync::{Cursor, Push, Rows};
 use shared::{
-    ActorId, CatalogItem, CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, PriceKey, Sku, Slot, SlotKey, SlotRow,
+    ActorId, CatalogItem, CatalogUpdate, ClockJump, Escrow, EscrowError, EscrowKey, EscrowRow, Hlc, HlcStamp,
+    OrderHeader, PriceEntry, PriceKey, Side, Sku, Slot, SlotKey, SlotRow, StoreId,
 };
 
-use super::codec::{price_partition, store_partition, CHAIN};
-use super::{CloudMovement, CloudWrites, Page, StorageError};
+use super::codec::{corrupt, price_partition, store_partition, CHAIN};
+use super::{CloudMovement, CloudWrites, Page, ShortLine, StorageError};
 
 /// Folds `incoming` into the `current` values of their keys; returns each key that changed
 /// with its final value, once, in the order keys first changed. `merge` returns the new value
@@ -102,6 +105,112 @@ pub(crate) fn merge_catalog<'a>(
     .collect()
 }
 
+/// Escrow rows a store pushed, joined into the stored rows of the same ids (`current`) by
+/// [`Escrow::merge_rows`] itself (max for `Granted`, union for `Fulfilled`): the rows that
+/// changed, as they now stand. An unchanged row keeps its version.
+pub(crate) fn merge_escrow(current: Vec<EscrowRow>, incoming: &[EscrowRow]) -> Result<Vec<EscrowRow>, StorageError> {
+    let mut keys: BTreeMap<EscrowKey, (Vec<EscrowRow>, Vec<EscrowRow>)> = BTreeMap::new();
+    for row in current {
+        keys.entry(row.key().clone()).or_default().0.push(row);
+    }
+    for row in incoming {
+        keys.entry(row.key().clone()).or_default().1.push(row.clone());
+    }
+    let mut changed = Vec::new();
+    for (key, (stored, pushed)) in keys {
+        let what = format!("escrow of {key}");
+        let mut escrow = Escrow::new(key);
+        escrow.merge_rows(&stored).map_err(|e| corrupt(&what, e))?;
+        changed.extend(escrow.merge_rows(&pushed).map_err(|e| corrupt(format!("pushed {what}"), e))?);
+    }
+    Ok(changed)
+}
+
+/// The escrow of each SKU of `store`, built from the rows storage loaded: one for every SKU in
+/// `skus` (empty where nothing happened yet) and for every SKU the rows name.
+pub(crate) fn escrows(
+    store: &StoreId,
+    skus: impl IntoIterator<Item = Sku>,
+    rows: Vec<EscrowRow>,
+) -> Result<BTreeMap<Sku, Escrow>, StorageError> {
+    let empty = |sku: Sku| Escrow::new(EscrowKey { store: store.clone(), sku });
+    let mut out: BTreeMap<Sku, Escrow> = skus.into_iter().map(|sku| (sku.clone(), empty(sku))).collect();
+    let mut by_sku: BTreeMap<Sku, Vec<EscrowRow>> = BTreeMap::new();
+    for row in rows {
+        by_sku.entry(row.key().sku.clone()).or_default().push(row);
+    }
+    for (sku, rows) in by_sku {
+        let escrow = out.entry(sku.clone()).or_insert_with(|| empty(sku));
+        escrow.merge_rows(&rows).map_err(|e| corrupt(format!("escrow of {}", escrow.key()), e))?;
+    }
+    Ok(out)
+}
+
+/// The stored escrow of `header`'s lines, one per SKU.
+pub(crate) fn escrows_of(header: &OrderHeader, rows: Vec<EscrowRow>) -> Result<BTreeMap<Sku, Escrow>, StorageError> {
+    escrows(&header.store, header.lines.iter().map(|l| l.sku.clone()), rows)
+}
+
+/// Reserves every line of `header` for the cloud against the rights in `escrows` (from
+/// [`escrows_of`]), all or none: the rows to write, or every line that is short.
+pub(crate) fn reserve_order(
+    escrows: &BTreeMap<Sku, Escrow>,
+    header: &OrderHeader,
+) -> Result<Result<Vec<EscrowRow>, Vec<ShortLine>>, StorageError> {
+    let mut work = escrows.clone();
+    let (mut rows, mut short) = (Vec::new(), Vec::new());
+    for line in &header.lines {
+        let escrow = work.get_mut(&line.sku).ok_or_else(|| {
+            StorageError::Task(format!("internal: no escrow loaded for {} of order {}", line.sku, header.order))
+        })?;
+        match escrow.reserve(&Side::Cloud, header.order.clone(), line.units) {
+            Ok(applied) => rows.push(applied.row),
+            Err(EscrowError::InsufficientAllocation { wanted, available, .. }) => short.push(ShortLine {
+                sku: line.sku.clone(),
+                wanted,
+                available: u64::try_from(available.max(0)).unwrap_or(u64::MAX),
+            }),
+            // A reservation under an id the cloud has no order for, or a count that cannot be
+            // stored: the database does not hold what this service wrote.
+            Err(e) => return Err(corrupt(format!("order {}", header.order), e)),
+        }
+    }
+    Ok(if short.is_empty() { Ok(rows) } else { Err(short) })
+}
+
+/// Cancels every line of `header` for the cloud in `escrows`: the rows that changed (none for a
+/// repeated cancel), or the SKUs of the lines the cloud knows were handed over.
+pub(crate) fn cancel_order(
+    escrows: &BTreeMap<Sku, Escrow>,
+    header: &OrderHeader,
+) -> Result<Result<Vec<EscrowRow>, Vec<Sku>>, StorageError> {
+    let mut work = escrows.clone();
+    let (mut rows, mut handed_over) = (Vec::new(), Vec::new());
+    for line in &header.lines {
+        let escrow = work.get_mut(&line.sku).ok_or_else(|| {
+            StorageError::Task(format!("internal: no escrow loaded for {} of order {}", line.sku, header.order))
+        })?;
+        match escrow.cancel(&Side::Cloud, &header.order) {
+            Ok(applied) if applied.changed => rows.push(applied.row),
+            Ok(_) => {}
+            Err(EscrowError::AlreadyFulfilled { sku, .. }) => handed_over.push(sku),
+            Err(e) => return Err(corrupt(format!("order {}", header.order), e)),
+        }
+    }
+    Ok(if handed_over.is_empty() { Ok(rows) } else { Err(handed_over) })
+}
+
+/// Whether a create request repeats the order already stored under its id: the same store,
+/// customer reference and lines (in any order). Times and the pickup code are the first ones.
+pub(crate) fn same_order(stored: &OrderHeader, asked: &OrderHeader) -> bool {
+    let lines = |h: &OrderHeader| {
+        let mut lines = h.lines.clone();
+        lines.sort();
+        lines
+    };
+    stored.store == asked.store && stored.customer_ref == asked.customer_ref && lines(stored) == lines(asked)
+}
+
 pub(crate) fn cloud_slot_key(movement: &CloudMovement) -> SlotKey {
     SlotKey { store: movement.store.clone(), sku: movement.sku.clone(), actor: ActorId::cloud() }
 }
@@ -135,6 +244,8 @@ pub(crate) fn partitions_of(rows: &Rows) -> BTreeSet<String> {
     let mut parts: BTreeSet<String> =
         rows.stock.iter().filter(|g| !g.slots.is_empty()).map(|g| store_partition(&g.store)).collect();
     parts.extend(rows.prices.iter().map(|p| price_partition(&p.key.scope)));
+    parts.extend(rows.escrow.iter().map(|r| store_partition(&r.key().store)));
+    parts.extend(rows.orders.iter().map(|h| store_partition(&h.store)));
     if !rows.catalog.is_empty() {
         parts.insert(CHAIN.to_owned());
     }
@@ -245,6 +356,8 @@ pub(crate) enum PulledRow {
     Slot(SlotRow),
     Price(PriceEntry),
     Catalog(CatalogUpdate),
+    Escrow(EscrowRow),
+    Order(OrderHeader),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,23 +373,48 @@ pub(crate) fn in_version_order(mut rows: Vec<Pulled>, limit: usize) -> Vec<Pulle
     rows
 }
 
-/// How many rows a backend reads from the store partition for a page of `max` rows: one more
-/// than fits tells whether more remain.
+/// Most rows one version holds in a partition: an order's header and its reservations, written
+/// together so a store never sees a reservation without its order. Every other change takes a
+/// version of its own.
+pub(crate) const MAX_VERSION_ROWS: usize = MAX_ORDER_LINES + 1;
+
+/// How many rows a backend reads from the store partition for a page of `max` rows: enough to
+/// finish the version the page would end in, and one more to tell whether more remain.
 pub(crate) fn store_read_limit(max: usize) -> usize {
-    max + 1
+    max.max(1) + MAX_VERSION_ROWS
 }
 
-/// How many chain rows to read after `store_rows` were read for a page of `max`: none when the
-/// store partition already overflows the page, else the room left plus one.
-pub(crate) fn chain_read_limit(store_rows: usize, max: usize) -> Option<usize> {
-    (store_rows <= max).then(|| max - store_rows + 1)
+/// How many of `rows` (in version order) a page of `max` takes: as many as fit without ending
+/// inside a version; the whole first version when it alone is larger than a page (so a page
+/// holds at most `max(max, MAX_VERSION_ROWS)` rows, and always makes progress).
+pub(crate) fn cut(rows: &[Pulled], max: usize) -> usize {
+    let max = max.max(1);
+    if rows.len() <= max {
+        return rows.len();
+    }
+    let last = rows[max - 1].version;
+    if rows[max].version != last {
+        return max;
+    }
+    match rows[..max].iter().rposition(|r| r.version != last) {
+        Some(before) => before + 1,
+        None => rows.iter().position(|r| r.version != last).unwrap_or(rows.len()),
+    }
 }
 
-/// Cuts a page: the store partition first, then the chain, at most `max` rows in all; each
-/// cursor moves to the last version included from its partition, or, when every row of the
-/// partition beyond the cursor is in the page, to the partition's version `heads` read in the
-/// same snapshot (rows the store does not get, its own slots, are then not scanned again).
-/// The chain is only drained when it was read (`chain_rows` non-empty or the store part fit).
+/// How many chain rows to read after `store_rows` were read for a page of `max`: none while the
+/// store partition has more than the page takes, else the room left plus one (a full page
+/// still reads one, to tell whether the chain has more).
+pub(crate) fn chain_read_limit(store_rows: &[Pulled], max: usize) -> Option<usize> {
+    let taken = cut(store_rows, max);
+    (taken == store_rows.len()).then(|| max.max(1).saturating_sub(taken) + 1)
+}
+
+/// Cuts a page: the store partition first (never inside a version, see [`cut`]), then the
+/// chain, at most `max` rows in all; each cursor moves to the last version included from its
+/// partition, or, when every row of the partition beyond the cursor is in the page, to the
+/// partition's version `heads` read in the same snapshot (rows the store does not get, its own,
+/// are then not scanned again). The chain is only drained when it was read and had room.
 pub(crate) fn page(
     cursor: Cursor,
     store_rows: Vec<Pulled>,
@@ -284,11 +422,6 @@ pub(crate) fn page(
     max: usize,
     heads: Cursor,
 ) -> Page {
-    let store_taken = store_rows.len().min(max);
-    let chain_taken = chain_rows.len().min(max - store_taken);
-    let more = store_rows.len() > store_taken || chain_rows.len() > chain_taken;
-    let store_part = &store_rows[..store_taken];
-    let chain_part = &chain_rows[..chain_taken];
     // A cursor beyond a partition's counter means the database lost versions the store had
     // seen (a restored backup): the store starts that partition over, or it would never see
     // the versions given again.
@@ -299,8 +432,15 @@ pub(crate) fn page(
         };
         return Page { rows: Rows::default(), next_cursor: restart, more: true };
     }
-    let store_drained = store_rows.len() == store_taken;
-    let chain_drained = store_drained && store_taken < max && chain_rows.len() == chain_taken;
+    let max = max.max(1);
+    let store_taken = cut(&store_rows, max);
+    let store_drained = store_taken == store_rows.len();
+    let room = if store_drained { max.saturating_sub(store_taken) } else { 0 };
+    let chain_taken = chain_rows.len().min(room);
+    let more = !store_drained || chain_rows.len() > chain_taken;
+    let chain_drained = store_drained && room > 0 && chain_rows.len() == chain_taken;
+    let store_part = &store_rows[..store_taken];
+    let chain_part = &chain_rows[..chain_taken];
     let next_cursor = Cursor {
         store: if store_drained {
             heads.store.max(cursor.store)
@@ -320,6 +460,8 @@ pub(crate) fn page(
             PulledRow::Slot(s) => slots.push(s.clone()),
             PulledRow::Price(p) => rows.prices.push(p.clone()),
             PulledRow::Catalog(c) => rows.catalog.push(c.clone()),
+            PulledRow::Escrow(e) => rows.escrow.push(e.clone()),
+            PulledRow::Order(h) => rows.orders.push(h.clone()),
         }
     }
     rows.stock = Rows::group_slots(slots);
@@ -329,7 +471,7 @@ pub(crate) fn page(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::{CatalogField, StoreId};
+    use shared::CatalogField;
 
     fn key(sku: &str, actor: &str) -> SlotKey {
         SlotKey { store: StoreId::new("s1").unwrap(), sku: Sku::new(sku).unwrap(), actor: ActorId::new(actor).unwrap() }
@@ -405,7 +547,94 @@ mod tests {
         let three = vec![pulled(21, "A"), pulled(22, "B"), pulled(23, "E")];
         let p = page(cursor, three, vec![], 2, heads);
         assert_eq!((p.next_cursor, p.more), (Cursor { chain: 10, store: 22 }, true), "not drained: the last row sent");
-        assert_eq!(chain_read_limit(2, 2), Some(1), "a full page still asks whether the chain has more");
-        assert_eq!(chain_read_limit(3, 2), None);
+        let two = [pulled(21, "A"), pulled(22, "B")];
+        assert_eq!(chain_read_limit(&two, 2), Some(1), "a full page still asks whether the chain has more");
+        assert_eq!(chain_read_limit(&[pulled(21, "A"), pulled(22, "B"), pulled(23, "E")], 2), None);
+        assert_eq!(chain_read_limit(&two, 5), Some(4));
+    }
+
+    fn order_header(order: &str, lines: &[(&str, u64)]) -> OrderHeader {
+        let id = shared::OrderId::new(order).unwrap();
+        OrderHeader {
+            pickup_code_digest: shared::orders::pickup_code_digest(&id, "123456"),
+            order: id,
+            store: StoreId::new("s1").unwrap(),
+            customer_ref: "c".into(),
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            lines: lines.iter().map(|(k, u)| shared::OrderLine { sku: Sku::new(*k).unwrap(), units: *u }).collect(),
+        }
+    }
+
+    #[test]
+    fn a_page_never_ends_inside_a_version() {
+        let at = |v, sku: &str| Pulled { version: v, row: PulledRow::Slot(row(sku, v, 0)) };
+        // Version 2 is an order: its header and two reservations.
+        let rows = vec![at(1, "A"), at(2, "H"), at(2, "R1"), at(2, "R2"), at(3, "B")];
+        assert_eq!(cut(&rows, 1), 1);
+        assert_eq!(cut(&rows, 2), 1, "back to before the order");
+        assert_eq!(cut(&rows, 3), 1);
+        assert_eq!(cut(&rows, 4), 4, "the whole order");
+        assert_eq!(cut(&rows, 9), 5);
+        assert_eq!(cut(&rows[1..], 1), 3, "an order alone larger than a page goes whole");
+        assert_eq!(cut(&rows, 0), 1, "a page of 0 is a page of 1");
+        let heads = Cursor { chain: 0, store: 3 };
+        let p = page(Cursor { chain: 0, store: 1 }, rows[1..].to_vec(), vec![], 2, heads);
+        assert_eq!((p.rows.len(), p.next_cursor.store, p.more), (3, 2, true));
+        assert!(store_read_limit(1) > MAX_VERSION_ROWS, "a read always finishes the version it ends in");
+    }
+
+    #[test]
+    fn escrow_rows_merge_by_the_shared_rules_and_unchanged_rows_stay() {
+        let key = EscrowKey { store: StoreId::new("s1").unwrap(), sku: Sku::new("A").unwrap() };
+        let o = shared::OrderId::new("W1").unwrap();
+        let granted = |g| EscrowRow::Granted { key: key.clone(), granted: g };
+        let fulfilled = EscrowRow::Fulfilled { key: key.clone(), order: o.clone() };
+        let current = vec![granted(5), fulfilled.clone()];
+        assert!(merge_escrow(current.clone(), &[granted(4), fulfilled.clone()]).unwrap().is_empty());
+        assert_eq!(merge_escrow(current, &[granted(7), granted(6)]).unwrap(), vec![granted(7)]);
+        assert_eq!(merge_escrow(vec![], std::slice::from_ref(&fulfilled)).unwrap(), vec![fulfilled]);
+    }
+
+    #[test]
+    fn an_order_reserves_all_lines_or_names_every_short_one() {
+        let header = order_header("W1", &[("A", 2), ("B", 3), ("C", 1)]);
+        let store = Side::Store(header.store.clone());
+        let key = |k: &str| EscrowKey { store: header.store.clone(), sku: Sku::new(k).unwrap() };
+        let granted = |k: &str, g| EscrowRow::Granted { key: key(k), granted: g };
+        let escrows = escrows_of(&header, vec![granted("A", 5), granted("B", 1)]).unwrap();
+        let short = reserve_order(&escrows, &header).unwrap().unwrap_err();
+        let named: Vec<(&str, u64, u64)> = short.iter().map(|s| (s.sku.as_str(), s.wanted, s.available)).collect();
+        assert_eq!(named, [("B", 3, 1), ("C", 1, 0)]);
+        let escrows = escrows_of(&header, vec![granted("A", 5), granted("B", 3), granted("C", 1)]).unwrap();
+        let rows = reserve_order(&escrows, &header).unwrap().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| matches!(r, EscrowRow::Reservation { cancelled: false, .. })));
+
+        // Cancelled once; again changes nothing; a handover known to the cloud refuses it.
+        let mut stored = rows.clone();
+        stored.extend([granted("A", 5), granted("B", 3), granted("C", 1)]);
+        let escrows = escrows_of(&header, stored.clone()).unwrap();
+        let cancelled = cancel_order(&escrows, &header).unwrap().unwrap();
+        assert_eq!(cancelled.len(), 3);
+        let escrows = escrows_of(&header, [stored.clone(), cancelled].concat()).unwrap();
+        assert!(cancel_order(&escrows, &header).unwrap().unwrap().is_empty());
+        let mut handed = escrows_of(&header, stored).unwrap();
+        handed.get_mut(&Sku::new("B").unwrap()).unwrap().fulfil(&store, &header.order).unwrap();
+        let skus = cancel_order(&handed, &header).unwrap().unwrap_err();
+        assert_eq!(skus, vec![Sku::new("B").unwrap()]);
+    }
+
+    #[test]
+    fn a_retried_order_is_the_same_order_whatever_its_line_order() {
+        let a = order_header("W1", &[("A", 2), ("B", 3)]);
+        let mut b = order_header("W1", &[("B", 3), ("A", 2)]);
+        b.created_at_ms = 50;
+        assert!(same_order(&a, &b));
+        let c = order_header("W1", &[("A", 2), ("B", 4)]);
+        assert!(!same_order(&a, &c));
+        let mut d = a.clone();
+        d.customer_ref = "other".into();
+        assert!(!same_order(&a, &d));
     }
 }

@@ -6,26 +6,32 @@
 //! puller reading "versions above my cursor" never skips a row that commits late (DESIGN 13.1).
 //!
 //! Lock order, in every transaction: an op id or held price row, then partition counters by
-//! name, then the store's sync state, then the clock row (last, as it is every process's
-//! hottest row).
+//! name, then order rows, then the store's sync state, then the clock row (last, as it is every
+//! process's hottest row). Every writer of an order row (its creation, its cancellation, a push
+//! bringing its handover) holds its store's partition lock first.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use shared::sync::{Cursor, Rows};
-use shared::{ActorId, CatalogUpdate, Hlc, HlcStamp, PriceEntry, PriceKey, Sku, Slot, SlotKey, SlotRow, StoreId};
+use shared::{
+    ActorId, CatalogUpdate, EscrowRow, Hlc, HlcStamp, OrderId, PriceEntry, PriceKey, Sku, Slot, SlotKey, SlotRow,
+    StoreId,
+};
 use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::codec::{
-    self, parse_store, price_partition, store_partition, to_i64, to_u64, CatalogColumns, PriceColumns, SlotColumns,
-    StampColumns, CHAIN,
+    self, parse_order, parse_reason, parse_store, price_partition, store_partition, to_i64, to_u64, CatalogColumns,
+    EscrowColumns, PriceColumns, SlotColumns, StampColumns, CHAIN, CLOUD_ESCROW_KINDS,
 };
 use super::pg_pool::Pool;
 use super::plan::{self, CatalogKey, Pulled, PulledRow, Versions};
 use super::{
-    CloudWrites, HeldPrice, Page, PriceWrite, Principal, SecurityEvent, Storage, StorageError, StoreStatus, SyncReport,
-    WritesApplied, SCHEMA_VERSION,
+    Allocation, CancelOutcome, CancelReason, CloudWrites, CreateOutcome, HeldPrice, NewOrder, OrderRecord, Page,
+    PriceWrite, Principal, SecurityEvent, Storage, StorageError, StoreStatus, SyncReport, WritesApplied,
+    SCHEMA_VERSION,
 };
+use crate::orders::OrderState;
 
 /// Connections per service process. Each is a server process; a handful keeps the server's
 /// `max_connections` comfortable with several service processes.
@@ -138,6 +144,37 @@ const MIGRATIONS: &[&str] = &[
         stamp_wall    BIGINT,
         stamp_logical BIGINT
     );
+    "#,
+    // 2: online pickup orders (DESIGN 5, 13.5), in the store's partition (as SQLite's).
+    r#"
+    CREATE TABLE escrow_rows (
+        store     TEXT COLLATE "C"   NOT NULL,
+        sku       TEXT COLLATE "C"   NOT NULL,
+        kind      TEXT COLLATE "C"   NOT NULL CHECK (kind IN ('granted', 'released', 'reservation', 'fulfilled')),
+        order_id  TEXT COLLATE "C"   NOT NULL,
+        units     BIGINT  NOT NULL CHECK (units >= 0),
+        seq       BIGINT  NOT NULL CHECK (seq >= 0),
+        cancelled BOOLEAN NOT NULL,
+        version   BIGINT  NOT NULL,
+        PRIMARY KEY (store, sku, kind, order_id)
+    );
+    CREATE INDEX escrow_rows_by_version ON escrow_rows (store, version);
+
+    CREATE TABLE orders (
+        order_id       TEXT COLLATE "C"   PRIMARY KEY,
+        store          TEXT COLLATE "C"   NOT NULL,
+        header         BYTEA  NOT NULL,
+        version        BIGINT NOT NULL,
+        created_ms     BIGINT NOT NULL,
+        expires_ms     BIGINT NOT NULL,
+        pickup_code    TEXT   NOT NULL,
+        cancel_reason  TEXT   CHECK (cancel_reason IN ('cancelled', 'expired')),
+        cancelled_ms   BIGINT,
+        handed_over_ms BIGINT
+    );
+    CREATE INDEX orders_by_version ON orders (store, version);
+    CREATE INDEX orders_by_store ON orders (store, created_ms);
+    CREATE INDEX orders_due ON orders (expires_ms) WHERE cancel_reason IS NULL AND handed_over_ms IS NULL;
     "#,
 ];
 
@@ -286,6 +323,20 @@ fn catalog_update(row: &Row) -> Result<CatalogUpdate, StorageError> {
 
 fn version_at(row: &Row, idx: usize) -> Result<u64, StorageError> {
     to_u64("version", row.try_get(idx)?)
+}
+
+const ESCROW_COLUMNS: &str = "store, sku, kind, order_id, units, seq, cancelled";
+
+fn escrow_at(row: &Row, first: usize) -> Result<EscrowColumns, StorageError> {
+    Ok(EscrowColumns {
+        store: row.try_get(first)?,
+        sku: row.try_get(first + 1)?,
+        kind: row.try_get(first + 2)?,
+        order_id: row.try_get(first + 3)?,
+        units: row.try_get(first + 4)?,
+        seq: row.try_get(first + 5)?,
+        cancelled: row.try_get(first + 6)?,
+    })
 }
 
 /// The current slots among `keys`, in one round trip.
@@ -531,13 +582,14 @@ async fn merge_registers(
 
 // ---- push ----
 
-async fn merge_push(tx: &Transaction<'_>, rows: &Rows) -> Result<(), StorageError> {
+async fn merge_push(tx: &Transaction<'_>, rows: &Rows, now_ms: u64) -> Result<(), StorageError> {
     let mut versions = lock_partitions(tx, &plan::partitions_of(rows)).await?;
     let incoming: Vec<SlotRow> = rows.slot_rows().collect();
     let keys: Vec<SlotKey> = incoming.iter().map(|r| r.key.clone()).collect();
     let current = load_slots(tx, &keys).await?;
     write_slots(tx, &plan::merge_slots(&current, incoming), &mut versions).await?;
     merge_registers(tx, &rows.prices, &rows.catalog, &mut versions).await?;
+    merge_escrow(tx, &rows.escrow, &mut versions, now_ms).await?;
     save_versions(tx, &versions).await
 }
 
@@ -567,7 +619,7 @@ async fn record_sync(tx: &Transaction<'_>, r: &SyncReport<'_>) -> Result<u64, St
 
 async fn push(tx: &Transaction<'_>, r: &SyncReport<'_>) -> Result<u64, StorageError> {
     if let Some(p) = r.push {
-        merge_push(tx, &p.rows).await?;
+        merge_push(tx, &p.rows, r.now_ms).await?;
     }
     let acked = record_sync(tx, r).await?;
     // Last, so the clock row (every process's hottest lock) is held only through the commit.
@@ -603,6 +655,31 @@ async fn store_rows(
         .map(|r| Ok(Pulled { version: version_at(r, 5)?, row: PulledRow::Slot(slot_at(r, 0)?.row()?) }))
         .collect::<Result<Vec<_>, StorageError>>()?;
     out.extend(price_rows(tx, &store_partition(store), after, lim).await?);
+    let include_own = own.is_none();
+    let kinds = CLOUD_ESCROW_KINDS.to_vec();
+    let escrow = tx
+        .query(
+            &format!(
+                "SELECT {ESCROW_COLUMNS}, version FROM escrow_rows
+                  WHERE store = $1 AND version > $2 AND ($3 OR kind = ANY($4)) ORDER BY version LIMIT $5"
+            ),
+            &[&store.as_str(), &after, &include_own, &kinds, &lim],
+        )
+        .await?;
+    for r in &escrow {
+        out.push(Pulled { version: version_at(r, 7)?, row: PulledRow::Escrow(escrow_at(r, 0)?.row()?) });
+    }
+    let orders = tx
+        .query(
+            "SELECT order_id, store, header, version FROM orders WHERE store = $1 AND version > $2
+              ORDER BY version LIMIT $3",
+            &[&store.as_str(), &after, &lim],
+        )
+        .await?;
+    for r in &orders {
+        let (id, store, bytes): (String, String, Vec<u8>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        out.push(Pulled { version: version_at(r, 3)?, row: PulledRow::Order(codec::header_of(&id, &store, &bytes)?) });
+    }
     Ok(plan::in_version_order(out, limit))
 }
 
@@ -650,7 +727,7 @@ async fn pull(
     let own = ActorId::for_store(store);
     let own = (!include_own).then_some(&own);
     let store_rows = store_rows(tx, store, cursor.store, own, plan::store_read_limit(max)).await?;
-    let chain_rows = match plan::chain_read_limit(store_rows.len(), max) {
+    let chain_rows = match plan::chain_read_limit(&store_rows, max) {
         Some(limit) => chain_rows(tx, cursor.chain, limit).await?,
         None => Vec::new(),
     };
@@ -672,13 +749,16 @@ async fn pending_rows(tx: &Transaction<'_>, store: &StoreId, cursor: Cursor) -> 
             "SELECT (SELECT count(*) FROM stock_slots WHERE store = $1 AND version > $2 AND actor <> $3)
                   + (SELECT count(*) FROM prices WHERE partition = $4 AND version > $2)
                   + (SELECT count(*) FROM prices WHERE partition = 'chain' AND version > $5)
-                  + (SELECT count(*) FROM catalog WHERE version > $5)",
+                  + (SELECT count(*) FROM catalog WHERE version > $5)
+                  + (SELECT count(*) FROM escrow_rows WHERE store = $1 AND version > $2 AND kind = ANY($6))
+                  + (SELECT count(*) FROM orders WHERE store = $1 AND version > $2)",
             &[
                 &store.as_str(),
                 &to_i64("cursor", cursor.store)?,
                 &ActorId::for_store(store).as_str(),
                 &store_partition(store),
                 &to_i64("cursor", cursor.chain)?,
+                &CLOUD_ESCROW_KINDS.to_vec(),
             ],
         )
         .await?;
@@ -763,6 +843,268 @@ async fn confirm_held(tx: &Transaction<'_>, id: i64, now_ms: u64) -> Result<Opti
         }
         None => Ok(None),
     }
+}
+
+// ---- online allocation and orders ----
+
+/// The stored rows with the ids of `rows` (what a merge compares against), in one round trip.
+async fn load_escrow_ids(tx: &Transaction<'_>, rows: &[EscrowRow]) -> Result<Vec<EscrowRow>, StorageError> {
+    let mut a = EscrowArrays::default();
+    for row in rows {
+        a.push(EscrowColumns::of(row)?, 0);
+    }
+    let found = tx
+        .query(
+            &format!(
+                "SELECT {ESCROW_COLUMNS} FROM escrow_rows
+                  WHERE (store, sku, kind, order_id) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))"
+            ),
+            &[&a.store, &a.sku, &a.kind, &a.order_id],
+        )
+        .await?;
+    found.iter().map(|r| escrow_at(r, 0)?.row()).collect()
+}
+
+/// Every stored row of `store`'s `skus` (all its SKUs when `None`).
+async fn load_escrow(
+    tx: &Transaction<'_>,
+    store: &StoreId,
+    skus: Option<&[Sku]>,
+) -> Result<Vec<EscrowRow>, StorageError> {
+    let skus: Option<Vec<&str>> = skus.map(|s| s.iter().map(Sku::as_str).collect());
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT {ESCROW_COLUMNS} FROM escrow_rows WHERE store = $1 AND ($2::text[] IS NULL OR sku = ANY($2))
+                  ORDER BY sku, kind, order_id"
+            ),
+            &[&store.as_str(), &skus],
+        )
+        .await?;
+    rows.iter().map(|r| escrow_at(r, 0)?.row()).collect()
+}
+
+/// The columns of a batch of escrow rows, one array each (for `unnest`).
+#[derive(Default)]
+struct EscrowArrays {
+    store: Vec<String>,
+    sku: Vec<String>,
+    kind: Vec<String>,
+    order_id: Vec<String>,
+    units: Vec<i64>,
+    seq: Vec<i64>,
+    cancelled: Vec<bool>,
+    version: Vec<i64>,
+}
+
+impl EscrowArrays {
+    fn push(&mut self, c: EscrowColumns, version: i64) {
+        self.store.push(c.store);
+        self.sku.push(c.sku);
+        self.kind.push(c.kind);
+        self.order_id.push(c.order_id);
+        self.units.push(c.units);
+        self.seq.push(c.seq);
+        self.cancelled.push(c.cancelled);
+        self.version.push(version);
+    }
+}
+
+/// Writes escrow rows, each with the version given beside it.
+async fn write_escrow(tx: &Transaction<'_>, rows: &[(EscrowRow, u64)]) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut a = EscrowArrays::default();
+    for (row, version) in rows {
+        a.push(EscrowColumns::of(row)?, to_i64("version", *version)?);
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO escrow_rows ({ESCROW_COLUMNS}, version)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+                                  $7::boolean[], $8::bigint[])
+             ON CONFLICT (store, sku, kind, order_id) DO UPDATE SET units = excluded.units, seq = excluded.seq,
+                 cancelled = excluded.cancelled, version = excluded.version"
+        ),
+        &[&a.store, &a.sku, &a.kind, &a.order_id, &a.units, &a.seq, &a.cancelled, &a.version],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Merges a store's `Granted` and `Fulfilled` rows; each row that changes takes its own
+/// version. The first `Fulfilled` row of an order tells the cloud it was handed over.
+async fn merge_escrow(
+    tx: &Transaction<'_>,
+    rows: &[EscrowRow],
+    versions: &mut Versions,
+    now_ms: u64,
+) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let changed = plan::merge_escrow(load_escrow_ids(tx, rows).await?, rows)?;
+    let mut numbered = Vec::with_capacity(changed.len());
+    for row in changed {
+        let version = versions.next(&store_partition(&row.key().store))?;
+        numbered.push((row, version));
+    }
+    write_escrow(tx, &numbered).await?;
+    let (orders, stores): (Vec<&str>, Vec<&str>) = numbered
+        .iter()
+        .filter_map(|(row, _)| match row {
+            EscrowRow::Fulfilled { key, order } => Some((order.as_str(), key.store.as_str())),
+            _ => None,
+        })
+        .unzip();
+    if !orders.is_empty() {
+        tx.execute(
+            "UPDATE orders SET handed_over_ms = $3
+              WHERE handed_over_ms IS NULL AND (order_id, store) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            &[&orders, &stores, &to_i64("time", now_ms)?],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+const ORDER_COLUMNS: &str = "order_id, store, header, pickup_code, cancel_reason, cancelled_ms, handed_over_ms";
+
+fn order_record(row: &Row) -> Result<OrderRecord, StorageError> {
+    let (id, store, bytes): (String, String, Vec<u8>) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let what = format!("order {id}");
+    let header = codec::header_of(&id, &store, &bytes)?;
+    let time = |v: Option<i64>| v.map(|v| to_u64(&what, v)).transpose();
+    Ok(OrderRecord {
+        header,
+        pickup_code: row.try_get(3)?,
+        cancel_reason: parse_reason(&what, row.try_get(4)?)?,
+        cancelled_at_ms: time(row.try_get(5)?)?,
+        handed_over_at_ms: time(row.try_get(6)?)?,
+    })
+}
+
+async fn load_order(tx: &Transaction<'_>, order: &OrderId) -> Result<Option<OrderRecord>, StorageError> {
+    let row =
+        tx.query_opt(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"), &[&order.as_str()]).await?;
+    row.as_ref().map(order_record).transpose()
+}
+
+/// Under the partition lock, claims the order id and reserves every line; a short order leaves
+/// neither the claim nor a reservation behind. A second process creating the same id waits on
+/// the claim until this one commits, then finds it.
+async fn create_order(tx: &Transaction<'_>, new: &NewOrder) -> Result<CreateOutcome, StorageError> {
+    let h = &new.header;
+    let partition = store_partition(&h.store);
+    let mut versions = lock_partitions(tx, &BTreeSet::from([partition.clone()])).await?;
+    let claimed = tx
+        .execute(
+            "INSERT INTO orders (order_id, store, header, version, created_ms, expires_ms, pickup_code)
+             VALUES ($1, $2, $3, 0, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+            &[
+                &h.order.as_str(),
+                &h.store.as_str(),
+                &codec::header_bytes(h)?,
+                &h.created_at_ms,
+                &h.expires_at_ms,
+                &new.pickup_code,
+            ],
+        )
+        .await?;
+    if claimed == 0 {
+        let stored = load_order(tx, &h.order)
+            .await?
+            .ok_or_else(|| StorageError::Task(format!("internal: order {} claimed but not found", h.order)))?;
+        let same = plan::same_order(&stored.header, h);
+        return Ok(if same { CreateOutcome::Replayed(stored) } else { CreateOutcome::Conflict(stored) });
+    }
+    let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
+    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus)).await?)?;
+    match plan::reserve_order(&escrows, h)? {
+        Err(short) => {
+            tx.execute("DELETE FROM orders WHERE order_id = $1", &[&h.order.as_str()]).await?;
+            Ok(CreateOutcome::Short(short))
+        }
+        Ok(rows) => {
+            let version = versions.next(&partition)?;
+            write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>()).await?;
+            tx.execute(
+                "UPDATE orders SET version = $2 WHERE order_id = $1",
+                &[&h.order.as_str(), &to_i64("version", version)?],
+            )
+            .await?;
+            save_versions(tx, &versions).await?;
+            Ok(CreateOutcome::Created(OrderRecord {
+                header: h.clone(),
+                pickup_code: new.pickup_code.clone(),
+                cancel_reason: None,
+                cancelled_at_ms: None,
+                handed_over_at_ms: None,
+            }))
+        }
+    }
+}
+
+/// Finds the order's store, takes its partition lock, then reads the order again: every writer
+/// of an order row holds that lock, so what is read next is current.
+async fn cancel_order(
+    tx: &Transaction<'_>,
+    order: &OrderId,
+    reason: CancelReason,
+    now_ms: u64,
+) -> Result<CancelOutcome, StorageError> {
+    let Some(first) = load_order(tx, order).await? else { return Ok(CancelOutcome::NotFound) };
+    let partition = store_partition(&first.header.store);
+    let mut versions = lock_partitions(tx, &BTreeSet::from([partition.clone()])).await?;
+    let record = load_order(tx, order)
+        .await?
+        .ok_or_else(|| StorageError::Task(format!("internal: order {order} vanished while cancelled")))?;
+    let h = &record.header;
+    let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
+    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus)).await?)?;
+    let rows = match plan::cancel_order(&escrows, h)? {
+        Err(skus) => return Ok(CancelOutcome::AlreadyFulfilled { record, skus }),
+        Ok(rows) => rows,
+    };
+    if !rows.is_empty() {
+        let version = versions.next(&partition)?;
+        write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>()).await?;
+        save_versions(tx, &versions).await?;
+    }
+    tx.execute(
+        "UPDATE orders SET cancel_reason = $2, cancelled_ms = $3 WHERE order_id = $1 AND cancel_reason IS NULL",
+        &[&order.as_str(), &reason.as_str(), &to_i64("time", now_ms)?],
+    )
+    .await?;
+    let record = load_order(tx, order)
+        .await?
+        .ok_or_else(|| StorageError::Task(format!("internal: order {order} vanished while cancelled")))?;
+    Ok(CancelOutcome::Cancelled(record))
+}
+
+async fn allocations(
+    tx: &Transaction<'_>,
+    store: &StoreId,
+    skus: Option<&[Sku]>,
+) -> Result<Vec<Allocation>, StorageError> {
+    let rows = load_escrow(tx, store, skus).await?;
+    let escrows = plan::escrows(store, skus.unwrap_or_default().iter().cloned(), rows)?;
+    let names: Vec<&str> = escrows.keys().map(Sku::as_str).collect();
+    let slots = tx
+        .query("SELECT sku, inc, dec FROM stock_slots WHERE store = $1 AND sku = ANY($2)", &[&store.as_str(), &names])
+        .await?;
+    let mut on_hand: BTreeMap<String, i128> = BTreeMap::new();
+    for r in &slots {
+        let sku: String = r.try_get(0)?;
+        let what = format!("stock slot {store}/{sku}");
+        let slot = Slot { inc: to_u64(&what, r.try_get(1)?)?, dec: to_u64(&what, r.try_get(2)?)? };
+        *on_hand.entry(sku).or_default() += slot.value();
+    }
+    Ok(escrows
+        .into_iter()
+        .map(|(sku, escrow)| Allocation { on_hand: on_hand.get(sku.as_str()).copied().unwrap_or(0), escrow })
+        .collect())
 }
 
 // ---- reads for HQ ----
@@ -1020,5 +1362,71 @@ impl Storage for PostgresStorage {
 
     async fn stores(&self) -> Result<Vec<StoreStatus>, StorageError> {
         read_tx!(self, |tx| stores(&tx).await?)
+    }
+
+    async fn known_skus(&self, skus: &[Sku]) -> Result<Vec<Sku>, StorageError> {
+        let names: Vec<&str> = skus.iter().map(Sku::as_str).collect();
+        let found: Result<BTreeSet<String>, StorageError> = read_tx!(self, |tx| {
+            let rows = tx.query("SELECT DISTINCT sku FROM catalog WHERE sku = ANY($1)", &[&names]).await?;
+            rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<BTreeSet<_>, _>>()?
+        });
+        let found = found?;
+        Ok(skus.iter().filter(|s| found.contains(s.as_str())).cloned().collect())
+    }
+
+    async fn create_order(&self, order: &NewOrder) -> Result<CreateOutcome, StorageError> {
+        write_tx!(self, |tx| create_order(&tx, order).await?)
+    }
+
+    async fn cancel_order(
+        &self,
+        order: &OrderId,
+        reason: CancelReason,
+        now_ms: u64,
+    ) -> Result<CancelOutcome, StorageError> {
+        write_tx!(self, |tx| cancel_order(&tx, order, reason, now_ms).await?)
+    }
+
+    async fn order(&self, order: &OrderId) -> Result<Option<OrderRecord>, StorageError> {
+        read_tx!(self, |tx| load_order(&tx, order).await?)
+    }
+
+    async fn store_orders(
+        &self,
+        store: &StoreId,
+        state: Option<OrderState>,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, StorageError> {
+        read_tx!(self, |tx| {
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT {ORDER_COLUMNS} FROM orders WHERE store = $1 AND {}
+                          ORDER BY created_ms DESC, order_id DESC LIMIT $2",
+                        codec::order_state_sql(state)
+                    ),
+                    &[&store.as_str(), &i64::from(limit)],
+                )
+                .await?;
+            rows.iter().map(order_record).collect::<Result<Vec<_>, _>>()?
+        })
+    }
+
+    async fn due_orders(&self, now_ms: u64, limit: u32) -> Result<Vec<OrderId>, StorageError> {
+        read_tx!(self, |tx| {
+            let rows = tx
+                .query(
+                    "SELECT order_id FROM orders
+                      WHERE cancel_reason IS NULL AND handed_over_ms IS NULL AND expires_ms <= $1
+                      ORDER BY expires_ms, order_id LIMIT $2",
+                    &[&to_i64("time", now_ms)?, &i64::from(limit)],
+                )
+                .await?;
+            rows.iter().map(|r| parse_order("due order", r.try_get(0)?)).collect::<Result<Vec<_>, _>>()?
+        })
+    }
+
+    async fn allocations(&self, store: &StoreId, skus: Option<&[Sku]>) -> Result<Vec<Allocation>, StorageError> {
+        read_tx!(self, |tx| allocations(&tx, store, skus).await?)
     }
 }

@@ -10,18 +10,22 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use shared::sync::{Cursor, Push, Rows, SlotGroup};
-use shared::{ActorId, CatalogUpdate, HlcStamp, PriceEntry, PriceKey, Sku, Slot, SlotKey, SlotRow, StoreId};
+use shared::{
+    ActorId, CatalogUpdate, EscrowRow, HlcStamp, OrderId, PriceEntry, PriceKey, Sku, Slot, SlotKey, SlotRow, StoreId,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    self, parse_store, price_partition, store_partition, to_i64, to_u64, CatalogColumns, PriceColumns, SlotColumns,
-    StampColumns, CHAIN,
+    self, parse_order, parse_reason, parse_store, price_partition, store_partition, to_i64, to_u64, CatalogColumns,
+    EscrowColumns, PriceColumns, SlotColumns, StampColumns, CHAIN, CLOUD_ESCROW_KINDS,
 };
 use super::plan::{self, CatalogKey, Pulled, PulledRow, Versions};
 use super::{
-    CloudWrites, HeldPrice, Page, PriceWrite, Principal, SecurityEvent, Storage, StorageError, StoreStatus, SyncReport,
-    WritesApplied, SCHEMA_VERSION,
+    Allocation, CancelOutcome, CancelReason, CloudWrites, CreateOutcome, HeldPrice, NewOrder, OrderRecord, Page,
+    PriceWrite, Principal, SecurityEvent, Storage, StorageError, StoreStatus, SyncReport, WritesApplied,
+    SCHEMA_VERSION,
 };
+use crate::orders::OrderState;
 
 /// `PRAGMA application_id` of a cloud-sync database: "SECS" (the edge ledger is "SEDG").
 pub const APPLICATION_ID: i32 = 0x5345_4353;
@@ -136,6 +140,42 @@ const MIGRATIONS: &[&str] = &[
         stamp_wall    INTEGER,
         stamp_logical INTEGER
     ) STRICT;
+    ",
+    // 2: online pickup orders (DESIGN 5, 13.5), in the store's partition.
+    "
+    -- shared::escrow::EscrowRow: 'granted' and 'fulfilled' are the store's, 'released' and
+    -- 'reservation' the cloud's. order_id is '' for granted and released; units holds the
+    -- granted or released count or the reservation's units (0 for fulfilled).
+    CREATE TABLE escrow_rows (
+        store     TEXT    NOT NULL,
+        sku       TEXT    NOT NULL,
+        kind      TEXT    NOT NULL CHECK (kind IN ('granted', 'released', 'reservation', 'fulfilled')),
+        order_id  TEXT    NOT NULL,
+        units     INTEGER NOT NULL CHECK (units >= 0),
+        seq       INTEGER NOT NULL CHECK (seq >= 0),
+        cancelled INTEGER NOT NULL CHECK (cancelled IN (0, 1)),
+        version   INTEGER NOT NULL,
+        PRIMARY KEY (store, sku, kind, order_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX escrow_rows_by_version ON escrow_rows (store, version);
+
+    -- Online orders: the replicated header (postcard shared::OrderHeader; its version is in the
+    -- store's partition, 0 only inside the creating transaction), then what only the cloud keeps.
+    CREATE TABLE orders (
+        order_id       TEXT    PRIMARY KEY,
+        store          TEXT    NOT NULL,
+        header         BLOB    NOT NULL,
+        version        INTEGER NOT NULL,
+        created_ms     INTEGER NOT NULL,
+        expires_ms     INTEGER NOT NULL,
+        pickup_code    TEXT    NOT NULL,
+        cancel_reason  TEXT    CHECK (cancel_reason IN ('cancelled', 'expired')),
+        cancelled_ms   INTEGER,
+        handed_over_ms INTEGER
+    ) STRICT;
+    CREATE INDEX orders_by_version ON orders (store, version);
+    CREATE INDEX orders_by_store ON orders (store, created_ms);
+    CREATE INDEX orders_due ON orders (expires_ms) WHERE cancel_reason IS NULL AND handed_over_ms IS NULL;
     ",
 ];
 
@@ -355,6 +395,24 @@ fn catalog_update(row: &Row) -> Result<CatalogUpdate, StorageError> {
     catalog_at(row, 0)?.update(stamp_at(row, 3)?)
 }
 
+const ESCROW_COLUMNS: &str = "store, sku, kind, order_id, units, seq, cancelled";
+
+fn escrow_at(row: &Row, first: usize) -> rusqlite::Result<EscrowColumns> {
+    Ok(EscrowColumns {
+        store: row.get(first)?,
+        sku: row.get(first + 1)?,
+        kind: row.get(first + 2)?,
+        order_id: row.get(first + 3)?,
+        units: row.get(first + 4)?,
+        seq: row.get(first + 5)?,
+        cancelled: row.get(first + 6)?,
+    })
+}
+
+fn escrow_row(row: &Row) -> Result<EscrowRow, StorageError> {
+    escrow_at(row, 0)?.row()
+}
+
 /// Collects a query's rows through a fallible decoder (rusqlite's `query_map` cannot return
 /// our error type).
 fn collect<T>(
@@ -533,10 +591,11 @@ struct Report {
     now_ms: u64,
 }
 
-fn merge_push(tx: &Transaction, rows: &Rows) -> Result<(), StorageError> {
+fn merge_push(tx: &Transaction, rows: &Rows, now_ms: u64) -> Result<(), StorageError> {
     let mut versions = lock_partitions(tx, &plan::partitions_of(rows))?;
     merge_slot_groups(tx, &rows.stock, &mut versions)?;
     merge_registers(tx, &rows.prices, &rows.catalog, &mut versions)?;
+    merge_escrow(tx, &rows.escrow, &mut versions, now_ms)?;
     save_versions(tx, &versions)
 }
 
@@ -567,7 +626,7 @@ fn record_sync(tx: &Transaction, r: &Report) -> Result<u64, StorageError> {
 
 fn push(tx: &Transaction, r: &Report) -> Result<u64, StorageError> {
     if let Some(p) = &r.push {
-        merge_push(tx, &p.rows)?;
+        merge_push(tx, &p.rows, r.now_ms)?;
     }
     let acked = record_sync(tx, r)?;
     if let Some(stamp) = &r.max_stamp {
@@ -598,6 +657,25 @@ fn store_rows(
         Ok(Pulled { version: to_u64("version", row.get(5)?)?, row: PulledRow::Slot(slot_at(row, 0)?.row()?) })
     })?;
     out.extend(price_rows(tx, &store_partition(store), after, lim)?);
+    let mut escrow = tx.prepare_cached(&format!(
+        "SELECT {ESCROW_COLUMNS}, version FROM escrow_rows
+          WHERE store = ?1 AND version > ?2 AND (?3 OR kind IN (?4, ?5)) ORDER BY version LIMIT ?6"
+    ))?;
+    let [released, reservation] = CLOUD_ESCROW_KINDS;
+    let include_own = own.is_none();
+    out.extend(collect(&mut escrow, params![store.as_str(), after, include_own, released, reservation, lim], |row| {
+        Ok(Pulled { version: to_u64("version", row.get(7)?)?, row: PulledRow::Escrow(escrow_at(row, 0)?.row()?) })
+    })?);
+    let mut orders = tx.prepare_cached(
+        "SELECT order_id, store, header, version FROM orders WHERE store = ?1 AND version > ?2 ORDER BY version LIMIT ?3",
+    )?;
+    out.extend(collect(&mut orders, params![store.as_str(), after, lim], |row| {
+        let (id, store, bytes): (String, String, Vec<u8>) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        Ok(Pulled {
+            version: to_u64("version", row.get(3)?)?,
+            row: PulledRow::Order(codec::header_of(&id, &store, &bytes)?),
+        })
+    })?);
     Ok(plan::in_version_order(out, limit))
 }
 
@@ -633,7 +711,7 @@ fn pull(
     let own = ActorId::for_store(store);
     let own = (!include_own).then_some(&own);
     let store_rows = store_rows(tx, store, cursor.store, own, plan::store_read_limit(max))?;
-    let chain_rows = match plan::chain_read_limit(store_rows.len(), max) {
+    let chain_rows = match plan::chain_read_limit(&store_rows, max) {
         Some(limit) => chain_rows(tx, cursor.chain, limit)?,
         None => Vec::new(),
     };
@@ -653,7 +731,9 @@ fn pending_rows(tx: &Transaction, store: &StoreId, cursor: Cursor) -> Result<u64
             "SELECT (SELECT count(*) FROM stock_slots WHERE store = ?1 AND version > ?2 AND actor <> ?3)
               + (SELECT count(*) FROM prices WHERE partition = ?4 AND version > ?2)
               + (SELECT count(*) FROM prices WHERE partition = 'chain' AND version > ?5)
-              + (SELECT count(*) FROM catalog WHERE version > ?5)",
+              + (SELECT count(*) FROM catalog WHERE version > ?5)
+              + (SELECT count(*) FROM escrow_rows WHERE store = ?1 AND version > ?2 AND kind IN (?6, ?7))
+              + (SELECT count(*) FROM orders WHERE store = ?1 AND version > ?2)",
         )?
         .query_row(
             params![
@@ -661,7 +741,9 @@ fn pending_rows(tx: &Transaction, store: &StoreId, cursor: Cursor) -> Result<u64
                 to_i64("cursor", cursor.store)?,
                 ActorId::for_store(store).as_str(),
                 store_partition(store),
-                to_i64("cursor", cursor.chain)?
+                to_i64("cursor", cursor.chain)?,
+                CLOUD_ESCROW_KINDS[0],
+                CLOUD_ESCROW_KINDS[1]
             ],
             |r| r.get(0),
         )?;
@@ -743,6 +825,212 @@ fn confirm_held(tx: &Transaction, id: i64, now_ms: u64) -> Result<Option<WritesA
         }
         None => Ok(None),
     }
+}
+
+// ---- online allocation and orders ----
+
+/// The stored rows with the ids of `rows` (what a merge compares against).
+fn load_escrow_ids(tx: &Transaction, rows: &[EscrowRow]) -> Result<Vec<EscrowRow>, StorageError> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {ESCROW_COLUMNS} FROM escrow_rows WHERE store = ?1 AND sku = ?2 AND kind = ?3 AND order_id = ?4"
+    ))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let c = EscrowColumns::of(row)?;
+        out.extend(collect(&mut stmt, params![c.store, c.sku, c.kind, c.order_id], escrow_row)?);
+    }
+    Ok(out)
+}
+
+/// Every stored row of `store`'s `skus` (all its SKUs when `None`).
+fn load_escrow(tx: &Transaction, store: &StoreId, skus: Option<&[Sku]>) -> Result<Vec<EscrowRow>, StorageError> {
+    match skus {
+        None => {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {ESCROW_COLUMNS} FROM escrow_rows WHERE store = ?1 ORDER BY sku, kind, order_id"
+            ))?;
+            collect(&mut stmt, [store.as_str()], escrow_row)
+        }
+        Some(skus) => {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {ESCROW_COLUMNS} FROM escrow_rows WHERE store = ?1 AND sku = ?2 ORDER BY kind, order_id"
+            ))?;
+            let mut out = Vec::new();
+            for sku in skus {
+                out.extend(collect(&mut stmt, [store.as_str(), sku.as_str()], escrow_row)?);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Writes escrow rows, each with the version given beside it.
+fn write_escrow(tx: &Transaction, rows: &[(EscrowRow, u64)]) -> Result<(), StorageError> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "INSERT INTO escrow_rows ({ESCROW_COLUMNS}, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (store, sku, kind, order_id) DO UPDATE
+            SET units = excluded.units, seq = excluded.seq, cancelled = excluded.cancelled, version = excluded.version"
+    ))?;
+    for (row, version) in rows {
+        let c = EscrowColumns::of(row)?;
+        stmt.execute(params![
+            c.store,
+            c.sku,
+            c.kind,
+            c.order_id,
+            c.units,
+            c.seq,
+            c.cancelled,
+            to_i64("version", *version)?
+        ])?;
+    }
+    Ok(())
+}
+
+/// Merges a store's `Granted` and `Fulfilled` rows; each row that changes takes its own
+/// version. The first `Fulfilled` row of an order tells the cloud it was handed over.
+fn merge_escrow(
+    tx: &Transaction,
+    rows: &[EscrowRow],
+    versions: &mut Versions,
+    now_ms: u64,
+) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let changed = plan::merge_escrow(load_escrow_ids(tx, rows)?, rows)?;
+    let mut numbered = Vec::with_capacity(changed.len());
+    for row in changed {
+        let version = versions.next(&store_partition(&row.key().store))?;
+        numbered.push((row, version));
+    }
+    write_escrow(tx, &numbered)?;
+    let mut handed_over = tx.prepare_cached(
+        "UPDATE orders SET handed_over_ms = ?3 WHERE order_id = ?1 AND store = ?2 AND handed_over_ms IS NULL",
+    )?;
+    for (row, _) in &numbered {
+        if let EscrowRow::Fulfilled { key, order } = row {
+            handed_over.execute(params![order.as_str(), key.store.as_str(), to_i64("time", now_ms)?])?;
+        }
+    }
+    Ok(())
+}
+
+const ORDER_COLUMNS: &str = "order_id, store, header, pickup_code, cancel_reason, cancelled_ms, handed_over_ms";
+
+fn order_record(row: &Row) -> Result<OrderRecord, StorageError> {
+    let (id, store, bytes): (String, String, Vec<u8>) = (row.get(0)?, row.get(1)?, row.get(2)?);
+    let what = format!("order {id}");
+    let header = codec::header_of(&id, &store, &bytes)?;
+    let time = |v: Option<i64>| v.map(|v| to_u64(&what, v)).transpose();
+    Ok(OrderRecord {
+        header,
+        pickup_code: row.get(3)?,
+        cancel_reason: parse_reason(&what, row.get(4)?)?,
+        cancelled_at_ms: time(row.get(5)?)?,
+        handed_over_at_ms: time(row.get(6)?)?,
+    })
+}
+
+fn load_order(tx: &Transaction, order: &OrderId) -> Result<Option<OrderRecord>, StorageError> {
+    let mut stmt = tx.prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?1"))?;
+    Ok(collect(&mut stmt, [order.as_str()], order_record)?.into_iter().next())
+}
+
+/// Under the partition lock, claims the order id and reserves every line; a short order leaves
+/// neither the claim nor a reservation behind.
+fn create_order(tx: &Transaction, new: &NewOrder) -> Result<CreateOutcome, StorageError> {
+    let h = &new.header;
+    let partition = store_partition(&h.store);
+    let mut versions = lock_partitions(tx, &BTreeSet::from([partition.clone()]))?;
+    let claimed = tx
+        .prepare_cached(
+            "INSERT INTO orders (order_id, store, header, version, created_ms, expires_ms, pickup_code)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6) ON CONFLICT (order_id) DO NOTHING",
+        )?
+        .execute(params![
+            h.order.as_str(),
+            h.store.as_str(),
+            codec::header_bytes(h)?,
+            h.created_at_ms,
+            h.expires_at_ms,
+            new.pickup_code
+        ])?;
+    if claimed == 0 {
+        let stored = load_order(tx, &h.order)?
+            .ok_or_else(|| StorageError::Task(format!("internal: order {} claimed but not found", h.order)))?;
+        let same = plan::same_order(&stored.header, h);
+        return Ok(if same { CreateOutcome::Replayed(stored) } else { CreateOutcome::Conflict(stored) });
+    }
+    let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
+    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus))?)?;
+    match plan::reserve_order(&escrows, h)? {
+        Err(short) => {
+            tx.execute("DELETE FROM orders WHERE order_id = ?1", [h.order.as_str()])?;
+            Ok(CreateOutcome::Short(short))
+        }
+        Ok(rows) => {
+            let version = versions.next(&partition)?;
+            write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>())?;
+            tx.execute(
+                "UPDATE orders SET version = ?2 WHERE order_id = ?1",
+                params![h.order.as_str(), to_i64("version", version)?],
+            )?;
+            save_versions(tx, &versions)?;
+            Ok(CreateOutcome::Created(OrderRecord {
+                header: h.clone(),
+                pickup_code: new.pickup_code.clone(),
+                cancel_reason: None,
+                cancelled_at_ms: None,
+                handed_over_at_ms: None,
+            }))
+        }
+    }
+}
+
+fn cancel_order(
+    tx: &Transaction,
+    order: &OrderId,
+    reason: CancelReason,
+    now_ms: u64,
+) -> Result<CancelOutcome, StorageError> {
+    let Some(record) = load_order(tx, order)? else { return Ok(CancelOutcome::NotFound) };
+    let h = &record.header;
+    let partition = store_partition(&h.store);
+    let mut versions = lock_partitions(tx, &BTreeSet::from([partition.clone()]))?;
+    let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
+    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus))?)?;
+    let rows = match plan::cancel_order(&escrows, h)? {
+        Err(skus) => return Ok(CancelOutcome::AlreadyFulfilled { record, skus }),
+        Ok(rows) => rows,
+    };
+    if !rows.is_empty() {
+        let version = versions.next(&partition)?;
+        write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>())?;
+        save_versions(tx, &versions)?;
+    }
+    tx.execute(
+        "UPDATE orders SET cancel_reason = ?2, cancelled_ms = ?3 WHERE order_id = ?1 AND cancel_reason IS NULL",
+        params![order.as_str(), reason.as_str(), to_i64("time", now_ms)?],
+    )?;
+    let record = load_order(tx, order)?
+        .ok_or_else(|| StorageError::Task(format!("internal: order {order} vanished while cancelled")))?;
+    Ok(CancelOutcome::Cancelled(record))
+}
+
+fn allocations(tx: &Transaction, store: &StoreId, skus: Option<&[Sku]>) -> Result<Vec<Allocation>, StorageError> {
+    let rows = load_escrow(tx, store, skus)?;
+    let escrows = plan::escrows(store, skus.unwrap_or_default().iter().cloned(), rows)?;
+    let mut slots = tx.prepare_cached("SELECT inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2")?;
+    let mut out = Vec::with_capacity(escrows.len());
+    for (sku, escrow) in escrows {
+        let what = format!("stock slot {store}/{sku}");
+        let counts = collect(&mut slots, [store.as_str(), sku.as_str()], |r| {
+            Ok(Slot { inc: to_u64(&what, r.get(0)?)?, dec: to_u64(&what, r.get(1)?)? })
+        })?;
+        out.push(Allocation { escrow, on_hand: counts.iter().map(|s| s.value()).sum() });
+    }
+    Ok(out)
 }
 
 // ---- reads for HQ ----
@@ -975,5 +1263,77 @@ impl Storage for SqliteStorage {
 
     async fn stores(&self) -> Result<Vec<StoreStatus>, StorageError> {
         self.read(stores).await
+    }
+
+    async fn known_skus(&self, skus: &[Sku]) -> Result<Vec<Sku>, StorageError> {
+        let skus = skus.to_vec();
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM catalog WHERE sku = ?1)")?;
+            let mut known = Vec::new();
+            for sku in skus {
+                if stmt.query_row([sku.as_str()], |r| r.get::<_, bool>(0))? {
+                    known.push(sku);
+                }
+            }
+            Ok(known)
+        })
+        .await
+    }
+
+    async fn create_order(&self, order: &NewOrder) -> Result<CreateOutcome, StorageError> {
+        let order = order.clone();
+        self.write(move |tx| create_order(tx, &order)).await
+    }
+
+    async fn cancel_order(
+        &self,
+        order: &OrderId,
+        reason: CancelReason,
+        now_ms: u64,
+    ) -> Result<CancelOutcome, StorageError> {
+        let order = order.clone();
+        self.write(move |tx| cancel_order(tx, &order, reason, now_ms)).await
+    }
+
+    async fn order(&self, order: &OrderId) -> Result<Option<OrderRecord>, StorageError> {
+        let order = order.clone();
+        self.read(move |tx| load_order(tx, &order)).await
+    }
+
+    async fn store_orders(
+        &self,
+        store: &StoreId,
+        state: Option<OrderState>,
+        limit: u32,
+    ) -> Result<Vec<OrderRecord>, StorageError> {
+        let store = store.clone();
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {ORDER_COLUMNS} FROM orders WHERE store = ?1 AND {}
+                  ORDER BY created_ms DESC, order_id DESC LIMIT ?2",
+                codec::order_state_sql(state)
+            ))?;
+            collect(&mut stmt, params![store.as_str(), i64::from(limit)], order_record)
+        })
+        .await
+    }
+
+    async fn due_orders(&self, now_ms: u64, limit: u32) -> Result<Vec<OrderId>, StorageError> {
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT order_id FROM orders
+                  WHERE cancel_reason IS NULL AND handed_over_ms IS NULL AND expires_ms <= ?1
+                  ORDER BY expires_ms, order_id LIMIT ?2",
+            )?;
+            collect(&mut stmt, params![to_i64("time", now_ms)?, i64::from(limit)], |r| {
+                parse_order("due order", r.get(0)?)
+            })
+        })
+        .await
+    }
+
+    async fn allocations(&self, store: &StoreId, skus: Option<&[Sku]>) -> Result<Vec<Allocation>, StorageError> {
+        let (store, skus) = (store.clone(), skus.map(<[Sku]>::to_vec));
+        self.read(move |tx| allocations(tx, &store, skus.as_deref())).await
     }
 }

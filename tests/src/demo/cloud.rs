@@ -40,6 +40,7 @@ impl Cloud {
             max_skew_ms: 300_000,
             page_rows: 20_000,
             price_bounds: Bounds { decrease_pct: 60, increase_pct: 100 },
+            pickup_window_minutes: 2_880,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the cloud's port")?;
         let addr = listener.local_addr()?;
