@@ -131,9 +131,10 @@ pub struct SyncRequest {
     pub cursor: Cursor,
     /// Most rows the store wants in the answer (the cloud caps it at [`MAX_PAGE_ROWS`]).
     pub max_rows: u32,
-    /// Also send the store's own slots: set by a store until it has caught up once with a new
-    /// ledger (a rebuilt store gets back what it had pushed). Kept for every page of that
-    /// catch-up, not inferred from the cursor, which moves after the first page.
+    /// Also send the store's own rows (stock slots, allocation grants and handovers): set by a
+    /// store until it has caught up once with a new ledger (a rebuilt store gets back what it
+    /// had pushed). Kept for every page of that catch-up, not inferred from the cursor, which
+    /// moves after the first page.
     pub include_own_slots: bool,
 }
 

@@ -1,9 +1,16 @@
 //! Convergence by simulation (DESIGN sections 5, 8 and 13): many stores and the cloud, seeded
 //! random operations (sales, receipts, counts, HQ transfers, HQ and store prices, catalog
-//! edits), partitions, lost responses, replayed requests and stale answers, skewed, jumping and
-//! dead clocks, in random reconnect order. After every partition heals and every store syncs
-//! until quiet, all replicas must hold byte-identical state, no unit may be invented or lost,
-//! and every register must hold the write with the greatest HLC stamp.
+//! edits, online orders), partitions, lost responses, replayed requests and stale answers,
+//! skewed, jumping and dead clocks, in random reconnect order. After every partition heals and
+//! every store syncs until quiet, all replicas must hold byte-identical state, no unit may be
+//! invented or lost, and every register must hold the write with the greatest HLC stamp.
+//!
+//! Online orders (DESIGN 5 and 13.5, issue 7): stores grant units to the online channel from
+//! the free stock they see, HQ places multi-line orders against the channel's rights alone,
+//! cancels and expires them, stores hand them over and keep selling at the till. At every step,
+//! on every replica, units reserved online never exceed units granted, and every grant was
+//! covered by free stock; at the end every order has one status everywhere and the stock is
+//! the receipts minus the till sales minus the units of the orders handed over.
 //!
 //! Pure and deterministic: no I/O, no wall clock, one seeded RNG. The normal run covers a few
 //! seeds at a modest size; `CONVERGENCE_SCALE=large` runs a chain-sized one and
@@ -11,18 +18,25 @@
 
 #[path = "convergence/model.rs"]
 mod model;
+#[path = "convergence/online.rs"]
+mod online;
+#[path = "convergence/orders.rs"]
+mod orders;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use model::{Cloud, Refused, Store, MAX_SKEW_MS};
+use online::{check_key, Handover, HandoverRefusal, OrderRefused};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use shared::orders::{pickup_code_digest, OrderLine};
 use shared::sync::{Cursor, Push, Rows, SlotGroup, SlotValue, SyncRequest, SyncResponse};
 use shared::wire;
 use shared::{
-    ActorId, CatalogField, Currency, HlcStamp, Money, PriceEntry, PriceKey, PriceScope, PriceSlot, PriceValue, Sku,
-    Slot, StoreId, TaxClass, Unit, ValidityWindow,
+    ActorId, CatalogField, Currency, EscrowError, EscrowKey, EscrowRow, HlcStamp, Money, OrderHeader, OrderId,
+    OrderStatus, PriceEntry, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, Slot, StoreId, TaxClass, Unit,
+    ValidityWindow,
 };
 
 /// 2023-11-14, so dead-RTC clocks reading 1970 are far behind.
@@ -37,10 +51,13 @@ struct Scale {
     ops: usize,
     /// Page sizes (pull rows and push rows) are drawn per store from this range.
     page: (u32, u32),
+    /// SKUs sold online (the first, hot ones): few enough that grants, orders and till sales
+    /// meet on the same keys.
+    online: usize,
 }
 
-const NORMAL: Scale = Scale { name: "normal", stores: 8, skus: 40, ops: 3_000, page: (2, 24) };
-const LARGE: Scale = Scale { name: "large", stores: 50, skus: 2_000, ops: 200_000, page: (20, 400) };
+const NORMAL: Scale = Scale { name: "normal", stores: 8, skus: 40, ops: 3_000, page: (2, 24), online: 4 };
+const LARGE: Scale = Scale { name: "large", stores: 50, skus: 2_000, ops: 200_000, page: (20, 400), online: 8 };
 const NORMAL_SEEDS: [u64; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0x5eed, 0xC0FFEE, 20_260_101];
 
 fn scale() -> Scale {
@@ -116,6 +133,66 @@ struct Stats {
     refused_after_clock_fixed: u64,
 }
 
+/// What the online-order side of a run did (printed, and required to be non-zero).
+#[derive(Debug, Default, Clone, Copy)]
+struct OrderStats {
+    grants: u64,
+    /// The store's own check refused a grant beyond the free stock it saw.
+    grants_refused: u64,
+    releases: u64,
+    releases_refused: u64,
+    reserved: u64,
+    /// Refused whole: a line beyond the online channel's rights at the store.
+    refused_allocation: u64,
+    /// HQ placed an order again (a retry): nothing changed.
+    placed_again: u64,
+    cancelled: u64,
+    cancel_repeated: u64,
+    /// HQ's cancellation refused: the cloud had seen the order handed over.
+    cancel_refused_handed_over: u64,
+    expired: u64,
+    handed_over: u64,
+    handover_repeated: u64,
+    /// The store had seen HQ's cancellation (or expiry): refused, no stock moved.
+    handover_refused_cancelled: u64,
+    handover_refused_expired: u64,
+    handover_refused_at_risk: u64,
+    wrong_codes: u64,
+    /// Till sales that left (more) units promised online uncovered by the shelf.
+    at_risk: u64,
+    /// Where the orders stand at the end, everywhere.
+    final_waiting: u64,
+    final_cancelled: u64,
+    final_fulfilled: u64,
+    final_cancelled_but_fulfilled: u64,
+}
+
+/// Every movement of one (store, SKU), by cause: what its stock must add up to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flows {
+    receipts: i128,
+    sales: i128,
+    counted: i128,
+    transferred: i128,
+    handed_over: i128,
+}
+
+impl Flows {
+    /// Initial stock is zero: everything on the shelf came in as a receipt or a transfer.
+    fn net(&self) -> i128 {
+        self.receipts - self.sales + self.counted + self.transferred - self.handed_over
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Flow {
+    Receipt,
+    Sale,
+    Count,
+    Transfer,
+    HandOver,
+}
+
 struct World {
     seed: u64,
     scale: Scale,
@@ -126,9 +203,17 @@ struct World {
     cloud_skew_ms: i64,
     nodes: Vec<Node>,
     skus: Vec<Sku>,
+    sku_index: HashMap<Sku, usize>,
     eur: Currency,
-    /// Every movement ever made, per (store, sku): what the stock must add up to.
-    ledger: BTreeMap<(usize, usize), i128>,
+    /// Every movement ever made, per (store, sku), by cause.
+    flows: BTreeMap<(usize, usize), Flows>,
+    /// Every order HQ placed, with its store, and the pickup code HQ gave the customer.
+    orders: Vec<(usize, OrderId)>,
+    codes: HashMap<OrderId, String>,
+    next_order: u64,
+    /// Orders whose handover moved stock (once each).
+    handed: BTreeSet<OrderId>,
+    order_stats: OrderStats,
     /// The write with the greatest stamp ever made to each price register / catalog field.
     price_writes: BTreeMap<PriceKey, PriceEntry>,
     catalog_writes: BTreeMap<(Sku, &'static str), HlcStamp>,
@@ -184,8 +269,14 @@ impl World {
             real_ms: EPOCH_MS,
             nodes,
             skus: (0..scale.skus).map(|k| Sku::new(format!("SKU-{k:05}")).unwrap()).collect(),
+            sku_index: (0..scale.skus).map(|k| (Sku::new(format!("SKU-{k:05}")).unwrap(), k)).collect(),
             eur: Currency::new("EUR").unwrap(),
-            ledger: BTreeMap::new(),
+            flows: BTreeMap::new(),
+            orders: Vec::new(),
+            codes: HashMap::new(),
+            next_order: 0,
+            handed: BTreeSet::new(),
+            order_stats: OrderStats::default(),
             price_writes: BTreeMap::new(),
             catalog_writes: BTreeMap::new(),
             catalog_values: BTreeMap::new(),
@@ -228,12 +319,25 @@ impl World {
         }
     }
 
+    /// A SKU of the online range.
+    fn pick_online_sku(&mut self) -> usize {
+        self.rng.gen_range(0..self.scale.online)
+    }
+
     fn pick_store(&mut self) -> usize {
         self.rng.gen_range(0..self.nodes.len())
     }
 
-    fn record_movement(&mut self, s: usize, k: usize, movement: i64) {
-        *self.ledger.entry((s, k)).or_default() += i128::from(movement);
+    fn record_movement(&mut self, s: usize, k: usize, flow: Flow, movement: i64) {
+        let flows = self.flows.entry((s, k)).or_default();
+        let movement = i128::from(movement);
+        match flow {
+            Flow::Receipt => flows.receipts += movement,
+            Flow::Sale => flows.sales -= movement,
+            Flow::Count => flows.counted += movement,
+            Flow::Transfer => flows.transferred += movement,
+            Flow::HandOver => flows.handed_over -= movement,
+        }
     }
 
     fn record_price(&mut self, entry: &PriceEntry) {
@@ -300,13 +404,16 @@ impl World {
             }
         }
         match self.rng.gen_range(0..1000) {
-            0..=299 => {
-                let units = self.rng.gen_range(1..=5);
-                self.till(-units)
+            0..=293 => {
+                let (s, k, units) = (self.pick_store(), self.pick_sku(), self.rng.gen_range(1..=5));
+                self.sale(s, k, units)
             }
+            294..=299 => self.clear_shelf(),
             300..=379 => {
-                let units = self.rng.gen_range(10..=100);
-                self.till(units)
+                // Online SKUs are fast movers: they get a share of the deliveries of their own.
+                let k = if self.rng.gen_bool(0.25) { self.pick_online_sku() } else { self.pick_sku() };
+                let (s, units) = (self.pick_store(), self.rng.gen_range(10..=100));
+                self.receipt(s, k, units)
             }
             380..=429 => self.count(),
             430..=479 => self.transfer(),
@@ -315,6 +422,12 @@ impl World {
             550..=589 => self.store_price(),
             590..=604 => self.hq_catalog(),
             605..=612 => self.store_catalog(),
+            613..=652 => self.grant(),
+            653..=682 => self.online_order(),
+            683..=712 => self.hand_over(),
+            713..=715 => self.cancel(),
+            716..=721 => self.expire(),
+            722..=725 => self.release(),
             870..=879 => self.partition(),
             880..=889 => self.reconnect_wave(),
             890..=914 => self.replay(),
@@ -327,14 +440,32 @@ impl World {
                 self.session(s, true, 50);
             }
         }
+        self.check_allocation();
     }
 
-    /// A sale (negative) or a receipt (positive) at a random store.
-    fn till(&mut self, movement: i64) {
-        let (s, k) = (self.pick_store(), self.pick_sku());
-        self.nodes[s].store.move_stock(&self.skus[k], movement);
-        self.record_movement(s, k, movement);
-        self.note(format!("s{s} till {movement:+} of sku {k}"));
+    /// A till sale: never refused (the item is in the customer's hand), even when it eats into
+    /// units promised online; then the store's shortage alert must name the uncovered orders.
+    fn sale(&mut self, s: usize, k: usize, units: i64) {
+        let sku = self.skus[k].clone();
+        let before = self.nodes[s].store.at_risk(&sku);
+        self.nodes[s].store.move_stock(&sku, -units);
+        self.record_movement(s, k, Flow::Sale, -units);
+        let store = &self.nodes[s].store;
+        let after = store.at_risk(&sku);
+        let named = store.orders_at_risk(&sku);
+        assert_eq!(named.is_empty(), after == 0, "s{s} {sku}: {after} units at risk, orders named {named:?}");
+        let named_units: u64 = named.iter().map(|o| o.units).sum();
+        assert!(named_units >= after, "s{s} {sku}: the alert names {named_units} units of {after} at risk");
+        if after > before {
+            self.order_stats.at_risk += 1;
+        }
+        self.note(format!("s{s} till sells {units} of sku {k}, {after} units promised online at risk"));
+    }
+
+    fn receipt(&mut self, s: usize, k: usize, units: i64) {
+        self.nodes[s].store.move_stock(&self.skus[k], units);
+        self.record_movement(s, k, Flow::Receipt, units);
+        self.note(format!("s{s} receives {units} of sku {k}"));
     }
 
     /// A count is an observation (DESIGN 13.2): it records counted - seen, in the own slot.
@@ -344,7 +475,7 @@ impl World {
         let counted = (seen + i128::from(self.rng.gen_range(-3i64..=3))).max(0);
         let movement = i64::try_from(counted - seen).unwrap();
         self.nodes[s].store.move_stock(&self.skus[k], movement);
-        self.record_movement(s, k, movement);
+        self.record_movement(s, k, Flow::Count, movement);
         self.note(format!("s{s} counts {counted} of sku {k} (saw {seen})"));
     }
 
@@ -355,8 +486,8 @@ impl World {
         let units = self.rng.gen_range(1..=20);
         self.cloud.move_stock(from, &self.skus[k], -units);
         self.cloud.move_stock(to, &self.skus[k], units);
-        self.record_movement(from, k, -units);
-        self.record_movement(to, k, units);
+        self.record_movement(from, k, Flow::Transfer, -units);
+        self.record_movement(to, k, Flow::Transfer, units);
         self.note(format!("HQ transfers {units} of sku {k} s{from} -> s{to}"));
     }
 
@@ -477,7 +608,13 @@ impl World {
             value: Some(PriceValue { amount: Money::new(1, self.eur), window: None }),
             stamp,
         };
-        let variant = self.rng.gen_range(0..5);
+        let own_key = EscrowKey { store: id.clone(), sku: sku.clone() };
+        let forged = OrderId::new(format!("FORGED-{}", self.op)).expect("a valid order id");
+        let variant = self.rng.gen_range(0..9);
+        if variant >= 5 {
+            // As the slot above: a legitimate-looking own grant first.
+            rows.escrow.push(EscrowRow::Granted { key: own_key.clone(), granted: 1_000_000 });
+        }
         match variant {
             0 => rows.stock.push(SlotGroup {
                 store: other_id.clone(),
@@ -491,7 +628,27 @@ impl World {
             }),
             2 => rows.prices.push(price(PriceScope::Chain, stamp.clone())),
             3 => rows.prices.push(price(PriceScope::Store(other_id.clone()), stamp.clone())),
-            _ => store = other_id.clone(),
+            4 => store = other_id.clone(),
+            5 => rows.escrow.push(EscrowRow::Reservation {
+                key: own_key.clone(),
+                order: forged.clone(),
+                units: 1,
+                seq: 1,
+                cancelled: false,
+            }),
+            6 => rows.escrow.push(EscrowRow::Released { key: own_key.clone(), released: 1 }),
+            7 => rows
+                .escrow
+                .push(EscrowRow::Granted { key: EscrowKey { store: other_id.clone(), sku: sku.clone() }, granted: 7 }),
+            _ => rows.orders.push(OrderHeader {
+                pickup_code_digest: pickup_code_digest(&forged, "000000"),
+                order: forged.clone(),
+                store: id.clone(),
+                customer_ref: "forged".into(),
+                created_at_ms: 1,
+                expires_at_ms: 2,
+                lines: vec![OrderLine { sku: sku.clone(), units: 1 }],
+            }),
         }
         let request = SyncRequest {
             store,
@@ -644,6 +801,7 @@ impl World {
                 let pending = self.nodes[s].store.pending();
                 assert!(round == 0 || !pending, "s{s} still had changes to push in the second round");
                 assert!(self.session(s, false, 1_000_000), "s{s} did not get quiet");
+                self.check_allocation();
             }
         }
     }
@@ -668,7 +826,7 @@ impl World {
                 *per_sku.entry(row.key.sku.clone()).or_default() += row.slot.value();
             }
             for (k, sku) in self.skus.iter().enumerate() {
-                let expected = self.ledger.get(&(s, k)).copied().unwrap_or(0);
+                let expected = self.flows.get(&(s, k)).map_or(0, Flows::net);
                 let at_cloud = per_sku.get(sku).copied().unwrap_or(0);
                 assert_eq!(at_cloud, expected, "cloud stock of s{s}/{sku} against the movements made");
                 if k % 7 == 0 {
@@ -711,7 +869,9 @@ impl World {
                 }
             }
         }
-        // (4) A replica rebuilt from `Cursor::default()` gets the cloud's projection.
+        // (4) Online orders: one status everywhere, every unit accounted for once.
+        self.check_orders();
+        // (5) A replica rebuilt from `Cursor::default()` gets the cloud's projection.
         for s in 0..n {
             self.check_bootstrap(s);
         }
@@ -741,6 +901,9 @@ impl World {
             }
         }
         self.stats.multi_page_bootstraps += u64::from(pages > 1);
+        for key in fresh.take_dirty() {
+            check_key(&format!("rebuilt s{s}"), fresh.escrow.get(&key).expect("a merged key"));
+        }
         let expected = self.cloud.projection(s);
         let got = fresh.projection();
         assert!(
@@ -753,7 +916,7 @@ impl World {
 
 /// Runs one seed to the end and checks it (a failure names the seed, see `World`'s drop);
 /// returns what the run exercised.
-fn simulate(seed: u64, scale: Scale) -> (Stats, model::CloudStats, model::StoreStats, u64) {
+fn simulate(seed: u64, scale: Scale) -> (Stats, model::CloudStats, model::StoreStats, u64, OrderStats) {
     let mut world = World::new(seed, scale);
     world.run();
     let mut store_stats = model::StoreStats::default();
@@ -767,7 +930,7 @@ fn simulate(seed: u64, scale: Scale) -> (Stats, model::CloudStats, model::StoreS
         store_stats.acked_moved_back += st.acked_moved_back;
         jumps += node.store.clock.jumps;
     }
-    (world.stats, world.cloud.stats, store_stats, jumps)
+    (world.stats, world.cloud.stats, store_stats, jumps, world.order_stats)
 }
 
 #[test]
@@ -777,11 +940,13 @@ fn stores_and_cloud_converge_under_partitions_faults_and_skew() {
     let mut total_cloud = model::CloudStats::default();
     let mut total_store = model::StoreStats::default();
     let mut total_jumps = 0;
+    let mut total_orders = OrderStats::default();
     for seed in seeds(scale) {
         let started = std::time::Instant::now();
-        let (stats, cloud, store, jumps) = simulate(seed, scale);
+        let (stats, cloud, store, jumps, orders) = simulate(seed, scale);
         println!(
-            "seed {seed} ({} scale, {:.2?}): {stats:?}\n  cloud {cloud:?}\n  stores {store:?}, clock jumps {jumps}",
+            "seed {seed} ({} scale, {:.2?}): {stats:?}\n  cloud {cloud:?}\n  stores {store:?}, clock jumps {jumps}\n  \
+             online orders {orders:?}",
             scale.name,
             started.elapsed()
         );
@@ -792,6 +957,11 @@ fn stores_and_cloud_converge_under_partitions_faults_and_skew() {
             partitions, reconnect_waves, clock_ahead, dead_rtc, unreachable, multi_page_bootstraps);
         add!(total_cloud, cloud: refused_skew, refused_ownership, pages_with_more, own_slots_skipped);
         add!(total_store, store: truncated_pushes, pages_with_more, skew_refused, acked_moved_back);
+        add!(total_cloud, cloud: own_escrow_skipped, oversized_order_pages);
+        add!(total_orders, orders: grants, grants_refused, releases, releases_refused, reserved, refused_allocation,
+            placed_again, cancelled, cancel_repeated, cancel_refused_handed_over, expired, handed_over,
+            handover_repeated, handover_refused_cancelled, handover_refused_expired, handover_refused_at_risk,
+            wrong_codes, at_risk, final_waiting, final_cancelled, final_fulfilled, final_cancelled_but_fulfilled);
         total_jumps += jumps;
     }
     if std::env::var("CONVERGENCE_SEED").is_ok() {
@@ -817,6 +987,23 @@ fn stores_and_cloud_converge_under_partitions_faults_and_skew() {
         ("acknowledged versions moved back by stale answers", total_store.acked_moved_back),
         ("multi-page bootstraps", total.multi_page_bootstraps),
         ("HLC jumps", total_jumps),
+        ("grants to the online channel", total_orders.grants),
+        ("grants refused by the store's own check", total_orders.grants_refused),
+        ("releases", total_orders.releases),
+        ("releases beyond the rights refused", total_orders.releases_refused),
+        ("orders reserved", total_orders.reserved),
+        ("orders refused for insufficient allocation", total_orders.refused_allocation),
+        ("orders placed again", total_orders.placed_again),
+        ("orders cancelled", total_orders.cancelled),
+        ("orders expired", total_orders.expired),
+        ("cancellations refused after a handover", total_orders.cancel_refused_handed_over),
+        ("orders handed over", total_orders.handed_over),
+        ("repeated handovers", total_orders.handover_repeated),
+        ("handovers refused as cancelled", total_orders.handover_refused_cancelled),
+        ("wrong pickup codes", total_orders.wrong_codes),
+        ("at-risk situations", total_orders.at_risk),
+        ("orders cancelled but fulfilled", total_orders.final_cancelled_but_fulfilled),
+        ("own allocation rows skipped in pulls", total_cloud.own_escrow_skipped),
     ];
     for (what, count) in exercised {
         assert!(count > 0, "the simulation never exercised {what}");
@@ -903,4 +1090,105 @@ fn paged_bootstrap_of_a_rebuilt_store_gets_all_its_own_slots() {
     exchange(&mut cloud, &mut rebuilt, EPOCH_MS + 100, true);
     let held: i128 = skus.iter().map(|s| cloud.stock(0).value(&id, s)).sum();
     assert_eq!(held, 53);
+}
+
+fn header(id: &str, store: &StoreId, lines: &[(&Sku, u64)], code: &str) -> OrderHeader {
+    let order = OrderId::new(id).unwrap();
+    let now = i64::try_from(EPOCH_MS).unwrap();
+    OrderHeader {
+        pickup_code_digest: pickup_code_digest(&order, code),
+        order,
+        store: store.clone(),
+        customer_ref: "customer 1".into(),
+        created_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        lines: lines.iter().map(|(sku, units)| OrderLine { sku: (*sku).clone(), units: *units }).collect(),
+    }
+}
+
+/// Issue 7's race, step by step: HQ cancels a two-line order while the store, offline, hands
+/// it over. After sync both sides hold the same rows; the order counts once, as fulfilled (its
+/// units left the store, so none goes back to free stock), and both name it for HQ to settle.
+#[test]
+fn an_order_cancelled_while_the_store_hands_it_over_offline_counts_once_as_fulfilled() {
+    let id = StoreId::new("s1").unwrap();
+    let mut cloud = Cloud::new(std::slice::from_ref(&id));
+    let mut store = Store::new(id.clone(), 50, 50);
+    let (milk, eggs) = (sku("MILK"), sku("EGGS"));
+    store.move_stock(&milk, 10);
+    store.move_stock(&eggs, 10);
+    store.grant(&milk, 5, 2).unwrap();
+    store.grant(&eggs, 5, 2).unwrap();
+    let err = store.grant(&eggs, 4, 2).unwrap_err();
+    assert!(matches!(err, EscrowError::InsufficientFreeStock { free: 3, .. }), "{err}");
+    exchange(&mut cloud, &mut store, EPOCH_MS, true);
+    let order = header("W1", &id, &[(&milk, 3), (&eggs, 2)], "424242");
+    let w1 = order.order.clone();
+    let too_big = header("W2", &id, &[(&milk, 1), (&eggs, 6)], "111111");
+    assert!(matches!(cloud.reserve_order(too_big), Err(OrderRefused::Allocation(_))));
+    assert!(cloud.order(0, &OrderId::new("W2").unwrap()).is_none(), "a refused order reserves no line");
+    assert!(cloud.reserve_order(order.clone()).unwrap());
+    exchange(&mut cloud, &mut store, EPOCH_MS + 10, true);
+    assert_eq!(store.orders.get(&w1), Some(&order));
+
+    assert!(cloud.cancel_order(0, &w1).unwrap(), "HQ cancels while the store is offline");
+    assert!(matches!(store.hand_over(&w1, "000000", EPOCH_MS + 20), Handover::Refused(HandoverRefusal::WrongCode)));
+    match store.hand_over(&w1, "424242", EPOCH_MS + 20) {
+        Handover::Done(lines) => assert_eq!(lines, vec![(milk.clone(), 3), (eggs.clone(), 2)]),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(store.hand_over(&w1, "424242", EPOCH_MS + 21), Handover::Repeated));
+    exchange(&mut cloud, &mut store, EPOCH_MS + 30, true);
+    exchange(&mut cloud, &mut store, EPOCH_MS + 40, true);
+
+    assert!(
+        cloud.projection(0).bytes() == store.projection().bytes(),
+        "{}",
+        cloud.projection(0).diff(&store.projection())
+    );
+    for sku in [&milk, &eggs] {
+        let key = EscrowKey { store: id.clone(), sku: sku.clone() };
+        for (side, escrow) in
+            [("cloud", cloud.escrow(0).get(&key).unwrap()), ("store", store.escrow.get(&key).unwrap())]
+        {
+            assert_eq!(escrow.order(&w1).unwrap().status, OrderStatus::CancelledButFulfilled, "{side} {sku}");
+            assert_eq!(escrow.conflicts().len(), 1, "{side} names the order for HQ to settle");
+            let counted = check_key(side, escrow);
+            assert_eq!((counted.cancelled, counted.promised), (0, 0), "{side} {sku}: nothing back in free stock");
+        }
+    }
+    assert_eq!((cloud.stock(0).value(&id, &milk), cloud.stock(0).value(&id, &eggs)), (7, 8));
+    assert!(!cloud.cancel_order(0, &w1).unwrap(), "cancelling again changes nothing");
+}
+
+/// An order travels whole: a store that asks for pages of two rows still gets a three-line
+/// order (header and lines) in one page, never a line without its order.
+#[test]
+fn a_page_carries_an_order_whole_even_above_the_rows_asked_for() {
+    let id = StoreId::new("s1").unwrap();
+    let mut cloud = Cloud::new(std::slice::from_ref(&id));
+    let mut store = Store::new(id.clone(), 2, 50);
+    let skus: Vec<Sku> = ["A", "B", "C"].into_iter().map(sku).collect();
+    for s in &skus {
+        store.move_stock(s, 5);
+        store.grant(s, 5, 0).unwrap();
+    }
+    exchange(&mut cloud, &mut store, EPOCH_MS, true);
+    let lines: Vec<(&Sku, u64)> = skus.iter().map(|s| (s, 1)).collect();
+    assert!(cloud.reserve_order(header("W1", &id, &lines, "123456")).unwrap());
+    let mut sizes = Vec::new();
+    for t in 1..10 {
+        let request = store.request(EPOCH_MS + t);
+        let answer = cloud.handle(&id, &wire::encode(&request).unwrap(), EPOCH_MS + t).unwrap();
+        let response: SyncResponse = wire::decode(&answer).unwrap();
+        store.apply(&response, EPOCH_MS + t);
+        sizes.push((response.rows.orders.len(), response.rows.escrow.len()));
+        if !response.more {
+            break;
+        }
+    }
+    assert!(sizes.contains(&(1, 3)), "the order and its three lines in one page: {sizes:?}");
+    assert_eq!(cloud.stats.oversized_order_pages, 1);
+    assert!(matches!(store.hand_over(&OrderId::new("W1").unwrap(), "123456", EPOCH_MS + 20), Handover::Done(_)));
+    assert_eq!(skus.iter().map(|s| store.value(s)).sum::<i128>(), 12);
 }

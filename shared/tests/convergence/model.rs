@@ -1,19 +1,29 @@
 //! The two kinds of replica of the convergence simulation, a store hub and the cloud, built on
-//! the `shared` crate's own state types (`StockState`, `PriceBook`, `CatalogItem`, `Hlc`) and
-//! speaking the real sync messages (`SyncRequest`, `SyncResponse`, checked by `check_push`,
-//! carried by `shared::wire`), so the simulation tests the library rather than a copy of it.
+//! the `shared` crate's own state types (`StockState`, `PriceBook`, `CatalogItem`, `Hlc`,
+//! `EscrowState`, `OrderHeader`) and speaking the real sync messages (`SyncRequest`,
+//! `SyncResponse`, checked by `check_push`, carried by `shared::wire`), so the simulation tests
+//! the library rather than a copy of it.
 //!
 //! Written here is only what the library leaves to its callers: the cloud's per-partition
 //! version index and the store's outbox of its own changes (SQL tables in cloud-sync and
-//! edge-agent), and the paging of pushes and pulls over them.
+//! edge-agent), the paging of pushes and pulls over them, and the order-level rules around the
+//! per-line escrow: the cloud reserves and cancels a whole order or none of it, a page carries an
+//! order's header with all its lines, and the store hands over a whole order or none of it.
+
+// The model returns the library's own `EscrowError` by value, as the library's API does (clippy
+// exempts exported APIs from this lint, not a test crate's).
+#![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::online::{line_keys, reservation, EscrowRowId, Handover, HandoverRefusal, OrderRefused};
+use shared::escrow::{Applied, EscrowError, OrderStatus, OrderView};
 use shared::sync::{self, check_push, Cursor, Push, PushRefusal, Rows, SyncRequest, SyncResponse, MAX_PAGE_ROWS};
 use shared::wire::{self, WireError};
 use shared::{
-    effective_price, ActorId, CatalogField, CatalogItem, CatalogUpdate, Hlc, HlcStamp, PriceBook, PriceEntry, PriceKey,
-    PriceScope, PriceSlot, PriceValue, SkewError, Sku, SlotKey, SlotRow, StockState, StoreId,
+    effective_price, ActorId, CatalogField, CatalogItem, CatalogUpdate, EscrowKey, EscrowOp, EscrowRow, EscrowState,
+    Hlc, HlcStamp, OrderHeader, OrderId, PriceBook, PriceEntry, PriceKey, PriceScope, PriceSlot, PriceValue, Side,
+    SkewError, Sku, SlotKey, SlotRow, StockState, StoreId,
 };
 
 /// Every clock's skew fence: remote stamps further ahead of local wall time are refused.
@@ -25,6 +35,11 @@ pub enum RowKey {
     Slot(SlotKey),
     Price(PriceKey),
     Catalog(Sku, &'static str),
+    /// A store-owned (granted, fulfilled) or cloud-owned (released) allocation row.
+    Escrow(EscrowRowId),
+    /// An online order: its header and every line's reservation row under one version, so a
+    /// page never carries a line without its order nor an order without all its lines.
+    Order(OrderId),
 }
 
 /// Rows with the version at which each last changed, so "rows changed since V" is a range scan
@@ -99,6 +114,10 @@ pub struct Projection {
     pub slots: Vec<SlotRow>,
     pub prices: Vec<PriceEntry>,
     pub catalog: Vec<CatalogUpdate>,
+    /// The store's online allocation rows, every kind and owner.
+    pub escrow: Vec<EscrowRow>,
+    /// The headers of the store's online orders.
+    pub orders: Vec<OrderHeader>,
 }
 
 impl Projection {
@@ -106,12 +125,15 @@ impl Projection {
         self.slots.sort();
         self.prices.sort();
         self.catalog.sort();
+        self.escrow.sort();
+        self.orders.sort();
         self
     }
 
     /// The projection encoded in its canonical order through the sync wire envelope.
     pub fn bytes(&self) -> Vec<u8> {
-        wire::encode(&(&self.slots, &self.prices, &self.catalog)).expect("a projection encodes")
+        wire::encode(&(&self.slots, &self.prices, &self.catalog, &self.escrow, &self.orders))
+            .expect("a projection encodes")
     }
 
     /// A short description of how two projections differ, for a failure message.
@@ -126,6 +148,8 @@ impl Projection {
         let mut lines = side("slot", &self.slots, &other.slots);
         lines.extend(side("price", &self.prices, &other.prices));
         lines.extend(side("catalog", &self.catalog, &other.catalog));
+        lines.extend(side("escrow", &self.escrow, &other.escrow));
+        lines.extend(side("order", &self.orders, &other.orders));
         lines.join("\n")
     }
 }
@@ -168,6 +192,8 @@ pub enum Refused {
     UnknownStore(StoreId),
     Push(Box<PushRefusal>),
     Skew(SkewError),
+    /// Allocation rows that do not merge (an order id reused, a count out of range).
+    Escrow(EscrowError),
 }
 
 impl std::fmt::Display for Refused {
@@ -177,6 +203,7 @@ impl std::fmt::Display for Refused {
             Refused::UnknownStore(s) => write!(f, "unknown store {s}"),
             Refused::Push(e) => write!(f, "push refused: {e}"),
             Refused::Skew(e) => write!(f, "skew fence: {e}"),
+            Refused::Escrow(e) => write!(f, "allocation rows refused: {e}"),
         }
     }
 }
@@ -188,12 +215,20 @@ pub struct CloudStats {
     pub refused_skew: u64,
     pub pages_with_more: u64,
     pub own_slots_skipped: u64,
+    pub own_escrow_skipped: u64,
+    /// Pages that carried one whole order although it was larger than the rows asked for.
+    pub oversized_order_pages: u64,
 }
 
 struct StorePart {
     index: VersionIndex,
     stock: StockState,
     prices: PriceBook,
+    /// The store's online allocation rows, every owner.
+    escrow: EscrowState,
+    orders: BTreeMap<OrderId, OrderHeader>,
+    /// Keys changed since the simulation last checked them.
+    dirty: BTreeSet<EscrowKey>,
     acked: u64,
 }
 
@@ -208,6 +243,8 @@ pub struct Cloud {
     catalog: BTreeMap<Sku, CatalogItem>,
     /// Per store: its stock slots (every actor) and its store-scope prices.
     parts: Vec<StorePart>,
+    /// Orders not known to be over, by expiry: (expires at, store, order).
+    expiry: BTreeSet<(i64, usize, OrderId)>,
     pub stats: CloudStats,
 }
 
@@ -226,9 +263,13 @@ impl Cloud {
                     index: VersionIndex::default(),
                     stock: StockState::new(),
                     prices: PriceBook::new(),
+                    escrow: EscrowState::new(),
+                    orders: BTreeMap::new(),
+                    dirty: BTreeSet::new(),
                     acked: 0,
                 })
                 .collect(),
+            expiry: BTreeSet::new(),
             stats: CloudStats::default(),
         }
     }
@@ -260,7 +301,8 @@ impl Cloud {
             }
         }
         if let Some(push) = &request.push {
-            self.merge_push(idx, push);
+            // Allocation rows merge first and all or nothing: a refusal leaves the cloud as it was.
+            self.merge_push(idx, push).map_err(Refused::Escrow)?;
             let part = &mut self.parts[idx];
             if push.from_version <= part.acked {
                 part.acked = part.acked.max(push.to_version);
@@ -281,12 +323,25 @@ impl Cloud {
         Ok(wire::encode(&response).expect("a response encodes"))
     }
 
-    fn merge_push(&mut self, idx: usize, push: &Push) {
+    fn merge_push(&mut self, idx: usize, push: &Push) -> Result<(), EscrowError> {
+        let part = &mut self.parts[idx];
+        for row in part.escrow.merge(&push.rows.escrow)? {
+            let id = EscrowRowId::of(&row).filter(EscrowRowId::store_owned);
+            let id = id.unwrap_or_else(|| panic!("check_push let a store change a cloud row: {row:?}"));
+            if let EscrowRowId::Fulfilled(_, order) = &id {
+                assert!(
+                    part.orders.contains_key(order),
+                    "store {} handed over order {order}, never placed",
+                    self.stores[idx]
+                );
+            }
+            part.dirty.insert(id.key().clone());
+            part.index.touch(RowKey::Escrow(id));
+        }
         let slots: Vec<SlotRow> = push.rows.slot_rows().collect();
         for row in &slots {
             row.validate().expect("check_push bounds every count");
         }
-        let part = &mut self.parts[idx];
         for changed in part.stock.merge(&slots) {
             part.index.touch(RowKey::Slot(changed.key));
         }
@@ -300,15 +355,21 @@ impl Cloud {
                 self.chain.touch(RowKey::Catalog(update.sku.clone(), update.field.name()));
             }
         }
+        Ok(())
     }
 
     /// The rows of `store` beyond `cursor`: the chain partition first, then the store's own,
-    /// each in version order. The store's own slots are left out unless the request asks for
-    /// them (`SyncRequest::include_own_slots`); skipped rows still move the cursor.
+    /// each in version order. The store's own rows (its stock slots, its granted and fulfilled
+    /// rows) are left out unless the request asks for them (`SyncRequest::include_own_slots`);
+    /// skipped rows still move the cursor. An order travels whole (its header and every line's
+    /// reservation): it ends the page if it does not fit, unless the page is empty, and then it
+    /// is sent alone above the rows asked for (at most `MAX_ORDER_LINES + 1` rows, far below
+    /// `MAX_PAGE_ROWS`), so every order can be pulled.
     fn page(&mut self, idx: usize, cursor: Cursor, max_rows: u32, with_own: bool) -> (Rows, Cursor, bool) {
         let limit = max_rows.clamp(1, MAX_PAGE_ROWS) as usize;
         let own = ActorId::for_store(&self.stores[idx]);
-        let (mut slots, mut prices, mut catalog) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rows = Rows::default();
+        let mut slots = Vec::new();
         let mut taken = 0;
         let mut next = cursor;
         let mut more = false;
@@ -318,11 +379,11 @@ impl Cloud {
                 break;
             }
             match key {
-                RowKey::Price(k) => prices.push(self.chain_prices.get(k).expect("indexed price").clone()),
+                RowKey::Price(k) => rows.prices.push(self.chain_prices.get(k).expect("indexed price").clone()),
                 RowKey::Catalog(sku, field) => {
-                    catalog.push(catalog_row(&self.catalog, sku, field).expect("indexed catalog field"))
+                    rows.catalog.push(catalog_row(&self.catalog, sku, field).expect("indexed catalog field"))
                 }
-                RowKey::Slot(k) => panic!("slot {k} in the chain partition"),
+                other => panic!("{other:?} in the chain partition"),
             }
             taken += 1;
             next.chain = version;
@@ -331,30 +392,49 @@ impl Cloud {
             next.chain = next.chain.max(self.chain.head());
             let part = &self.parts[idx];
             for (version, key) in part.index.after(cursor.store) {
-                if let RowKey::Slot(k) = key {
-                    if !with_own && k.actor == own {
-                        self.stats.own_slots_skipped += 1;
-                        next.store = version;
-                        continue;
-                    }
+                let skip = match key {
+                    RowKey::Slot(k) if !with_own && k.actor == own => Some(&mut self.stats.own_slots_skipped),
+                    RowKey::Escrow(id) if !with_own && id.store_owned() => Some(&mut self.stats.own_escrow_skipped),
+                    _ => None,
+                };
+                if let Some(counter) = skip {
+                    *counter += 1;
+                    next.store = version;
+                    continue;
                 }
-                if taken == limit {
+                let cost = match key {
+                    RowKey::Order(order) => 1 + part.orders.get(order).expect("indexed order").lines.len(),
+                    _ => 1,
+                };
+                if taken > 0 && taken + cost > limit {
                     more = true;
                     break;
                 }
+                self.stats.oversized_order_pages += u64::from(cost > limit);
                 match key {
                     RowKey::Slot(k) => slots.push(SlotRow { key: k.clone(), slot: part.stock.slot(k) }),
-                    RowKey::Price(k) => prices.push(part.prices.get(k).expect("indexed price").clone()),
+                    RowKey::Price(k) => rows.prices.push(part.prices.get(k).expect("indexed price").clone()),
+                    RowKey::Escrow(id) => rows.escrow.push(id.find(&part.escrow).expect("indexed allocation row")),
+                    RowKey::Order(order) => {
+                        let header = part.orders.get(order).expect("indexed order");
+                        for line in &header.lines {
+                            let key = EscrowKey { store: header.store.clone(), sku: line.sku.clone() };
+                            let row = reservation(&part.escrow, &key, order);
+                            rows.escrow.push(row.expect("every line of a placed order is reserved"));
+                        }
+                        rows.orders.push(header.clone());
+                    }
                     RowKey::Catalog(..) => panic!("catalog row in a store partition"),
                 }
-                taken += 1;
+                taken += cost;
                 next.store = version;
             }
             if !more {
                 next.store = next.store.max(part.index.head());
             }
         }
-        (Rows { stock: Rows::group_slots(slots), prices, catalog, ..Rows::default() }, next, more)
+        rows.stock = Rows::group_slots(slots);
+        (rows, next, more)
     }
 
     /// A movement of the cloud actor's slot (a transfer leg, an HQ correction).
@@ -365,6 +445,93 @@ impl Cloud {
         if movement != 0 {
             part.index.touch(RowKey::Slot(key));
         }
+    }
+
+    /// HQ places an online order: every line reserved against the online channel's rights at
+    /// the store, or none (each line is tried on a copy first). Placing the same order again is
+    /// harmless (`Ok(false)`). Its header and reservations share one version.
+    pub fn reserve_order(&mut self, header: OrderHeader) -> Result<bool, OrderRefused> {
+        header.validate().map_err(OrderRefused::Header)?;
+        let idx = self.ids[&header.store];
+        let part = &mut self.parts[idx];
+        if let Some(held) = part.orders.get(&header.order) {
+            held.check_same(&header).map_err(OrderRefused::Header)?;
+            return Ok(false);
+        }
+        let keys = line_keys(&header);
+        for (key, line) in keys.iter().zip(&header.lines) {
+            let mut copy = part.escrow.escrow(key);
+            copy.reserve(&Side::Cloud, header.order.clone(), line.units).map_err(OrderRefused::Allocation)?;
+        }
+        for (key, line) in keys.into_iter().zip(&header.lines) {
+            let op = EscrowOp::Reserve { order: header.order.clone(), units: line.units };
+            let applied = part.escrow.apply(&Side::Cloud, &key, op).expect("a line that reserves on a copy reserves");
+            assert!(applied.changed, "order {}: a new order's line was already reserved", header.order);
+            part.dirty.insert(key);
+        }
+        part.index.touch(RowKey::Order(header.order.clone()));
+        self.expiry.insert((header.expires_at_ms, idx, header.order.clone()));
+        part.orders.insert(header.order.clone(), header);
+        Ok(true)
+    }
+
+    /// HQ cancels a whole order, or none of it: refused with `AlreadyFulfilled` when the cloud
+    /// knows a line was handed over (a store's push may carry some of an order's handovers
+    /// before the rest). `Ok(false)` if it was cancelled before.
+    pub fn cancel_order(&mut self, store: usize, order: &OrderId) -> Result<bool, EscrowError> {
+        let part = &mut self.parts[store];
+        let header = part.orders.get(order).unwrap_or_else(|| panic!("HQ cancels order {order}, never placed"));
+        let keys = line_keys(header);
+        for key in &keys {
+            part.escrow.escrow(key).cancel(&Side::Cloud, order)?;
+        }
+        let mut changed = false;
+        for key in keys {
+            let op = EscrowOp::Cancel { order: order.clone() };
+            let applied = part.escrow.apply(&Side::Cloud, &key, op).expect("a line that cancels on a copy cancels");
+            changed |= applied.changed;
+            part.dirty.insert(key);
+        }
+        if changed {
+            part.index.touch(RowKey::Order(order.clone()));
+        }
+        Ok(changed)
+    }
+
+    /// HQ's expiry sweep: every order whose pickup time is over at `now_ms` (the cloud's clock)
+    /// is cancelled as expired, unless the cloud knows it was handed over. Returns each order
+    /// looked at with what `cancel_order` said.
+    pub fn expire(&mut self, now_ms: i64) -> Vec<(usize, OrderId, Result<bool, EscrowError>)> {
+        let mut out = Vec::new();
+        while self.expiry.first().is_some_and(|(at, _, _)| *at <= now_ms) {
+            let Some((_, store, order)) = self.expiry.pop_first() else { break };
+            let outcome = self.cancel_order(store, &order);
+            out.push((store, order, outcome));
+        }
+        out
+    }
+
+    /// HQ lowers a store's online allocation: unreserved rights go back to the store.
+    pub fn release(&mut self, store: usize, sku: &Sku, units: u64) -> Result<Applied, EscrowError> {
+        let key = EscrowKey { store: self.stores[store].clone(), sku: sku.clone() };
+        let part = &mut self.parts[store];
+        let applied = part.escrow.apply(&Side::Cloud, &key, EscrowOp::Release { units })?;
+        part.index.touch(RowKey::Escrow(EscrowRowId::Released(key.clone())));
+        part.dirty.insert(key);
+        Ok(applied)
+    }
+
+    pub fn escrow(&self, store: usize) -> &EscrowState {
+        &self.parts[store].escrow
+    }
+
+    pub fn order(&self, store: usize, order: &OrderId) -> Option<&OrderHeader> {
+        self.parts[store].orders.get(order)
+    }
+
+    /// Allocation keys of `store` changed since the last call.
+    pub fn take_dirty(&mut self, store: usize) -> BTreeSet<EscrowKey> {
+        std::mem::take(&mut self.parts[store].dirty)
     }
 
     /// An HQ price write, stamped by the cloud's clock.
@@ -442,6 +609,8 @@ impl Cloud {
             slots: part.stock.rows(),
             prices: self.chain_prices.entries().chain(part.prices.entries()).cloned().collect(),
             catalog: self.catalog.values().flat_map(catalog_rows).collect(),
+            escrow: part.escrow.rows(),
+            orders: part.orders.values().cloned().collect(),
         }
         .canonical()
     }
@@ -457,13 +626,21 @@ pub struct StoreStats {
 }
 
 /// A store hub: its own slots and the cloud's slots of this store, the chain's and its own
-/// prices, the catalog; an outbox of its own changes and its sync positions.
+/// prices, the catalog, its online allocation and order headers; an outbox of its own changes
+/// and its sync positions.
 pub struct Store {
     pub id: StoreId,
     pub actor: ActorId,
     pub stock: StockState,
     pub prices: PriceBook,
     pub catalog: BTreeMap<Sku, CatalogItem>,
+    /// The allocation rows of this store's keys, every owner.
+    pub escrow: EscrowState,
+    pub orders: BTreeMap<OrderId, OrderHeader>,
+    /// Order ids in the order their headers arrived (for the simulation to pick from).
+    pub order_ids: Vec<OrderId>,
+    /// Allocation keys changed since the simulation last checked them.
+    dirty: BTreeSet<EscrowKey>,
     pub clock: Clock,
     /// Own changes, by local change version: what a push carries.
     outbox: VersionIndex,
@@ -487,6 +664,10 @@ impl Store {
             stock: StockState::new(),
             prices: PriceBook::new(),
             catalog: BTreeMap::new(),
+            escrow: EscrowState::new(),
+            orders: BTreeMap::new(),
+            order_ids: Vec::new(),
+            dirty: BTreeSet::new(),
             outbox: VersionIndex::default(),
             pushed: 0,
             cursor: Cursor::default(),
@@ -523,6 +704,104 @@ impl Store {
         if movement != 0 {
             self.outbox.touch(RowKey::Slot(key));
         }
+    }
+
+    /// The allocation key of one of this store's SKUs.
+    pub fn escrow_key(&self, sku: &Sku) -> EscrowKey {
+        EscrowKey { store: self.id.clone(), sku: sku.clone() }
+    }
+
+    /// Grants `units` of `sku` to the online channel, keeping `safety_stock` back for walk-in
+    /// customers: the library checks it against the free stock this replica sees.
+    pub fn grant(&mut self, sku: &Sku, units: u64, safety_stock: u64) -> Result<Applied, EscrowError> {
+        let key = self.escrow_key(sku);
+        let op = EscrowOp::Grant { units, on_hand: self.value(sku), safety_stock };
+        let applied = self.escrow.apply(&Side::Store(self.id.clone()), &key, op)?;
+        self.outbox.touch(RowKey::Escrow(EscrowRowId::Granted(key.clone())));
+        self.dirty.insert(key);
+        Ok(applied)
+    }
+
+    /// Units promised online that the shelf no longer covers (DESIGN 5's shortage alert).
+    pub fn at_risk(&self, sku: &Sku) -> u64 {
+        self.escrow.get(&self.escrow_key(sku)).map_or(0, |e| e.at_risk(self.value(sku)))
+    }
+
+    /// The orders named by the shortage alert of `sku`.
+    pub fn orders_at_risk(&self, sku: &Sku) -> Vec<OrderView> {
+        self.escrow.get(&self.escrow_key(sku)).map_or_else(Vec::new, |e| e.orders_at_risk(self.value(sku)))
+    }
+
+    /// A customer presents `code` for `order` at the counter, at `now_ms` on the store's clock.
+    /// The whole order is handed over or none of it: each line's handover and its stock
+    /// movement out of the store's own slot are recorded in this one step.
+    pub fn hand_over(&mut self, order: &OrderId, code: &str, now_ms: u64) -> Handover {
+        let Some(header) = self.orders.get(order).cloned() else {
+            return Handover::Refused(HandoverRefusal::UnknownOrder);
+        };
+        if !header.code_matches(code) {
+            return Handover::Refused(HandoverRefusal::WrongCode);
+        }
+        let side = Side::Store(self.id.clone());
+        let keys = line_keys(&header);
+        let statuses: Vec<OrderStatus> = keys
+            .iter()
+            .zip(&header.lines)
+            .map(|(key, line)| {
+                let view = self.escrow.get(key).and_then(|e| e.order(order));
+                let view = view.unwrap_or_else(|| panic!("store {}: order {order} without its line {key}", self.id));
+                assert_eq!(view.units, line.units, "store {}: order {order} line {key} against its header", self.id);
+                view.status
+            })
+            .collect();
+        // The cloud cancels whole orders and pages them whole; the store hands over whole orders.
+        assert!(statuses.windows(2).all(|w| w[0] == w[1]), "store {}: order {order} split: {statuses:?}", self.id);
+        match statuses[0] {
+            OrderStatus::Fulfilled | OrderStatus::CancelledButFulfilled => {
+                for key in &keys {
+                    let again = self.escrow.apply(&side, key, EscrowOp::Fulfil { order: order.clone() });
+                    let again = again.unwrap_or_else(|e| panic!("store {}: a repeated handover refused: {e}", self.id));
+                    assert_eq!((again.changed, again.stock_out), (false, 0), "a repeated handover moves nothing");
+                }
+                return Handover::Repeated;
+            }
+            OrderStatus::Cancelled => {
+                let refused = self.escrow.apply(&side, &keys[0], EscrowOp::Fulfil { order: order.clone() });
+                return match refused {
+                    Err(e @ EscrowError::OrderCancelled { .. }) => Handover::Refused(HandoverRefusal::Cancelled(e)),
+                    other => panic!("store {}: handover of cancelled order {order} gave {other:?}", self.id),
+                };
+            }
+            OrderStatus::Reserved => {}
+        }
+        if header.is_expired(i64::try_from(now_ms).expect("simulated time fits i64")) {
+            return Handover::Refused(HandoverRefusal::Expired);
+        }
+        if header.lines.iter().any(|line| self.orders_at_risk(&line.sku).iter().any(|o| o.order == *order)) {
+            return Handover::Refused(HandoverRefusal::AtRisk);
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, line) in keys.into_iter().zip(&header.lines) {
+            let applied = self.escrow.apply(&side, &key, EscrowOp::Fulfil { order: order.clone() });
+            let applied = applied.unwrap_or_else(|e| panic!("store {}: handover of {order} refused: {e}", self.id));
+            assert_eq!(
+                (applied.changed, applied.stock_out),
+                (true, line.units),
+                "store {}: handover of {order}",
+                self.id
+            );
+            let movement = i64::try_from(applied.stock_out).expect("order units fit a stock movement");
+            self.move_stock(&line.sku, -movement);
+            self.outbox.touch(RowKey::Escrow(EscrowRowId::Fulfilled(key.clone(), order.clone())));
+            self.dirty.insert(key);
+            out.push((line.sku.clone(), applied.stock_out));
+        }
+        Handover::Done(out)
+    }
+
+    /// Allocation keys changed since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<EscrowKey> {
+        std::mem::take(&mut self.dirty)
     }
 
     /// A store-scope price set at the store, stamped by the store's clock.
@@ -568,7 +847,7 @@ impl Store {
     /// merged over it) is left out: `check_push` would refuse the whole request for it, and the
     /// store's write lost to one the cloud already holds.
     fn push_page(&mut self) -> Push {
-        let (mut slots, mut prices, mut catalog) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut slots, mut prices, mut catalog, mut escrow) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut to = self.outbox.head();
         let mut examined = self.pushed;
         let mut taken = 0;
@@ -598,12 +877,17 @@ impl Store {
                         taken += 1;
                     }
                 }
+                RowKey::Escrow(id) => {
+                    escrow.push(id.find(&self.escrow).expect("an outbox allocation row is in the state"));
+                    taken += 1;
+                }
+                RowKey::Order(order) => panic!("order {order} in a store's outbox: only HQ places orders"),
             }
         }
         Push {
             from_version: self.pushed,
             to_version: to,
-            rows: Rows { stock: Rows::group_slots(slots), prices, catalog, ..Rows::default() },
+            rows: Rows { stock: Rows::group_slots(slots), prices, catalog, escrow, orders: Vec::new() },
         }
     }
 
@@ -632,6 +916,7 @@ impl Store {
         for update in &response.rows.catalog {
             merge_catalog(&mut self.catalog, update);
         }
+        self.merge_orders(&response.rows);
         self.stats.acked_moved_back += u64::from(response.acked_version < self.pushed);
         self.stats.pages_with_more += u64::from(response.more);
         if response.acked_version > self.outbox.head() {
@@ -645,7 +930,48 @@ impl Store {
         self.cursor = response.next_cursor;
     }
 
-    /// The outbox names exactly the store's own slots (`StockState` agrees with the index).
+    /// Merges a page's allocation rows and order headers: every row of this store's keys, every
+    /// reservation with its order's header, every header with all its lines.
+    fn merge_orders(&mut self, rows: &Rows) {
+        let id = &self.id;
+        let in_page: BTreeSet<&OrderId> = rows.orders.iter().map(|h| &h.order).collect();
+        for header in &rows.orders {
+            assert_eq!(header.store, *id, "the cloud sent store {id} order {} of {}", header.order, header.store);
+            header.validate().unwrap_or_else(|e| panic!("the cloud sent store {id} a bad header: {e}"));
+        }
+        for row in &rows.escrow {
+            assert_eq!(row.key().store, *id, "the cloud sent store {id} an allocation row of {}", row.key());
+            if let EscrowRow::Reservation { order, .. } = row {
+                let known = in_page.contains(order) || self.orders.contains_key(order);
+                assert!(known, "the cloud sent store {id} a line of order {order} without its header");
+            }
+        }
+        let before = self.escrow.version();
+        let changed = self.escrow.merge(&rows.escrow);
+        let mut changed =
+            changed.unwrap_or_else(|e| panic!("store {id}: the cloud's allocation rows do not merge: {e}"));
+        let mut delta = self.escrow.delta_since(before);
+        changed.sort();
+        delta.sort();
+        assert_eq!(changed, delta, "escrow merge reports exactly the rows delta_since sees changed");
+        self.dirty.extend(changed.iter().map(|row| row.key().clone()));
+        for header in &rows.orders {
+            match self.orders.get(&header.order) {
+                Some(held) => held.check_same(header).unwrap_or_else(|e| panic!("store {id}: {e}")),
+                None => {
+                    self.orders.insert(header.order.clone(), header.clone());
+                    self.order_ids.push(header.order.clone());
+                }
+            }
+            for key in line_keys(header) {
+                let line = self.escrow.get(&key).and_then(|e| e.order(&header.order));
+                assert!(line.is_some(), "store {id}: order {} arrived without its line {key}", header.order);
+            }
+        }
+    }
+
+    /// The outbox names exactly the store's own slots and own allocation rows (the states agree
+    /// with the index).
     pub fn check_outbox(&self) {
         let in_state: BTreeSet<SlotKey> =
             self.stock.rows().into_iter().filter(|r| r.key.actor == self.actor).map(|r| r.key).collect();
@@ -658,6 +984,17 @@ impl Store {
             })
             .collect();
         assert_eq!(in_state, in_outbox, "store {}: outbox and own slots disagree", self.id);
+        let own_rows: BTreeSet<EscrowRowId> =
+            self.escrow.rows().iter().filter_map(EscrowRowId::of).filter(EscrowRowId::store_owned).collect();
+        let in_outbox: BTreeSet<EscrowRowId> = self
+            .outbox
+            .after(0)
+            .filter_map(|(_, k)| match k {
+                RowKey::Escrow(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(own_rows, in_outbox, "store {}: outbox and own allocation rows disagree", self.id);
     }
 
     pub fn projection(&self) -> Projection {
@@ -665,6 +1002,8 @@ impl Store {
             slots: self.stock.rows(),
             prices: self.prices.entries().cloned().collect(),
             catalog: self.catalog.values().flat_map(catalog_rows).collect(),
+            escrow: self.escrow.rows(),
+            orders: self.orders.values().cloned().collect(),
         }
         .canonical()
     }
