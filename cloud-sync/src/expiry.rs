@@ -2,8 +2,9 @@
 //! `expired` kept beside them (the replicated state only learns `cancelled`, and the store gives
 //! the units back to its free stock). A task in `serve` sweeps on an interval; each order is
 //! cancelled in its own transaction under its store's partition lock, so several service
-//! processes sweeping at once cancel each order once, and an order handed over meanwhile is left
-//! alone.
+//! processes sweeping at once cancel each order once (and count and log it once: only the
+//! cancellation that changed it says so), and an order handed over meanwhile is left alone. A
+//! sweep stops between orders when the service shuts down: what is left is due at the next.
 
 use std::time::Duration;
 
@@ -24,19 +25,24 @@ pub struct Sweep {
     pub skipped: usize,
 }
 
-/// Cancels every order due at `now_ms`, oldest expiry first.
-pub async fn sweep<S: Storage>(storage: &S, now_ms: u64) -> Result<Sweep, StorageError> {
+/// Cancels every order due at `now_ms`, oldest expiry first, until `stop` is cancelled (checked
+/// between orders, so a shutdown waits for one transaction at most).
+pub async fn sweep<S: Storage>(storage: &S, now_ms: u64, stop: &CancellationToken) -> Result<Sweep, StorageError> {
     let mut done = Sweep::default();
     loop {
         let due = storage.due_orders(now_ms, SWEEP_BATCH).await?;
         let before = done.expired;
         for order in &due {
+            if stop.is_cancelled() {
+                return Ok(done);
+            }
             match storage.cancel_order(order, CancelReason::Expired, now_ms).await? {
-                CancelOutcome::Cancelled(record) if record.cancel_reason == Some(CancelReason::Expired) => {
+                CancelOutcome::Cancelled { record, .. } if record.cancel_reason == Some(CancelReason::Expired) => {
                     tracing::info!(order_id = %order, store_id = %record.header.store, "Online order expired: not picked up in time");
                     done.expired += 1;
                 }
-                CancelOutcome::Cancelled(_) | CancelOutcome::NotFound => done.skipped += 1,
+                // Cancelled by HQ or by another sweeper since it was read as due.
+                CancelOutcome::Cancelled { .. } | CancelOutcome::NotFound => done.skipped += 1,
                 CancelOutcome::AlreadyFulfilled { record, .. } => {
                     tracing::info!(order_id = %order, store_id = %record.header.store, "Expired order was handed over: left as it is");
                     done.skipped += 1;
@@ -60,7 +66,7 @@ pub async fn run<S: Storage>(storage: S, every: Duration, stop: CancellationToke
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match sweep(&storage, crate::http::now_ms()).await {
+        match sweep(&storage, crate::http::now_ms(), &stop).await {
             Ok(s) if s.expired > 0 => tracing::info!(expired = s.expired, "Expired online orders cancelled"),
             Ok(_) => {}
             Err(e) => {

@@ -148,7 +148,7 @@ impl From<StorageError> for Failure {
             | StorageError::Corrupt(_)
             | StorageError::Overflow { .. } => Failure::Data(e.to_string()),
             StorageError::Sqlite(_) | StorageError::Postgres(_) => Failure::Unavailable(e.to_string()),
-            StorageError::Task(_) => Failure::Internal(e.to_string()),
+            StorageError::Task(_) | StorageError::Invariant(_) => Failure::Internal(e.to_string()),
         }
     }
 }

@@ -121,10 +121,42 @@ pub struct OrderView {
     pub at_risk: bool,
 }
 
+/// The allocations of a store's SKUs, each with the orders its stock no longer covers, worked
+/// out once per SKU: a listing shows many orders of the same few SKUs, and
+/// `Escrow::orders_at_risk` walks every order of its key.
+#[derive(Debug, Clone, Default)]
+pub struct Allocations {
+    by_sku: BTreeMap<Sku, (Allocation, BTreeSet<OrderId>)>,
+}
+
+impl Allocations {
+    pub fn get(&self, sku: &Sku) -> Option<&Allocation> {
+        self.by_sku.get(sku).map(|(a, _)| a)
+    }
+
+    /// Whether `sku`'s stock no longer covers `order`'s line of it.
+    pub fn line_at_risk(&self, sku: &Sku, order: &OrderId) -> bool {
+        self.by_sku.get(sku).is_some_and(|(_, risk)| risk.contains(order))
+    }
+}
+
+impl FromIterator<Allocation> for Allocations {
+    fn from_iter<I: IntoIterator<Item = Allocation>>(allocations: I) -> Allocations {
+        let by_sku = allocations
+            .into_iter()
+            .map(|a| {
+                let risk = a.escrow.orders_at_risk(a.on_hand).into_iter().map(|o| o.order).collect();
+                (a.escrow.key().sku.clone(), (a, risk))
+            })
+            .collect();
+        Allocations { by_sku }
+    }
+}
+
 /// Joins an order's record with the allocation of its SKUs. Errors name the order and line
 /// whose reservation is missing (the header and its reservations are written together, so
 /// that is a damaged database).
-pub fn order_view(record: &OrderRecord, allocations: &BTreeMap<Sku, Allocation>) -> Result<OrderView, String> {
+pub fn order_view(record: &OrderRecord, allocations: &Allocations) -> Result<OrderView, String> {
     let order = &record.header.order;
     let mut lines = Vec::with_capacity(record.header.lines.len());
     let mut at_risk = false;
@@ -132,7 +164,7 @@ pub fn order_view(record: &OrderRecord, allocations: &BTreeMap<Sku, Allocation>)
         let missing = || format!("order {order}: line {} ({}) has no reservation in the database", i + 1, line.sku);
         let allocation = allocations.get(&line.sku).ok_or_else(missing)?;
         let seen = allocation.escrow.order(order).ok_or_else(missing)?;
-        at_risk |= allocation.escrow.orders_at_risk(allocation.on_hand).iter().any(|o| o.order == *order);
+        at_risk |= allocations.line_at_risk(&line.sku, order);
         lines.push(LineView {
             sku: line.sku.clone(),
             units: line.units,
@@ -296,10 +328,13 @@ mod tests {
         let mut eggs = escrow("EGGS", 1);
         eggs.reserve(&Side::Cloud, id("W2"), 1).unwrap();
         eggs.fulfil(&Side::Store(store()), &id("W2")).unwrap();
-        let allocations: BTreeMap<Sku, Allocation> = [(milk, 4), (eggs, 0)]
-            .into_iter()
-            .map(|(escrow, on_hand)| (escrow.key().sku.clone(), Allocation { escrow, on_hand }))
-            .collect();
+        let all: Vec<Allocation> =
+            [(milk, 4), (eggs, 0)].into_iter().map(|(escrow, on_hand)| Allocation { escrow, on_hand }).collect();
+        let allocations: Allocations = all.iter().cloned().collect();
+        assert!(
+            allocations.line_at_risk(&sku("MILK"), &id("W2")) && !allocations.line_at_risk(&sku("MILK"), &id("W1"))
+        );
+        assert!(!allocations.line_at_risk(&sku("BREAD"), &id("W2")));
         let w1 = order_view(&record("W1", &[("MILK", 2)], None), &allocations).unwrap();
         assert_eq!((w1.state, w1.at_risk), (OrderState::Reserved, false), "reserved first, covered first");
         let w2 = order_view(&record("W2", &[("MILK", 3), ("EGGS", 1)], None), &allocations).unwrap();
@@ -309,7 +344,6 @@ mod tests {
         let err = order_view(&record("W3", &[("MILK", 1)], None), &allocations).unwrap_err();
         assert_eq!(err, "order W3: line 1 (MILK) has no reservation in the database");
 
-        let all: Vec<Allocation> = allocations.into_values().collect();
         let risk = at_risk(&all);
         assert_eq!(risk.lines, vec![LineAtRisk { order: id("W2"), sku: sku("MILK"), units: 3 }]);
         assert_eq!(risk.shortages, vec![Shortage { sku: sku("MILK"), on_hand: 4, promised: 5, short: 1 }]);

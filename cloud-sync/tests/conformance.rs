@@ -7,9 +7,12 @@
 //! PostgreSQL tests skip with a note, except under `CI=true`, where they fail.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cloud_sync::expiry::{self, Sweep};
 use cloud_sync::orders::{self, OrderState};
 use cloud_sync::storage::postgres::PostgresStorage;
 use cloud_sync::storage::sqlite::SqliteStorage;
@@ -24,6 +27,7 @@ use shared::{
     ActorId, CatalogField, CatalogUpdate, Currency, EscrowKey, EscrowRow, HlcStamp, Money, OrderHeader, OrderId,
     PriceEntry, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, Slot, SlotKey, SlotRow, StoreId,
 };
+use tokio_util::sync::CancellationToken;
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -135,6 +139,8 @@ async fn story<S: Storage>(storage: S) {
     for s in [&s1, &s2, &s3] {
         storage.add_store(s, sha(&format!("token-{s}")), NOW).await.unwrap();
     }
+    assert!(storage.store_exists(&s2).await.unwrap());
+    assert!(!storage.store_exists(&store("s9")).await.unwrap());
     let dup = storage.add_store(&s1, sha("another"), NOW).await.unwrap_err();
     assert!(matches!(&dup, StorageError::StoreExists(s) if *s == s1), "{dup}");
     storage.add_admin("hq", sha("admin-token"), NOW).await.unwrap();
@@ -711,7 +717,15 @@ async fn created<S: Storage>(storage: &S, order: &NewOrder) -> OrderRecord {
 
 async fn cancelled<S: Storage>(storage: &S, order: &str, reason: CancelReason, now: u64) -> OrderRecord {
     match storage.cancel_order(&order_id(order), reason, now).await.unwrap() {
-        CancelOutcome::Cancelled(record) => record,
+        CancelOutcome::Cancelled { record, .. } => record,
+        other => panic!("order {order} not cancelled: {other:?}"),
+    }
+}
+
+/// Whether cancelling `order` changed anything (it must be cancelled, now or before).
+async fn cancel_changed<S: Storage>(storage: &S, order: &str, reason: CancelReason, now: u64) -> bool {
+    match storage.cancel_order(&order_id(order), reason, now).await.unwrap() {
+        CancelOutcome::Cancelled { changed, .. } => changed,
         other => panic!("order {order} not cancelled: {other:?}"),
     }
 }
@@ -721,8 +735,7 @@ async fn seen<S: Storage>(storage: &S, order: &str) -> orders::OrderView {
     let record = storage.order(&order_id(order)).await.unwrap().expect("order exists");
     let skus: Vec<Sku> = record.header.lines.iter().map(|l| l.sku.clone()).collect();
     let allocations = storage.allocations(&record.header.store, Some(&skus)).await.unwrap();
-    let by_sku = allocations.into_iter().map(|a| (a.escrow.key().sku.clone(), a)).collect();
-    orders::order_view(&record, &by_sku).unwrap()
+    orders::order_view(&record, &allocations.into_iter().collect()).unwrap()
 }
 
 /// `(granted, released, reserved, cancelled, fulfilled, promised, rights)` of each SKU.
@@ -865,6 +878,7 @@ async fn orders_story<S: Storage>(storage: S) {
     let w1c = cancelled(&storage, "W-1", CancelReason::Cancelled, NOW + 10).await;
     assert_eq!((w1c.cancel_reason, w1c.cancelled_at_ms), (Some(CancelReason::Cancelled), Some(NOW + 10)));
     assert_eq!(cancelled(&storage, "W-1", CancelReason::Cancelled, NOW + 20).await, w1c);
+    assert!(!cancel_changed(&storage, "W-1", CancelReason::Cancelled, NOW + 20).await, "a repeat changes nothing");
     let (pages, c2) = pull_pages(&storage, &s1, c1, 1, false, &[&w1, &w2]).await;
     assert_eq!(pages.len(), 1, "both lines' cancellations in one page");
     assert!(pages[0].orders.is_empty(), "the header was sent with the order");
@@ -919,9 +933,10 @@ async fn orders_story<S: Storage>(storage: S) {
     storage.push(report(&s1, Some(&picked), 7, c2, None)).await.unwrap();
     assert!(storage.due_orders(NOW + 999, 10).await.unwrap().is_empty());
     assert_eq!(storage.due_orders(NOW + 1_000, 10).await.unwrap(), vec![order_id("W-4")]);
-    let swept = cloud_sync::expiry::sweep(&storage, NOW + 2_000).await.unwrap();
+    let live = CancellationToken::new();
+    let swept = expiry::sweep(&storage, NOW + 2_000, &live).await.unwrap();
     assert_eq!((swept.expired, swept.skipped), (1, 0));
-    assert_eq!(cloud_sync::expiry::sweep(&storage, NOW + 3_000).await.unwrap().expired, 0);
+    assert_eq!(expiry::sweep(&storage, NOW + 3_000, &live).await.unwrap().expired, 0);
     let w4 = storage.order(&order_id("W-4")).await.unwrap().unwrap();
     assert_eq!((w4.cancel_reason, w4.cancelled_at_ms), (Some(CancelReason::Expired), Some(NOW + 2_000)));
     assert_eq!(seen(&storage, "W-4").await.state, OrderState::Expired);
@@ -958,6 +973,114 @@ async fn orders_story<S: Storage>(storage: S) {
     assert_eq!((all.rows.orders.len(), all.rows.escrow.len()), (4, 4), "{:?}", all.rows);
 }
 
+/// The reservation totals of a schema-2 database are rebuilt from its rows on upgrade: the
+/// next order gets the same rights and `seq` as the whole escrow would give it.
+const SQLITE_TO_SCHEMA_2: &str = "DROP TABLE escrow_totals; PRAGMA user_version = 2;";
+const POSTGRES_TO_SCHEMA_2: &str = "DROP TABLE escrow_totals; UPDATE schema_version SET version = 2;";
+
+/// A reservation row no order operation may read: it is in MILK's history, not in any order's.
+const DAMAGED_HISTORY: &str = "INSERT INTO escrow_rows (store, sku, kind, order_id, units, seq, cancelled, version)
+     VALUES ('s1', 'MILK', 'reservation', 'not an id', 1, 99, false, 0)";
+
+/// Order operations read a bounded set of rows and say what they did: a creation reads its keys'
+/// grant, release and reservation totals (rebuilt by the upgrade from schema 2), a cancellation
+/// or expiry only the order's own rows, so a damaged row in a SKU's history, which a whole-key
+/// read trips on, never reaches them. A handover row naming a SKU the order lacks hands nothing
+/// over; a repeated cancel and a second sweeper report no change; a stopped sweep stops.
+/// `raw` runs SQL on the same database behind the storage's back.
+async fn bounded_orders_story<S, F>(storage: S, to_schema_2: &'static str, raw: impl Fn(&'static str) -> F)
+where
+    S: Storage,
+    F: Future<Output = ()>,
+{
+    let s1 = store("s1");
+    storage.migrate().await.unwrap();
+    storage.add_store(&s1, sha("token-s1"), NOW).await.unwrap();
+    let grants = vec![granted(&s1, "MILK", 10), granted(&s1, "EGGS", 4)];
+    let grant = store_push(&s1, 0, 1, &[("MILK", 20, 0), ("EGGS", 5, 0)], grants);
+    storage.push(report(&s1, Some(&grant), 1, Cursor::default(), None)).await.unwrap();
+    created(&storage, &new_order("H-1", &s1, &[("MILK", 2)], "111111", HOUR)).await;
+    created(&storage, &new_order("H-2", &s1, &[("MILK", 3), ("EGGS", 1)], "222222", HOUR)).await;
+
+    raw(to_schema_2).await;
+    storage.migrate().await.unwrap();
+    let short = new_order("H-3", &s1, &[("MILK", 6)], "333333", HOUR);
+    let expected = vec![ShortLine { sku: sku("MILK"), wanted: 6, available: 5 }];
+    assert_eq!(storage.create_order(&short).await.unwrap(), CreateOutcome::Short(expected));
+    created(&storage, &new_order("H-3", &s1, &[("MILK", 5)], "333333", HOUR)).await;
+    let milk = storage.allocations(&s1, Some(&[sku("MILK")])).await.unwrap().remove(0).escrow;
+    let seqs: Vec<(String, u64)> = milk.orders().iter().map(|o| (o.order.to_string(), o.seq)).collect();
+    assert_eq!(seqs, [("H-1".into(), 1), ("H-2".into(), 2), ("H-3".into(), 3)]);
+
+    raw(DAMAGED_HISTORY).await;
+    let err = storage.allocations(&s1, Some(&[sku("MILK")])).await.unwrap_err();
+    assert!(matches!(&err, StorageError::Corrupt(m) if m.contains("not an id")), "{err}");
+    let more = store_push(&s1, 1, 2, &[], vec![granted(&s1, "MILK", 12)]);
+    storage.push(report(&s1, Some(&more), 2, Cursor::default(), None)).await.unwrap();
+    created(&storage, &new_order("H-4", &s1, &[("MILK", 2)], "444444", 1_000)).await;
+    let short = new_order("H-5", &s1, &[("MILK", 1)], "555555", HOUR);
+    let expected = vec![ShortLine { sku: sku("MILK"), wanted: 1, available: 0 }];
+    assert_eq!(storage.create_order(&short).await.unwrap(), CreateOutcome::Short(expected));
+
+    assert!(cancel_changed(&storage, "H-1", CancelReason::Cancelled, NOW + 10).await);
+    assert!(!cancel_changed(&storage, "H-1", CancelReason::Cancelled, NOW + 20).await);
+    assert!(!cancel_changed(&storage, "H-1", CancelReason::Expired, NOW + 30).await);
+    let h1 = storage.order(&order_id("H-1")).await.unwrap().unwrap();
+    assert_eq!((h1.cancel_reason, h1.cancelled_at_ms), (Some(CancelReason::Cancelled), Some(NOW + 10)));
+
+    // H-3 has no EGGS line: a store's EGGS handover row for it is kept, but hands nothing over.
+    let stray = store_push(&s1, 2, 3, &[], vec![fulfilled(&s1, "EGGS", "H-3")]);
+    storage.push(report(&s1, Some(&stray), 3, Cursor::default(), None)).await.unwrap();
+    assert_eq!(storage.order(&order_id("H-3")).await.unwrap().unwrap().handed_over_at_ms, None);
+    assert!(listed(&storage, &s1, Some(OrderState::Fulfilled), 10).await.is_empty());
+    let (rebuilt, _) = pull_pages(&storage, &s1, Cursor::default(), 1000, true, &[]).await;
+    assert!(rebuilt.iter().any(|p| p.escrow.contains(&fulfilled(&s1, "EGGS", "H-3"))), "the row is merged");
+    let real = store_push(&s1, 3, 4, &[("MILK", 20, 5)], vec![fulfilled(&s1, "MILK", "H-3")]);
+    storage.push(report(&s1, Some(&real), 4, Cursor::default(), None)).await.unwrap();
+    assert_eq!(storage.order(&order_id("H-3")).await.unwrap().unwrap().handed_over_at_ms, Some(NOW));
+
+    // A sweep told to stop leaves what is due for the next one.
+    created(&storage, &new_order("H-6", &s1, &[("EGGS", 1)], "666666", 1_000)).await;
+    created(&storage, &new_order("H-7", &s1, &[("EGGS", 2)], "777777", 1_000)).await;
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    assert_eq!(expiry::sweep(&storage, NOW + 2_000, &stopped).await.unwrap(), Sweep::default());
+    assert_eq!(storage.due_orders(NOW + 2_000, 10).await.unwrap().len(), 3);
+    // Two sweepers at once (two service processes): each order expires, and is counted, once.
+    let live = CancellationToken::new();
+    let (a, b) = tokio::join!(expiry::sweep(&storage, NOW + 2_000, &live), expiry::sweep(&storage, NOW + 2_000, &live));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.expired + b.expired, 3, "{a:?} {b:?}");
+    assert_eq!(listed(&storage, &s1, Some(OrderState::Expired), 10).await, ["H-7", "H-6", "H-4"]);
+    assert!(storage.due_orders(NOW + 2_000, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_bounded_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("cloud.db");
+    let raw = |sql: &'static str| {
+        let path = path.clone();
+        async move { rusqlite::Connection::open(&path).unwrap().execute_batch(sql).unwrap() }
+    };
+    bounded_orders_story(SqliteStorage::open(&path).unwrap(), SQLITE_TO_SCHEMA_2, raw).await;
+}
+
+#[tokio::test]
+async fn postgres_bounded_orders() {
+    let Some(db) = TestDb::create().await else { return };
+    let raw = |sql: &'static str| {
+        let conninfo = db.conninfo.clone();
+        async move {
+            let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.unwrap();
+        }
+    };
+    let storage = PostgresStorage::connect(&db.conninfo).await.unwrap();
+    bounded_orders_story(storage, POSTGRES_TO_SCHEMA_2, raw).await;
+}
+
 #[tokio::test]
 async fn sqlite_orders() {
     let dir = tempfile::tempdir().unwrap();
@@ -972,10 +1095,16 @@ async fn postgres_orders() {
 
 /// Two service processes take orders for one store at once: the partition lock makes each
 /// reservation see the last, so the channel never promises more than the store granted, and one
-/// order id sent to both is created once.
+/// order id sent to both is created once. The server's default isolation is REPEATABLE READ
+/// here: the writes ask for READ COMMITTED themselves (under the default, a transaction that
+/// waited for the lock would fail to serialize, or read the totals from before it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_concurrent_orders_never_promise_a_unit_twice() {
     let Some(db) = TestDb::create().await else { return };
+    let (admin, conn) = tokio_postgres::connect(&db.conninfo, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let isolation = format!("ALTER DATABASE {} SET default_transaction_isolation TO 'repeatable read'", db.name);
+    admin.batch_execute(&isolation).await.unwrap();
     let (a, b) =
         (PostgresStorage::connect(&db.conninfo).await.unwrap(), PostgresStorage::connect(&db.conninfo).await.unwrap());
     a.migrate().await.unwrap();

@@ -730,7 +730,8 @@ async fn an_online_order_is_reserved_shown_cancelled_and_refused_by_the_hq_api()
     // Expired: not picked up in time (the sweep the service runs on an interval).
     let soon = json!({"order":"W-1004","store":"s1","customer_ref":"c","lines":[{"sku":"EGGS","units":1}],"pickup_window_minutes":1});
     assert_eq!(cloud.order(&soon).await.status, 201);
-    let swept = cloud_sync::expiry::sweep(&cloud.storage, now_ms() + 61_000).await.unwrap();
+    let live = tokio_util::sync::CancellationToken::new();
+    let swept = cloud_sync::expiry::sweep(&cloud.storage, now_ms() + 61_000, &live).await.unwrap();
     assert_eq!(swept.expired, 1);
     let expired = cloud.get("/v1/hq/orders/W-1004", &cloud.admin).await.json();
     assert_eq!(

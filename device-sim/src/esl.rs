@@ -1,6 +1,7 @@
 //! A fleet of simulated shelf labels on one MQTT connection: each label checks in, applies the
 //! render commands addressed to it and acks them with the content hash it now shows. Labels can
-//! be made silent (never ack) to play a dead battery. Counts what each label was told.
+//! be made silent (never ack) to play a dead battery, from the start or at any moment (a label
+//! that showed a price, then stopped taking updates). Counts what each label was told.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub struct LabelStats {
 pub struct EslFleet {
     pub stats: Arc<Mutex<HashMap<String, LabelStats>>>,
     pub client: AsyncClient,
+    silent: Arc<Mutex<HashSet<String>>>,
 }
 
 impl EslFleet {
@@ -50,7 +52,9 @@ impl EslFleet {
                     client.try_publish(format!("se/v1/{store}/dev/esl/{label}/evt"), QoS::AtLeastOnce, false, bytes);
             }
         }
+        let silent = Arc::new(Mutex::new(silent));
         let (fleet_client, fleet_stats, store) = (client.clone(), stats.clone(), store.to_owned());
+        let fleet_silent = silent.clone();
         let cmd_filter = format!("se/v1/{store}/dev/esl/+/cmd");
         tokio::spawn(async move {
             loop {
@@ -62,7 +66,7 @@ impl EslFleet {
                         let Ok(env) = fp::payload::decode(&p.payload) else { continue };
                         let fp::Body::LabelRender(render) = env.body else { continue };
                         let label = env.device.to_string();
-                        if silent.contains(&label) {
+                        if fleet_silent.lock().unwrap().contains(&label) {
                             if let Some(s) = fleet_stats.lock().unwrap().get_mut(&label) {
                                 s.commands += 1;
                             }
@@ -102,7 +106,12 @@ impl EslFleet {
                 }
             }
         });
-        EslFleet { stats, client }
+        EslFleet { stats, client, silent }
+    }
+
+    /// From now on `label` keeps showing what it shows and answers nothing (a broken display).
+    pub fn silence(&self, label: &str) {
+        self.silent.lock().unwrap().insert(label.to_owned());
     }
 
     /// What each label was told and shows.

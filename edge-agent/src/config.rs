@@ -30,6 +30,9 @@ pub struct Config {
     pub rfid: RfidSection,
     /// Electronic shelf labels (over MQTT). Absent: no labels.
     pub labels: Option<LabelsSection>,
+    /// What every lane of this store charges when a shelf label and the system disagree.
+    #[serde(default)]
+    pub lane: LanePolicySection,
     /// Self-checkout lanes of this store.
     #[serde(default)]
     pub lanes: Vec<LaneSection>,
@@ -44,6 +47,10 @@ pub struct Config {
     pub control: ControlSection,
     /// Prometheus metrics. Absent: none served.
     pub metrics: Option<MetricsSection>,
+    /// Online pickup orders: how much of each SKU to keep granted to the online channel.
+    /// Absent (or `enabled = false`): the store grants nothing.
+    #[serde(default)]
+    pub online: crate::orders::OnlinePolicy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,8 +169,17 @@ impl CloudSection {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSection {
-    /// The store's broker, `mqtt://host:port`. Absent: an embedded broker on `embedded_listen`.
+    /// The store's broker, `mqtt://host:port`, or `mqtts://host:port` for TLS (then `ca_file`
+    /// is required). Absent: an embedded broker on `embedded_listen`. Also accepted as `url`.
+    #[serde(alias = "url")]
     pub broker: Option<String>,
+    /// TLS: PEM file of the CA certificate(s) the broker's certificate must chain to (for a
+    /// publicly signed broker, the system bundle such as `/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_file: Option<PathBuf>,
+    /// TLS client authentication: this hub's certificate chain and private key (PEM), both or
+    /// neither.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     #[serde(default = "default_embedded_listen")]
     pub embedded_listen: std::net::SocketAddr,
     pub username: Option<String>,
@@ -185,6 +201,8 @@ impl std::fmt::Debug for MqttSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttSection")
             .field("broker", &self.broker)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
@@ -202,18 +220,67 @@ fn default_heartbeat_timeout() -> u64 {
 }
 
 impl MqttSection {
+    /// Whether the broker is reached over TLS (`mqtts://`).
+    pub fn broker_tls(&self) -> bool {
+        self.broker.as_deref().is_some_and(|u| u.starts_with("mqtts://"))
+    }
+
     /// `(host, port)` of the broker to connect to (the embedded one when none is configured).
     pub fn broker_address(&self) -> Result<(String, u16), String> {
         let Some(url) = &self.broker else {
             return Ok((self.embedded_listen.ip().to_string(), self.embedded_listen.port()));
         };
-        let rest = url.strip_prefix("mqtt://").ok_or_else(|| format!("{url:?} does not start with mqtt://"))?;
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("mqtts://"))
+            .ok_or_else(|| format!("{url:?} does not start with mqtt:// or mqtts://"))?;
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{url:?} has no :port"))?;
         let port: u16 = port.parse().map_err(|_| format!("{url:?} has no valid port"))?;
         if host.is_empty() {
             return Err(format!("{url:?} has no host"));
         }
         Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+    }
+}
+
+impl MqttSection {
+    /// The TLS settings fit the broker URL, and the files hold what they should (read now, so
+    /// `check-config` and the start-up catch a missing or bad file, naming it).
+    fn validate_tls(&self) -> Result<(), (String, String)> {
+        let files = self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some();
+        if !self.broker_tls() {
+            if files {
+                return Err((
+                    "mqtt.broker".into(),
+                    "TLS files are configured but the broker URL is not mqtts://host:port".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.ca_file.is_none() {
+            return Err((
+                "mqtt.ca_file".into(),
+                "required with an mqtts:// broker: the CA certificate(s) in PEM".into(),
+            ));
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err((
+                "mqtt.client_key_file".into(),
+                "give both mqtt.client_cert_file and mqtt.client_key_file, or neither".into(),
+            ));
+        }
+        self.tls_config().map(|_| ()).map_err(|e| (format!("mqtt.{}", e.key), e.to_string()))
+    }
+
+    /// The rustls client configuration for an `mqtts://` broker (`None` for `mqtt://`).
+    pub fn tls_config(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, crate::mqtt::tls::TlsFileError> {
+        match (&self.ca_file, self.broker_tls()) {
+            (Some(ca), true) => {
+                let client = self.client_cert_file.as_deref().zip(self.client_key_file.as_deref());
+                crate::mqtt::tls::client_config(ca, client).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -256,6 +323,22 @@ pub struct RfidSection {
     pub exit_zones: Vec<String>,
     pub dedup_window_ms: Option<u64>,
     pub depart_after_ms: Option<u64>,
+    /// Counting zones: each inventory cycle over one becomes a stock count of the products
+    /// whose tags it read.
+    pub count_zone: Vec<CountZoneSection>,
+}
+
+/// A counting zone: antennas of one reader that together see all of the store's stock of the
+/// products they hold (a product seen by two zones would be counted by each, the last count
+/// winning). Its cycle is the reader's own inventory cycle (the `inventory_cycle` message of
+/// native readers), or with `cycle_seconds`, a window of that many seconds (readers that send
+/// no cycle messages, such as Impinj readers publishing JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountZoneSection {
+    pub reader: DeviceId,
+    pub antennas: Vec<u8>,
+    pub cycle_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,6 +351,55 @@ pub struct ImpinjSource {
 impl RfidSection {
     pub fn exit_zones(&self) -> Result<Vec<crate::rfid::presence::Zone>, (usize, String)> {
         parse_zones(&self.exit_zones)
+    }
+
+    /// The counting zones, as the cycle counter takes them.
+    pub fn count_zones(&self) -> Vec<crate::rfid::cycle::CountZone> {
+        self.count_zone
+            .iter()
+            .map(|z| crate::rfid::cycle::CountZone {
+                reader: z.reader.to_string(),
+                antennas: z.antennas.clone(),
+                window_ms: z.cycle_seconds.map(|s| s.saturating_mul(1_000)),
+            })
+            .collect()
+    }
+
+    fn validate_count_zones(&self, mqtt: bool) -> Result<(), (String, String)> {
+        let mut taken = std::collections::BTreeSet::new();
+        for (i, z) in self.count_zone.iter().enumerate() {
+            let key = |field: &str| format!("rfid.count_zone[{i}].{field}");
+            if !mqtt {
+                return Err((
+                    format!("rfid.count_zone[{i}]"),
+                    "RFID readers talk over MQTT: add an [mqtt] section".into(),
+                ));
+            }
+            if z.antennas.is_empty() || z.antennas.len() > 16 {
+                return Err((key("antennas"), format!("must list 1 to 16 antenna ports, got {}", z.antennas.len())));
+            }
+            for a in &z.antennas {
+                if !taken.insert((z.reader.clone(), *a)) {
+                    return Err((key("antennas"), format!("{}:{a} is already in a counting zone", z.reader)));
+                }
+            }
+            match z.cycle_seconds {
+                Some(s) if !(5..=86_400).contains(&s) => {
+                    return Err((key("cycle_seconds"), format!("must be between 5 and 86400, got {s}")));
+                }
+                None if self.impinj.iter().any(|src| src.reader == z.reader) => {
+                    return Err((
+                        key("cycle_seconds"),
+                        format!(
+                            "{} is an Impinj reader, which sends no inventory-cycle messages: set cycle_seconds",
+                            z.reader
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -284,6 +416,17 @@ impl Default for RuntimeSection {
     fn default() -> Self {
         RuntimeSection { worker_threads: 1 }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LanePolicySection {
+    /// `system`: the system's price (an increase still waits for the labels, up to
+    /// `labels.increase_deadline_ms`). `lower_of_shelf_and_system` (the default): never more than
+    /// the lowest price a label of the product confirmed showing, as weights-and-measures
+    /// (price accuracy) rules and customers expect; a label that missed a price increase keeps
+    /// the old price charged until it shows the new one.
+    pub charge: crate::labels::sequencing::ChargePolicy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,7 +451,7 @@ pub fn parse_zones(zones: &[String]) -> Result<Vec<crate::rfid::presence::Zone>,
             let (reader, antenna) = z.rsplit_once(':').ok_or((i, format!("{z:?} is not reader:antenna")))?;
             let antenna: u8 = antenna.parse().map_err(|_| (i, format!("{z:?}: antenna must be 0-255")))?;
             DeviceId::new(reader).map_err(|e| (i, e.to_string()))?;
-            Ok(crate::rfid::presence::Zone { reader: reader.to_owned(), antenna })
+            Ok(crate::rfid::presence::Zone { reader: reader.into(), antenna })
         })
         .collect()
 }
@@ -480,6 +623,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         self.validate_basics().map_err(|(k, m)| (k.to_owned(), m))?;
+        self.online.validate()?;
         self.validate_devices()
     }
 
@@ -504,8 +648,10 @@ impl Config {
             if m.username.is_some() != m.password.is_some() {
                 return Err(("mqtt.password".into(), "give both mqtt.username and mqtt.password, or neither".into()));
             }
+            m.validate_tls()?;
         }
         self.rfid.exit_zones().map_err(|(i, e)| (format!("rfid.exit_zones[{i}]"), e))?;
+        self.rfid.validate_count_zones(self.mqtt.is_some())?;
         if let Some(l) = &self.labels {
             if self.mqtt.is_none() {
                 return Err(("labels".into(), "shelf labels talk over MQTT: add an [mqtt] section".into()));
@@ -627,6 +773,74 @@ mod tests {
     fn the_default_config_is_accepted() {
         let c = parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(c.ledger.batch_max, 1024);
+    }
+
+    #[test]
+    fn the_lane_charge_policy_defaults_to_the_lower_of_shelf_and_system() {
+        use crate::labels::sequencing::ChargePolicy;
+        let base = "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n";
+        assert_eq!(parse(base).unwrap().lane.charge, ChargePolicy::LowerOfShelfAndSystem);
+        assert_eq!(parse(DEFAULT_CONFIG).unwrap().lane.charge, ChargePolicy::LowerOfShelfAndSystem);
+        let system = parse(&format!("{base}[lane]\ncharge = \"system\"\n")).unwrap();
+        assert_eq!(system.lane.charge, ChargePolicy::System);
+        let e = parse(&format!("{base}[lane]\ncharge = \"highest\"\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("lane.charge"), "{e}");
+    }
+
+    #[test]
+    fn the_online_section_is_off_by_default_and_names_its_bad_keys() {
+        let base = "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n";
+        assert!(!parse(base).unwrap().online.enabled);
+        assert!(!parse(DEFAULT_CONFIG).unwrap().online.enabled);
+        let on = parse(&format!(
+            "{base}[online]\nenabled = true\nsafety_stock = 2\n[[online.rule]]\ncategory = \"dairy\"\ntarget = 10\n"
+        ))
+        .unwrap();
+        assert_eq!((on.online.safety_stock, on.online.rule[0].target), (2, Some(10)));
+        let e = parse(&format!("{base}[online]\nenabled = true\n[[online.rule]]\ntarget = 3\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("online.rule[0]"), "{e}");
+        let e = parse(&format!("{base}[online]\ntarget = -1\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("online.target"), "{e}");
+        let e = parse(&format!("{base}[online]\ntraget = 1\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("online.traget"), "{e}");
+    }
+
+    #[test]
+    fn counting_zones_are_checked() {
+        let base = "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[mqtt]\n";
+        let zone = |z: &str| parse(&format!("{base}[[rfid.count_zone]]\nreader = \"shelf-1\"\n{z}"));
+        let ok = zone("antennas = [1, 2]\n").unwrap();
+        assert_eq!(ok.rfid.count_zones()[0].window_ms, None);
+        assert_eq!(zone("antennas = [1]\ncycle_seconds = 60\n").unwrap().rfid.count_zones()[0].window_ms, Some(60_000));
+        let e = zone("antennas = []\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("rfid.count_zone[0].antennas"), "{e}");
+        let e = zone("antennas = [1]\ncycle_seconds = 1\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("rfid.count_zone[0].cycle_seconds"), "{e}");
+        let e = zone("antennas = [1]\n[[rfid.count_zone]]\nreader = \"shelf-1\"\nantennas = [2, 1]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("rfid.count_zone[1].antennas"), "{e}");
+        let e =
+            zone("antennas = [1]\n[[rfid.impinj]]\ntopic = \"impinj/shelf-1\"\nreader = \"shelf-1\"\n").unwrap_err();
+        assert!(e.key.as_deref() == Some("rfid.count_zone[0].cycle_seconds") && e.message.contains("Impinj"), "{e}");
+    }
+
+    #[test]
+    fn tls_settings_fit_the_broker_url_and_name_a_bad_file() {
+        let base = "[store]\nid = \"s1\"\ncurrency = \"EUR\"\n[mqtt]\n";
+        let e = parse(&format!("{base}url = \"mqtts://broker:8883\"\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("mqtt.ca_file"), "{e}");
+        let e = parse(&format!("{base}broker = \"mqtt://broker:1883\"\nca_file = \"/x.pem\"\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("mqtt.broker"), "{e}");
+        let e =
+            parse(&format!("{base}url = \"mqtts://broker:8883\"\nca_file = \"/nonexistent/ca.pem\"\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("mqtt.ca_file"), "{e}");
+        assert!(e.message.contains("/nonexistent/ca.pem: cannot read it"), "{e}");
+        let e = parse(&format!(
+            "{base}url = \"mqtts://broker:8883\"\nca_file = \"/x.pem\"\nclient_cert_file = \"/c.pem\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("mqtt.client_key_file"), "{e}");
+        let m = parse(&format!("{base}url = \"mqtts://[::1]:8883\"\nca_file = \"/x.pem\"\n"));
+        assert!(m.is_err(), "the CA file is read when the config is checked");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn ledger_options(config: &Config) -> LedgerOptions {
     opts.jump_warn_ms = config.clock.jump_warn_ms;
     opts.batch_max = config.ledger.batch_max;
     opts.queue_capacity = config.ledger.queue_capacity;
+    opts.online = config.online.clone();
     opts
 }
 

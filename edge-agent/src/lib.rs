@@ -10,6 +10,7 @@ pub mod lane;
 pub mod ledger;
 pub mod metrics;
 pub mod mqtt;
+pub mod orders;
 pub mod rfid;
 pub mod sync;
 pub mod telemetry;

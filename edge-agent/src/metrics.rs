@@ -1,5 +1,5 @@
-//! Prometheus metrics on a local address (`[metrics] listen`): the ledger writer, cloud sync,
-//! labels, MQTT devices and RFID reads, in the text exposition format. Rendering is a pure
+//! Prometheus metrics on a local address (`[metrics] listen`): the ledger writer, online pickup
+//! orders, cloud sync, labels, MQTT devices and RFID reads, in the text exposition format. Rendering is a pure
 //! function of a snapshot (tested without I/O); the server answers `GET /metrics` and nothing
 //! else, one request per connection.
 
@@ -105,6 +105,34 @@ pub fn render(s: &Snapshot) -> String {
         "gauge",
         "Commands waiting for the ledger writer.",
         &one(s.queue_depth as f64),
+    );
+    metric(
+        &mut out,
+        "edge_online_orders_at_risk",
+        "gauge",
+        "Online pickup orders whose units the store does not have (till sales ate into them).",
+        &one(w.orders_at_risk as f64),
+    );
+    metric(
+        &mut out,
+        "edge_online_shortage_alerts_total",
+        "counter",
+        "Shortage alerts raised: a commit left more pickup orders of a SKU without cover.",
+        &one(w.shortage_alerts as f64),
+    );
+    metric(
+        &mut out,
+        "edge_online_grants_total",
+        "counter",
+        "Grants of stock to the online channel made by the top-up policy.",
+        &one(w.online_grants as f64),
+    );
+    metric(
+        &mut out,
+        "edge_online_handovers_total",
+        "counter",
+        "Online pickup orders handed over to customers.",
+        &one(w.handovers as f64),
     );
     if let Some(rows) = s.outbox_rows {
         metric(
@@ -315,7 +343,11 @@ mod tests {
         s.writer.batch_buckets[2] = 1;
         s.writer.busy_micros = 1_500;
         s.labels_mismatched = Some(2);
+        s.writer.orders_at_risk = 2;
+        s.writer.shortage_alerts = 1;
         let text = render(&s);
+        assert!(text.contains("# TYPE edge_online_orders_at_risk gauge\nedge_online_orders_at_risk{store=\"s1\"} 2\n"));
+        assert!(text.contains("edge_online_shortage_alerts_total{store=\"s1\"} 1\n"), "{text}");
         assert!(text.contains("# TYPE edge_ledger_events_total counter\nedge_ledger_events_total{store=\"s1\"} 42\n"));
         assert!(text.contains("edge_ledger_queue_depth{store=\"s1\"} 3\n"));
         assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"0.00025\"} 3\n"), "{text}");

@@ -215,6 +215,8 @@ pub enum Body {
     TagReads(TagReads),
     /// RFID reader -> hub: reader health.
     ReaderStatus(ReaderStatus),
+    /// RFID reader -> hub: an inventory cycle started or ended (a zone count).
+    InventoryCycle(InventoryCycle),
 }
 
 impl Body {
@@ -234,6 +236,7 @@ impl Body {
             Body::CommandAck(_) => 11,
             Body::TagReads(_) => 12,
             Body::ReaderStatus(_) => 13,
+            Body::InventoryCycle(_) => 14,
         }
     }
 
@@ -630,6 +633,19 @@ pub struct ReaderStatus {
     pub overflow: u32,
     /// Reader temperature, degrees Celsius, if it reports one.
     pub temperature_c: Option<i8>,
+}
+
+/// An RFID reader's inventory cycle (one full pass over some antennas, for a zone count) started
+/// or ended. Every read of the cycle is sent between its start and its end, on the same link, so
+/// the hub counts the distinct tags read in between. At most 23 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryCycle {
+    /// The reader's number for this cycle in this boot; a cycle's start and end carry the same.
+    pub cycle_id: u32,
+    /// False when the cycle starts; true once every read of it was sent.
+    pub ended: bool,
+    /// The antenna ports the cycle covers; empty for all of the reader's antennas.
+    pub antennas: Vec<u8, 16>,
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ pub const SCHEMA: &str = concat!(
     "Envelope{version:u8,device:String<32>,boot_id:u32,seq:u32,msg_id:u16,body:Body}\n",
     "Body{0:Hello=0x01,1:HelloAck=0x02,2:HelloRefused=0x03,3:Ack=0x04,4:Heartbeat=0x05,",
     "5:Scan=0x10,6:Weight=0x11,7:LaneInput=0x20,8:LaneDisplay=0x21,9:LabelCheckIn=0x30,",
-    "10:LabelRender=0x31,11:CommandAck=0x32,12:TagReads=0x40,13:ReaderStatus=0x41}\n",
+    "10:LabelRender=0x31,11:CommandAck=0x32,12:TagReads=0x40,13:ReaderStatus=0x41,",
+    "14:InventoryCycle=0x42}\n",
     "Hello{kind:DeviceKind,firmware:String<24>,protocol_version:u8,schema_hash:u32}\n",
     "DeviceKind{0:Esl,1:Scanner,2:Scale,3:Rfid,4:Lane}\n",
     "HelloAck{hub_time_ms:u64}\n",
@@ -50,6 +51,7 @@ pub const SCHEMA: &str = concat!(
     "TagReads{reads:Vec<TagRead,16>}\n",
     "TagRead{epc:Vec<u8,32>,antenna:u8,rssi_cdbm:i16,count:u16}\n",
     "ReaderStatus{overflow:u32,temperature_c:Option<i8>}\n",
+    "InventoryCycle{cycle_id:u32,ended:bool,antennas:Vec<u8,16>}\n",
 );
 
 /// FNV-1a (32-bit) of [`SCHEMA`]. A HELLO carries it; [`crate::check_hello`] refuses a peer
@@ -57,7 +59,7 @@ pub const SCHEMA: &str = concat!(
 pub const SCHEMA_HASH: u32 = fnv1a_32(SCHEMA.as_bytes());
 
 /// Every message id with its [`crate::Body::name`], in `Body` variant order.
-pub const MESSAGES: [(u16, &str); 14] = [
+pub const MESSAGES: [(u16, &str); 15] = [
     (0x01, "hello"),
     (0x02, "hello_ack"),
     (0x03, "hello_refused"),
@@ -72,6 +74,7 @@ pub const MESSAGES: [(u16, &str); 14] = [
     (0x32, "command_ack"),
     (0x40, "tag_reads"),
     (0x41, "reader_status"),
+    (0x42, "inventory_cycle"),
 ];
 
 /// The name of a message id (for logs about messages that did not decode), if it is known.
@@ -108,7 +111,7 @@ mod tests {
             assert_eq!(msg_name(id), Some(name));
         }
         assert_eq!(msg_name(0), None);
-        assert_eq!(msg_name(0x42), None);
+        assert_eq!(msg_name(0x43), None);
     }
 
     #[test]

@@ -69,6 +69,14 @@ fn largest() -> Vec<(Body, usize)> {
         ),
         (tag_reads(TagReads::MAX_READS_ALWAYS_FIT, max_read()), 1 + 40 * TagReads::MAX_READS_ALWAYS_FIT),
         (Body::ReaderStatus(ReaderStatus { overflow: u32::MAX, temperature_c: Some(i8::MIN) }), 7),
+        (
+            Body::InventoryCycle(InventoryCycle {
+                cycle_id: u32::MAX,
+                ended: true,
+                antennas: heapless::Vec::from_slice(&[u8::MAX; 16]).unwrap(),
+            }),
+            23,
+        ),
     ]
 }
 

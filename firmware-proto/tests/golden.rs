@@ -13,7 +13,7 @@ use common::{hex, samples, unhex};
 use firmware_proto::*;
 
 /// Pinned: any change to SCHEMA (any message type) changes it.
-const GOLDEN_SCHEMA_HASH: u32 = 0x6be4_db7a;
+const GOLDEN_SCHEMA_HASH: u32 = 0xab65_28de;
 
 #[test]
 fn schema_hash_is_pinned() {
@@ -91,13 +91,13 @@ fn weight_frame_is_the_spec_worked_example() {
 fn hello_frame_and_payload() {
     assert_payload(
         &hello_env(),
-        "01 08 65 73 6c 2d 61 70 2d 32 ef fd b6 f5 0d 01 01 00 00 05 32 2e 34 2e 31 01 fa b6 93 \
-         df 06 22 58 8c af",
+        "01 08 65 73 6c 2d 61 70 2d 32 ef fd b6 f5 0d 01 01 00 00 05 32 2e 34 2e 31 01 de d1 94 \
+         db 0a 06 6a db 46",
     );
     assert_frame(
         &hello_env(),
-        "12 01 08 65 73 6c 2d 61 70 2d 32 ef fd b6 f5 0d 01 01 01 11 05 32 2e 34 2e 31 01 fa b6 \
-         93 df 06 22 58 8c af 00",
+        "12 01 08 65 73 6c 2d 61 70 2d 32 ef fd b6 f5 0d 01 01 01 11 05 32 2e 34 2e 31 01 de d1 \
+         94 db 0a 06 6a db 46 00",
     );
 }
 
@@ -115,7 +115,7 @@ fn label_render_payload() {
 /// alone: variant index, then fields). A failure here means a type's layout changed; SCHEMA
 /// must change with it.
 const WITNESS: &[&str] = &[
-    "00 01 05 31 2e 32 2e 33 01 fa b6 93 df 06",
+    "00 01 05 31 2e 32 2e 33 01 de d1 94 db 0a",
     "01 80 d0 ea b6 b7 33",
     "02 00 01 02",
     "02 01 84 86 88 08 d0 81 c3 85 0a",
@@ -156,6 +156,8 @@ const WITNESS: &[&str] = &[
     "0c 01 0c 30 14 2d 3a 00 00 00 01 00 00 00 07 02 b3 5b 03",
     "0d 00 01 fc",
     "0d 0c 00",
+    "0e ac 02 00 02 01 02",
+    "0e ac 02 01 00",
 ];
 
 #[test]

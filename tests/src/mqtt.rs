@@ -1,5 +1,6 @@
 //! Brokers for the MQTT stories: the daemon's embedded rumqttd, or a real mosquitto the test
-//! starts on a free loopback port (so it can restart it at will), and a test client.
+//! starts on a free loopback port (so it can restart it at will), optionally with a TLS
+//! listener beside the plain one, and a test client.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -39,7 +40,16 @@ pub fn brokers() -> Vec<BrokerKind> {
 pub struct Mosquitto {
     child: Child,
     pub port: u16,
+    /// The TLS listener's port, when started with [`Mosquitto::start_with_tls`].
+    pub tls_port: Option<u16>,
     conf: std::path::PathBuf,
+}
+
+/// PEM files for a broker's TLS listener.
+pub struct TlsFiles<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
 }
 
 /// Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
@@ -54,15 +64,33 @@ fn mosquitto_bin() -> std::path::PathBuf {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
+        Self::start_inner(dir, None)
+    }
+
+    /// A plain listener (for the simulated devices) and a TLS one with these files (for the hub).
+    pub fn start_with_tls(dir: &Path, tls: TlsFiles<'_>) -> Mosquitto {
+        Self::start_inner(dir, Some(tls))
+    }
+
+    fn start_inner(dir: &Path, tls: Option<TlsFiles<'_>>) -> Mosquitto {
         let port = free_port();
         let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmessage_size_limit 0\n"),
-        )
-        .unwrap();
+        let mut text = format!(
+            "allow_anonymous true\npersistence false\nmax_queued_messages 100000\nmessage_size_limit 0\nlistener {port} 127.0.0.1\n"
+        );
+        let tls_port = tls.map(|files| {
+            let tls_port = free_port();
+            text.push_str(&format!(
+                "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate false\n",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            ));
+            tls_port
+        });
+        std::fs::write(&conf, text).unwrap();
         let child = Self::spawn(&conf);
-        let m = Mosquitto { child, port, conf };
+        let m = Mosquitto { child, port, tls_port, conf };
         m.wait_listening();
         m
     }
@@ -78,13 +106,16 @@ impl Mosquitto {
     }
 
     fn wait_listening(&self) {
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        for port in std::iter::once(self.port).chain(self.tls_port) {
+            let listening = (0..200).any(|_| {
+                let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+                if !up {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                up
+            });
+            assert!(listening, "mosquitto did not listen on {port} (config {})", self.conf.display());
         }
-        panic!("mosquitto did not listen on {}", self.port);
     }
 
     /// Stops and starts it again on the same port (a broker restart).

@@ -142,8 +142,10 @@ impl StoreFiles {
             "[store]\nid = \"{store}\"\ncurrency = \"EUR\"\n[ledger]\ndata_dir = \"{}\"\nshutdown_timeout_ms = 5000\n[log]\nlevel = \"info,edge_agent=debug\"\n",
             data.display()
         );
+        // A lane config that sets its own double-read window keeps it.
+        let window = if lane_extra.contains("double_read_window_ms") { "" } else { "double_read_window_ms = 500\n" };
         for lane in lanes {
-            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\ndouble_read_window_ms = 500\n{lane_extra}"));
+            config.push_str(&format!("[[lanes]]\nid = \"{lane}\"\n{window}{lane_extra}"));
             for (kind, mode) in [("scanner", "plain"), ("scale", "framed"), ("lane", "framed")] {
                 let name = if kind == "lane" { "display" } else { kind };
                 config.push_str(&format!(

@@ -29,16 +29,19 @@ pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 /// the receipt.
 pub async fn sell(store: &StoreFixture, lane: &str, gtins: &[&str]) {
     let LaneDevices { mut scanner, mut display, scale: _scale } = attach(store, lane, None).await;
+    // Each scan raises the total (identical items add to one line, so the line count cannot
+    // tell); waiting for it keeps the scans in order with what the lane has seen.
+    let mut total = 0;
     for gtin in gtins {
         scanner.scan(gtin).await.unwrap();
+        let shown = display
+            .wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor, .. } if *amount_minor > total))
+            .await
+            .unwrap();
+        if let Some(fp::LaneDisplay::Total { amount_minor, .. }) = shown.last() {
+            total = *amount_minor;
+        }
     }
-    let items = gtins.len() as u16;
-    display
-        .wait_display(WAIT, |d| {
-            matches!(d, fp::LaneDisplay::Total { amount_minor, items: n, .. } if *amount_minor > 0 && *n >= items)
-        })
-        .await
-        .unwrap();
     display.input(fp::LaneInput::Tender(fp::TenderKind::Card)).await.unwrap();
     display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Receipt { .. })).await.unwrap();
 }

@@ -6,7 +6,7 @@
 //! routes ([`super::orders`]), whose errors are `{"error": NAME, "message": "..."}`.
 //! `cloud-sync/openapi.yaml` documents every shape.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -334,7 +334,7 @@ pub async fn put_price<S: Storage>(State(app): State<AppState<S>>, headers: Head
     let request: PriceRequest = json_body(&app, &headers, body).await?;
     let write = request.write()?;
     if let PriceScope::Store(store) = &write.key.scope {
-        if !known_stores(&app).await?.iter().any(|s| s.store == *store) {
+        if !app.storage.store_exists(store).await? {
             return Err(ApiError::unprocessable(format!("no store {store}: add it with `cloud-sync store add`")));
         }
     }
@@ -432,9 +432,8 @@ pub async fn transfer<S: Storage>(State(app): State<AppState<S>>, headers: Heade
     if t.from == t.to {
         return Err(ApiError::unprocessable(format!("a transfer needs two different stores (both are {})", t.from)));
     }
-    let known: BTreeSet<StoreId> = known_stores(&app).await?.into_iter().map(|s| s.store).collect();
     for store in [&t.from, &t.to] {
-        if !known.contains(store) {
+        if !app.storage.store_exists(store).await? {
             return Err(ApiError::unprocessable(format!("no store {store}: add it with `cloud-sync store add`")));
         }
     }

@@ -200,7 +200,8 @@ pub(crate) fn storage_status(e: &StorageError) -> StatusCode {
     match e {
         StorageError::StoreExists(_) | StorageError::AdminExists(_) => StatusCode::CONFLICT,
         StorageError::Overflow { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        StorageError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        // Retrying cannot help: the data, or this service, is at fault.
+        StorageError::Corrupt(_) | StorageError::Invariant(_) => StatusCode::INTERNAL_SERVER_ERROR,
         StorageError::TooNew { .. } | StorageError::Sqlite(_) | StorageError::Postgres(_) | StorageError::Task(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
@@ -288,6 +289,14 @@ pub(crate) async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failures_a_retry_can_cure_answer_503() {
+        assert_eq!(storage_status(&StorageError::Task("queue closed".into())), StatusCode::SERVICE_UNAVAILABLE);
+        for fatal in [StorageError::Invariant("bug".into()), StorageError::Corrupt("row".into())] {
+            assert_eq!(storage_status(&fatal), StatusCode::INTERNAL_SERVER_ERROR, "{fatal}");
+        }
+    }
 
     #[test]
     fn error_bodies_are_one_line() {

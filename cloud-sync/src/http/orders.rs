@@ -5,7 +5,7 @@
 //! `{"error": NAME, "message": LINE}`; a short order adds `order` and `lines`.
 //! `cloud-sync/openapi.yaml` documents every shape.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -18,11 +18,11 @@ use serde_json::{json, Value};
 use shared::orders::{check_customer_ref, pickup_code_digest, OrderLine, MAX_ORDER_LINES};
 use shared::{OrderHeader, OrderId, Sku, StoreId};
 
-use super::hq::{admin, count, known_stores, ApiError, ApiResult};
+use super::hq::{admin, count, ApiError, ApiResult};
 use super::{now_ms, read_body, AppState};
 use crate::config::MAX_PICKUP_WINDOW_MINUTES;
-use crate::orders::{self as view, OrderState};
-use crate::storage::{Allocation, CancelOutcome, CancelReason, CreateOutcome, NewOrder, OrderRecord, Storage};
+use crate::orders::{self as view, Allocations, OrderState};
+use crate::storage::{CancelOutcome, CancelReason, CreateOutcome, NewOrder, OrderRecord, Storage};
 
 /// Most orders one listing returns (`?limit=`, default [`DEFAULT_LISTED_ORDERS`]).
 pub const MAX_LISTED_ORDERS: u32 = 1_000;
@@ -155,19 +155,19 @@ fn order_json<'a>(record: &'a OrderRecord, seen: &'a view::OrderView, code: bool
     }
 }
 
-/// The allocation of the SKUs of `records` at their store, by SKU.
+/// The allocation of the SKUs of `records` at their store, each SKU's orders at risk worked
+/// out once for all of them.
 async fn allocations_for<S: Storage>(
     app: &AppState<S>,
     store: &StoreId,
     records: &[OrderRecord],
-) -> Result<BTreeMap<Sku, Allocation>, ApiError> {
+) -> Result<Allocations, ApiError> {
     let skus: BTreeSet<Sku> = records.iter().flat_map(|r| r.header.lines.iter().map(|l| l.sku.clone())).collect();
     let skus: Vec<Sku> = skus.into_iter().collect();
-    let allocations = app.storage.allocations(store, Some(&skus)).await?;
-    Ok(allocations.into_iter().map(|a| (a.escrow.key().sku.clone(), a)).collect())
+    Ok(app.storage.allocations(store, Some(&skus)).await?.into_iter().collect())
 }
 
-fn view_of(record: &OrderRecord, allocations: &BTreeMap<Sku, Allocation>) -> Result<view::OrderView, ApiError> {
+fn view_of(record: &OrderRecord, allocations: &Allocations) -> Result<view::OrderView, ApiError> {
     view::order_view(record, allocations).map_err(|e| {
         tracing::error!(order_id = %record.header.order, error = %e, error_code = "DATABASE", "Order cannot be shown");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)
@@ -217,7 +217,7 @@ pub async fn create<S: Storage>(State(app): State<AppState<S>>, headers: HeaderM
         .map_err(|e| ApiError::new(e.status(), e.message()))?;
     let code = view::new_pickup_code();
     let header = header_of(parse_create(&bytes)?, &code, now_ms(), app.settings.pickup_window_minutes)?;
-    if !known_stores(&app).await?.iter().any(|s| s.store == header.store) {
+    if !app.storage.store_exists(&header.store).await? {
         return Err(invalid(format!("`store`: no store {}: add it with `cloud-sync store add`", header.store)));
     }
     let skus: Vec<Sku> = header.lines.iter().map(|l| l.sku.clone()).collect();
@@ -299,8 +299,11 @@ pub async fn cancel<S: Storage>(
     let name = admin(&app, &headers).await?;
     let id = OrderId::new(order.clone()).map_err(|_| unknown_order(&order))?;
     match app.storage.cancel_order(&id, CancelReason::Cancelled, now_ms()).await? {
-        CancelOutcome::Cancelled(record) => {
-            tracing::info!(order_id = %id, store_id = %record.header.store, admin = %name, "Online order cancelled");
+        CancelOutcome::Cancelled { record, changed } => {
+            // A repeated cancel answers the same, but only the one that cancelled is logged.
+            if changed {
+                tracing::info!(order_id = %id, store_id = %record.header.store, admin = %name, "Online order cancelled");
+            }
             Ok(Json(show(&app, &record, false, true).await?).into_response())
         }
         CancelOutcome::AlreadyFulfilled { record, skus } => {
@@ -322,7 +325,7 @@ pub async fn cancel<S: Storage>(
 /// The store of a `/v1/hq/stores/{store}/...` path, if it is registered.
 async fn known_store<S: Storage>(app: &AppState<S>, store: &str) -> Result<StoreId, ApiError> {
     let id = StoreId::new(store).map_err(|_| unknown_store(store))?;
-    if known_stores(app).await?.iter().any(|s| s.store == id) {
+    if app.storage.store_exists(&id).await? {
         Ok(id)
     } else {
         Err(unknown_store(store))

@@ -29,6 +29,11 @@ pub(crate) fn corrupt(what: impl Display, detail: impl Display) -> StorageError 
     StorageError::Corrupt(format!("{what}: {detail}"))
 }
 
+/// A rule of this service found broken: a bug, not a failure worth retrying.
+pub(crate) fn invariant(detail: impl Display) -> StorageError {
+    StorageError::Invariant(detail.to_string())
+}
+
 /// Counts, versions and clock values are `u64` in the domain and signed 64-bit in both
 /// databases; everything the service accepts fits (slots are capped at `Slot::MAX`, stamps by
 /// the skew fence), so a value that does not is refused rather than wrapped.
@@ -232,21 +237,19 @@ pub(crate) struct EscrowColumns {
 
 impl EscrowColumns {
     pub fn of(row: &EscrowRow) -> Result<EscrowColumns, StorageError> {
-        let key = row.key();
-        let what = format!("escrow row {key}");
-        let (kind, order, units, seq, cancelled) = match row {
-            EscrowRow::Granted { granted, .. } => ("granted", "", *granted, 0, false),
-            EscrowRow::Released { released, .. } => ("released", "", *released, 0, false),
-            EscrowRow::Reservation { order, units, seq, cancelled, .. } => {
-                ("reservation", order.as_str(), *units, *seq, *cancelled)
-            }
-            EscrowRow::Fulfilled { order, .. } => ("fulfilled", order.as_str(), 0, 0, false),
+        let what = format!("escrow row {}", row.key());
+        let (units, seq, cancelled) = match row {
+            EscrowRow::Granted { granted, .. } => (*granted, 0, false),
+            EscrowRow::Released { released, .. } => (*released, 0, false),
+            EscrowRow::Reservation { units, seq, cancelled, .. } => (*units, *seq, *cancelled),
+            EscrowRow::Fulfilled { .. } => (0, 0, false),
         };
+        let id = EscrowId::of(row);
         Ok(EscrowColumns {
-            store: key.store.as_str().to_owned(),
-            sku: key.sku.as_str().to_owned(),
-            kind: kind.to_owned(),
-            order_id: order.to_owned(),
+            store: id.store,
+            sku: id.sku,
+            kind: id.kind.to_owned(),
+            order_id: id.order_id,
             units: to_i64(&what, units)?,
             seq: to_i64(&what, seq)?,
             cancelled,
@@ -272,6 +275,52 @@ impl EscrowColumns {
         };
         row.validate().map_err(|e| corrupt(&what, e))?;
         Ok(row)
+    }
+}
+
+/// The primary key of an escrow row `(store, sku, kind, order_id)`: what the order operations
+/// and merges look rows up by, so they read only the rows they need.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct EscrowId {
+    pub store: String,
+    pub sku: String,
+    pub kind: &'static str,
+    pub order_id: String,
+}
+
+impl EscrowId {
+    fn new(key: &EscrowKey, kind: &'static str, order: Option<&OrderId>) -> EscrowId {
+        EscrowId {
+            store: key.store.as_str().to_owned(),
+            sku: key.sku.as_str().to_owned(),
+            kind,
+            order_id: order.map_or("", OrderId::as_str).to_owned(),
+        }
+    }
+
+    pub fn of(row: &EscrowRow) -> EscrowId {
+        match row {
+            EscrowRow::Granted { key, .. } => EscrowId::granted(key),
+            EscrowRow::Released { key, .. } => EscrowId::released(key),
+            EscrowRow::Reservation { key, order, .. } => EscrowId::reservation(key, order),
+            EscrowRow::Fulfilled { key, order } => EscrowId::fulfilled(key, order),
+        }
+    }
+
+    pub fn granted(key: &EscrowKey) -> EscrowId {
+        EscrowId::new(key, "granted", None)
+    }
+
+    pub fn released(key: &EscrowKey) -> EscrowId {
+        EscrowId::new(key, "released", None)
+    }
+
+    pub fn reservation(key: &EscrowKey, order: &OrderId) -> EscrowId {
+        EscrowId::new(key, "reservation", Some(order))
+    }
+
+    pub fn fulfilled(key: &EscrowKey, order: &OrderId) -> EscrowId {
+        EscrowId::new(key, "fulfilled", Some(order))
     }
 }
 
@@ -366,7 +415,13 @@ mod tests {
             EscrowRow::Reservation { key: key.clone(), order: order.clone(), units: 2, seq: 3, cancelled: true },
             EscrowRow::Fulfilled { key: key.clone(), order: order.clone() },
         ] {
-            assert_eq!(EscrowColumns::of(&row).unwrap().row().unwrap(), row);
+            let cols = EscrowColumns::of(&row).unwrap();
+            let id = EscrowId::of(&row);
+            assert_eq!(
+                (id.store, id.sku, id.kind, id.order_id),
+                (cols.store.clone(), cols.sku.clone(), cols.kind.as_str(), cols.order_id.clone())
+            );
+            assert_eq!(cols.row().unwrap(), row);
         }
         let cols = EscrowColumns::of(&EscrowRow::Fulfilled { key, order }).unwrap();
         let unknown = EscrowColumns { kind: "promised".into(), ..cols.clone() };

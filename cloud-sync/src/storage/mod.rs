@@ -23,7 +23,9 @@
 //!   rows, and a pulled page never ends inside a version, so a store never sees a reservation
 //!   without its order, nor half an order cancelled.
 //! - Order operations are one transaction under the partition lock: the cloud reserves only
-//!   against its rights as stored, all lines or none.
+//!   against its rights as stored, all lines or none. Each reads a bounded number of rows
+//!   whatever the SKU's history: a creation reads the keys' grant, release and reservation
+//!   totals (a row kept with the reservations), a cancellation only the order's own rows.
 
 mod codec;
 mod pg_pool;
@@ -43,7 +45,7 @@ use shared::{
 use crate::orders::OrderState;
 
 /// The schema version this build writes (both backends migrate to the same meaning).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -63,6 +65,10 @@ pub enum StorageError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("database task failed: {0}")]
     Task(String),
+    /// A rule this service keeps broke (a bug, or a row changed behind its back): retrying
+    /// cannot help, unlike [`StorageError::Task`].
+    #[error("internal invariant broken: {0}")]
+    Invariant(String),
 }
 
 /// Who a bearer credential belongs to.
@@ -235,8 +241,12 @@ pub enum CreateOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelOutcome {
-    /// Cancelled now, or before (a repeated cancel changes nothing).
-    Cancelled(OrderRecord),
+    /// Cancelled now (`changed`), or before: a repeated cancel, or a second sweeper reaching
+    /// the same order, changes nothing and says so, so it is logged and counted once.
+    Cancelled {
+        record: OrderRecord,
+        changed: bool,
+    },
     /// The cloud knows these lines were handed over: nothing changed.
     AlreadyFulfilled {
         record: OrderRecord,
@@ -348,6 +358,9 @@ pub trait Storage: Clone + Send + Sync + 'static {
     fn stock_of_store(&self, store: &StoreId) -> impl Future<Output = Result<Vec<SlotRow>, StorageError>> + Send;
 
     fn stores(&self) -> impl Future<Output = Result<Vec<StoreStatus>, StorageError>> + Send;
+
+    /// Whether `store` is registered: one indexed lookup, for requests naming a store.
+    fn store_exists(&self, store: &StoreId) -> impl Future<Output = Result<bool, StorageError>> + Send;
 
     /// Which of `skus` the catalog knows (has any field of).
     fn known_skus(&self, skus: &[Sku]) -> impl Future<Output = Result<Vec<Sku>, StorageError>> + Send;

@@ -21,8 +21,9 @@ use shared::{
 use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::codec::{
-    self, parse_order, parse_reason, parse_store, price_partition, store_partition, to_i64, to_u64, CatalogColumns,
-    EscrowColumns, PriceColumns, SlotColumns, StampColumns, CHAIN, CLOUD_ESCROW_KINDS,
+    self, invariant, parse_order, parse_reason, parse_sku, parse_store, price_partition, store_partition, to_i64,
+    to_u64, CatalogColumns, EscrowColumns, EscrowId, PriceColumns, SlotColumns, StampColumns, CHAIN,
+    CLOUD_ESCROW_KINDS,
 };
 use super::pg_pool::Pool;
 use super::plan::{self, CatalogKey, Pulled, PulledRow, Versions};
@@ -175,6 +176,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX orders_by_version ON orders (store, version);
     CREATE INDEX orders_by_store ON orders (store, created_ms);
     CREATE INDEX orders_due ON orders (expires_ms) WHERE cancel_reason IS NULL AND handed_over_ms IS NULL;
+    "#,
+    // 3: per (store, sku), the sum of every reservation's units and the last seq given (as
+    // SQLite's), so an order's creation reads one row per line, not the SKU's history.
+    r#"
+    CREATE TABLE escrow_totals (
+        store    TEXT COLLATE "C"   NOT NULL,
+        sku      TEXT COLLATE "C"   NOT NULL,
+        reserved BIGINT NOT NULL CHECK (reserved >= 0),
+        last_seq BIGINT NOT NULL CHECK (last_seq >= 0),
+        PRIMARY KEY (store, sku)
+    );
+    INSERT INTO escrow_totals (store, sku, reserved, last_seq)
+        SELECT store, sku, sum(units), max(seq) FROM escrow_rows WHERE kind = 'reservation' GROUP BY store, sku;
     "#,
 ];
 
@@ -847,22 +861,67 @@ async fn confirm_held(tx: &Transaction<'_>, id: i64, now_ms: u64) -> Result<Opti
 
 // ---- online allocation and orders ----
 
-/// The stored rows with the ids of `rows` (what a merge compares against), in one round trip.
-async fn load_escrow_ids(tx: &Transaction<'_>, rows: &[EscrowRow]) -> Result<Vec<EscrowRow>, StorageError> {
-    let mut a = EscrowArrays::default();
-    for row in rows {
-        a.push(EscrowColumns::of(row)?, 0);
+/// The stored rows of `ids`, each found by primary key (those never written are absent), in
+/// one round trip.
+async fn load_escrow_ids(tx: &Transaction<'_>, ids: &[EscrowId]) -> Result<Vec<EscrowRow>, StorageError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
+    let store: Vec<&str> = ids.iter().map(|i| i.store.as_str()).collect();
+    let sku: Vec<&str> = ids.iter().map(|i| i.sku.as_str()).collect();
+    let kind: Vec<&str> = ids.iter().map(|i| i.kind).collect();
+    let order_id: Vec<&str> = ids.iter().map(|i| i.order_id.as_str()).collect();
     let found = tx
         .query(
             &format!(
                 "SELECT {ESCROW_COLUMNS} FROM escrow_rows
                   WHERE (store, sku, kind, order_id) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))"
             ),
-            &[&a.store, &a.sku, &a.kind, &a.order_id],
+            &[&store, &sku, &kind, &order_id],
         )
         .await?;
     found.iter().map(|r| escrow_at(r, 0)?.row()).collect()
+}
+
+/// The `escrow_totals` rows `(sku, reserved, last_seq)` of `store`'s `skus` (none for a SKU
+/// never reserved).
+async fn load_totals(
+    tx: &Transaction<'_>,
+    store: &StoreId,
+    skus: &[Sku],
+) -> Result<Vec<(Sku, u64, u64)>, StorageError> {
+    let names: Vec<&str> = skus.iter().map(Sku::as_str).collect();
+    let rows = tx
+        .query(
+            "SELECT sku, reserved, last_seq FROM escrow_totals WHERE store = $1 AND sku = ANY($2)",
+            &[&store.as_str(), &names],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let sku: String = r.try_get(0)?;
+            let what = format!("reservation totals of {store}/{sku}");
+            Ok((parse_sku(&what, sku)?, to_u64(&what, r.try_get(1)?)?, to_u64(&what, r.try_get(2)?)?))
+        })
+        .collect()
+}
+
+async fn save_totals(tx: &Transaction<'_>, store: &StoreId, totals: &[(Sku, u64, u64)]) -> Result<(), StorageError> {
+    let (mut skus, mut reserved, mut last_seq) = (Vec::new(), Vec::new(), Vec::new());
+    for (sku, r, s) in totals {
+        let what = format!("reservation totals of {store}/{sku}");
+        skus.push(sku.as_str());
+        reserved.push(to_i64(&what, *r)?);
+        last_seq.push(to_i64(&what, *s)?);
+    }
+    tx.execute(
+        "INSERT INTO escrow_totals (store, sku, reserved, last_seq)
+         SELECT $1::text, * FROM unnest($2::text[], $3::bigint[], $4::bigint[])
+         ON CONFLICT (store, sku) DO UPDATE SET reserved = excluded.reserved, last_seq = excluded.last_seq",
+        &[&store.as_str(), &skus, &reserved, &last_seq],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Every stored row of `store`'s `skus` (all its SKUs when `None`).
@@ -934,7 +993,9 @@ async fn write_escrow(tx: &Transaction<'_>, rows: &[(EscrowRow, u64)]) -> Result
 }
 
 /// Merges a store's `Granted` and `Fulfilled` rows; each row that changes takes its own
-/// version. The first `Fulfilled` row of an order tells the cloud it was handed over.
+/// version. The first `Fulfilled` row of one of an order's lines (a key the order reserves)
+/// tells the cloud it was handed over; one naming another SKU is kept as the merge rules say,
+/// but hands nothing over.
 async fn merge_escrow(
     tx: &Transaction<'_>,
     rows: &[EscrowRow],
@@ -944,25 +1005,31 @@ async fn merge_escrow(
     if rows.is_empty() {
         return Ok(());
     }
-    let changed = plan::merge_escrow(load_escrow_ids(tx, rows).await?, rows)?;
+    let ids: Vec<EscrowId> = rows.iter().map(EscrowId::of).collect();
+    let changed = plan::merge_escrow(load_escrow_ids(tx, &ids).await?, rows)?;
     let mut numbered = Vec::with_capacity(changed.len());
     for row in changed {
         let version = versions.next(&store_partition(&row.key().store))?;
         numbered.push((row, version));
     }
     write_escrow(tx, &numbered).await?;
-    let (orders, stores): (Vec<&str>, Vec<&str>) = numbered
-        .iter()
-        .filter_map(|(row, _)| match row {
-            EscrowRow::Fulfilled { key, order } => Some((order.as_str(), key.store.as_str())),
-            _ => None,
-        })
-        .unzip();
+    let (mut orders, mut stores, mut skus) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, _) in &numbered {
+        if let EscrowRow::Fulfilled { key, order } = row {
+            orders.push(order.as_str());
+            stores.push(key.store.as_str());
+            skus.push(key.sku.as_str());
+        }
+    }
     if !orders.is_empty() {
         tx.execute(
-            "UPDATE orders SET handed_over_ms = $3
-              WHERE handed_over_ms IS NULL AND (order_id, store) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-            &[&orders, &stores, &to_i64("time", now_ms)?],
+            "UPDATE orders o SET handed_over_ms = $4
+               FROM unnest($1::text[], $2::text[], $3::text[]) AS f (order_id, store, sku)
+              WHERE o.handed_over_ms IS NULL AND o.order_id = f.order_id AND o.store = f.store
+                AND EXISTS (SELECT 1 FROM escrow_rows e
+                             WHERE e.store = f.store AND e.sku = f.sku AND e.kind = 'reservation'
+                               AND e.order_id = f.order_id)",
+            &[&orders, &stores, &skus, &to_i64("time", now_ms)?],
         )
         .await?;
     }
@@ -1015,20 +1082,22 @@ async fn create_order(tx: &Transaction<'_>, new: &NewOrder) -> Result<CreateOutc
     if claimed == 0 {
         let stored = load_order(tx, &h.order)
             .await?
-            .ok_or_else(|| StorageError::Task(format!("internal: order {} claimed but not found", h.order)))?;
+            .ok_or_else(|| invariant(format!("order {} is claimed but not found", h.order)))?;
         let same = plan::same_order(&stored.header, h);
         return Ok(if same { CreateOutcome::Replayed(stored) } else { CreateOutcome::Conflict(stored) });
     }
     let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
-    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus)).await?)?;
-    match plan::reserve_order(&escrows, h)? {
+    let rows = load_escrow_ids(tx, &plan::reserve_ids(h)).await?;
+    let bases = plan::reserve_bases(h, rows, load_totals(tx, &h.store, &skus).await?)?;
+    match plan::reserve_order(&bases, h)? {
         Err(short) => {
             tx.execute("DELETE FROM orders WHERE order_id = $1", &[&h.order.as_str()]).await?;
             Ok(CreateOutcome::Short(short))
         }
-        Ok(rows) => {
+        Ok(reserved) => {
             let version = versions.next(&partition)?;
-            write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>()).await?;
+            write_escrow(tx, &reserved.rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>()).await?;
+            save_totals(tx, &h.store, &reserved.totals).await?;
             tx.execute(
                 "UPDATE orders SET version = $2 WHERE order_id = $1",
                 &[&h.order.as_str(), &to_i64("version", version)?],
@@ -1057,30 +1126,28 @@ async fn cancel_order(
     let Some(first) = load_order(tx, order).await? else { return Ok(CancelOutcome::NotFound) };
     let partition = store_partition(&first.header.store);
     let mut versions = lock_partitions(tx, &BTreeSet::from([partition.clone()])).await?;
-    let record = load_order(tx, order)
-        .await?
-        .ok_or_else(|| StorageError::Task(format!("internal: order {order} vanished while cancelled")))?;
+    let vanished = || invariant(format!("order {order} vanished while being cancelled"));
+    let record = load_order(tx, order).await?.ok_or_else(vanished)?;
     let h = &record.header;
-    let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
-    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus)).await?)?;
+    let escrows = plan::escrows_of(h, load_escrow_ids(tx, &plan::order_row_ids(h)).await?)?;
     let rows = match plan::cancel_order(&escrows, h)? {
         Err(skus) => return Ok(CancelOutcome::AlreadyFulfilled { record, skus }),
         Ok(rows) => rows,
     };
-    if !rows.is_empty() {
+    let flagged = !rows.is_empty();
+    if flagged {
         let version = versions.next(&partition)?;
         write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>()).await?;
         save_versions(tx, &versions).await?;
     }
-    tx.execute(
-        "UPDATE orders SET cancel_reason = $2, cancelled_ms = $3 WHERE order_id = $1 AND cancel_reason IS NULL",
-        &[&order.as_str(), &reason.as_str(), &to_i64("time", now_ms)?],
-    )
-    .await?;
-    let record = load_order(tx, order)
-        .await?
-        .ok_or_else(|| StorageError::Task(format!("internal: order {order} vanished while cancelled")))?;
-    Ok(CancelOutcome::Cancelled(record))
+    let reasoned = tx
+        .execute(
+            "UPDATE orders SET cancel_reason = $2, cancelled_ms = $3 WHERE order_id = $1 AND cancel_reason IS NULL",
+            &[&order.as_str(), &reason.as_str(), &to_i64("time", now_ms)?],
+        )
+        .await?;
+    let record = load_order(tx, order).await?.ok_or_else(vanished)?;
+    Ok(CancelOutcome::Cancelled { record, changed: flagged || reasoned > 0 })
 }
 
 async fn allocations(
@@ -1149,12 +1216,15 @@ async fn slots_where(tx: &Transaction<'_>, filter: &str, key: &str) -> Result<Ve
     rows.iter().map(|r| slot_at(r, 0)?.row()).collect()
 }
 
-/// Runs one write transaction (READ COMMITTED: each statement sees what committed before it,
-/// which with the partition locks is what a merge must read) and commits it.
+/// Runs one write transaction and commits it. READ COMMITTED, asked for explicitly whatever the
+/// server's `default_transaction_isolation`: each statement sees what committed before it,
+/// which after the partition locks is what a merge, a reservation check or an order claim must
+/// read. Under REPEATABLE READ or SERIALIZABLE a statement would read the snapshot taken before
+/// the lock was granted (a stale counter, stale totals), or fail with a serialization error.
 macro_rules! write_tx {
     ($self:expr, |$tx:ident| $body:expr) => {{
         let mut conn = $self.pool.get().await?;
-        let $tx = conn.transaction().await?;
+        let $tx = conn.build_transaction().isolation_level(IsolationLevel::ReadCommitted).start().await?;
         let out = $body;
         $tx.commit().await?;
         Ok(out)
@@ -1358,6 +1428,13 @@ impl Storage for PostgresStorage {
 
     async fn stock_of_store(&self, store: &StoreId) -> Result<Vec<SlotRow>, StorageError> {
         read_tx!(self, |tx| slots_where(&tx, "store = $1", store.as_str()).await?)
+    }
+
+    async fn store_exists(&self, store: &StoreId) -> Result<bool, StorageError> {
+        // One statement is a consistent read by itself: no transaction round trips.
+        let conn = self.pool.get().await?;
+        let row = conn.query_one("SELECT EXISTS (SELECT 1 FROM stores WHERE id = $1)", &[&store.as_str()]).await?;
+        Ok(row.try_get(0)?)
     }
 
     async fn stores(&self) -> Result<Vec<StoreStatus>, StorageError> {

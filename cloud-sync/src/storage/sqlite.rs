@@ -16,8 +16,9 @@ use shared::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    self, parse_order, parse_reason, parse_store, price_partition, store_partition, to_i64, to_u64, CatalogColumns,
-    EscrowColumns, PriceColumns, SlotColumns, StampColumns, CHAIN, CLOUD_ESCROW_KINDS,
+    self, invariant, parse_order, parse_reason, parse_sku, parse_store, price_partition, store_partition, to_i64,
+    to_u64, CatalogColumns, EscrowColumns, EscrowId, PriceColumns, SlotColumns, StampColumns, CHAIN,
+    CLOUD_ESCROW_KINDS,
 };
 use super::plan::{self, CatalogKey, Pulled, PulledRow, Versions};
 use super::{
@@ -176,6 +177,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX orders_by_version ON orders (store, version);
     CREATE INDEX orders_by_store ON orders (store, created_ms);
     CREATE INDEX orders_due ON orders (expires_ms) WHERE cancel_reason IS NULL AND handed_over_ms IS NULL;
+    ",
+    // 3: per (store, sku), the sum of every reservation's units and the last seq given, kept by
+    // the transaction that writes a reservation (the only writer of either), so an order's
+    // creation reads one row per line instead of the SKU's whole reservation history.
+    "
+    CREATE TABLE escrow_totals (
+        store    TEXT    NOT NULL,
+        sku      TEXT    NOT NULL,
+        reserved INTEGER NOT NULL CHECK (reserved >= 0),
+        last_seq INTEGER NOT NULL CHECK (last_seq >= 0),
+        PRIMARY KEY (store, sku)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO escrow_totals (store, sku, reserved, last_seq)
+        SELECT store, sku, sum(units), max(seq) FROM escrow_rows WHERE kind = 'reservation' GROUP BY store, sku;
     ",
 ];
 
@@ -829,17 +844,43 @@ fn confirm_held(tx: &Transaction, id: i64, now_ms: u64) -> Result<Option<WritesA
 
 // ---- online allocation and orders ----
 
-/// The stored rows with the ids of `rows` (what a merge compares against).
-fn load_escrow_ids(tx: &Transaction, rows: &[EscrowRow]) -> Result<Vec<EscrowRow>, StorageError> {
+/// The stored rows of `ids`, each found by primary key (those never written are absent).
+fn load_escrow_ids(tx: &Transaction, ids: &[EscrowId]) -> Result<Vec<EscrowRow>, StorageError> {
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {ESCROW_COLUMNS} FROM escrow_rows WHERE store = ?1 AND sku = ?2 AND kind = ?3 AND order_id = ?4"
     ))?;
     let mut out = Vec::new();
-    for row in rows {
-        let c = EscrowColumns::of(row)?;
-        out.extend(collect(&mut stmt, params![c.store, c.sku, c.kind, c.order_id], escrow_row)?);
+    for id in ids {
+        out.extend(collect(&mut stmt, params![id.store, id.sku, id.kind, id.order_id], escrow_row)?);
     }
     Ok(out)
+}
+
+/// The `escrow_totals` rows `(sku, reserved, last_seq)` of `store`'s `skus` (none for a SKU
+/// never reserved).
+fn load_totals(tx: &Transaction, store: &StoreId, skus: &[Sku]) -> Result<Vec<(Sku, u64, u64)>, StorageError> {
+    let mut stmt =
+        tx.prepare_cached("SELECT sku, reserved, last_seq FROM escrow_totals WHERE store = ?1 AND sku = ?2")?;
+    let mut out = Vec::with_capacity(skus.len());
+    for sku in skus {
+        out.extend(collect(&mut stmt, [store.as_str(), sku.as_str()], |r| {
+            let what = format!("reservation totals of {store}/{sku}");
+            Ok((parse_sku(&what, r.get(0)?)?, to_u64(&what, r.get(1)?)?, to_u64(&what, r.get(2)?)?))
+        })?);
+    }
+    Ok(out)
+}
+
+fn save_totals(tx: &Transaction, store: &StoreId, totals: &[(Sku, u64, u64)]) -> Result<(), StorageError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO escrow_totals (store, sku, reserved, last_seq) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (store, sku) DO UPDATE SET reserved = excluded.reserved, last_seq = excluded.last_seq",
+    )?;
+    for (sku, reserved, last_seq) in totals {
+        let what = format!("reservation totals of {store}/{sku}");
+        stmt.execute(params![store.as_str(), sku.as_str(), to_i64(&what, *reserved)?, to_i64(&what, *last_seq)?])?;
+    }
+    Ok(())
 }
 
 /// Every stored row of `store`'s `skus` (all its SKUs when `None`).
@@ -888,7 +929,9 @@ fn write_escrow(tx: &Transaction, rows: &[(EscrowRow, u64)]) -> Result<(), Stora
 }
 
 /// Merges a store's `Granted` and `Fulfilled` rows; each row that changes takes its own
-/// version. The first `Fulfilled` row of an order tells the cloud it was handed over.
+/// version. The first `Fulfilled` row of one of an order's lines (a key the order reserves)
+/// tells the cloud it was handed over; one naming another SKU is kept as the merge rules say,
+/// but hands nothing over.
 fn merge_escrow(
     tx: &Transaction,
     rows: &[EscrowRow],
@@ -898,7 +941,8 @@ fn merge_escrow(
     if rows.is_empty() {
         return Ok(());
     }
-    let changed = plan::merge_escrow(load_escrow_ids(tx, rows)?, rows)?;
+    let ids: Vec<EscrowId> = rows.iter().map(EscrowId::of).collect();
+    let changed = plan::merge_escrow(load_escrow_ids(tx, &ids)?, rows)?;
     let mut numbered = Vec::with_capacity(changed.len());
     for row in changed {
         let version = versions.next(&store_partition(&row.key().store))?;
@@ -906,11 +950,14 @@ fn merge_escrow(
     }
     write_escrow(tx, &numbered)?;
     let mut handed_over = tx.prepare_cached(
-        "UPDATE orders SET handed_over_ms = ?3 WHERE order_id = ?1 AND store = ?2 AND handed_over_ms IS NULL",
+        "UPDATE orders SET handed_over_ms = ?4
+          WHERE order_id = ?1 AND store = ?2 AND handed_over_ms IS NULL
+AND ?3 IS NOT NULL",
     )?;
     for (row, _) in &numbered {
         if let EscrowRow::Fulfilled { key, order } = row {
-            handed_over.execute(params![order.as_str(), key.store.as_str(), to_i64("time", now_ms)?])?;
+            let at = to_i64("time", now_ms)?;
+            handed_over.execute(params![order.as_str(), key.store.as_str(), key.sku.as_str(), at])?;
         }
     }
     Ok(())
@@ -958,20 +1005,22 @@ fn create_order(tx: &Transaction, new: &NewOrder) -> Result<CreateOutcome, Stora
         ])?;
     if claimed == 0 {
         let stored = load_order(tx, &h.order)?
-            .ok_or_else(|| StorageError::Task(format!("internal: order {} claimed but not found", h.order)))?;
+            .ok_or_else(|| invariant(format!("order {} is claimed but not found", h.order)))?;
         let same = plan::same_order(&stored.header, h);
         return Ok(if same { CreateOutcome::Replayed(stored) } else { CreateOutcome::Conflict(stored) });
     }
     let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
-    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus))?)?;
-    match plan::reserve_order(&escrows, h)? {
+    let rows = load_escrow_ids(tx, &plan::reserve_ids(h))?;
+    let bases = plan::reserve_bases(h, rows, load_totals(tx, &h.store, &skus)?)?;
+    match plan::reserve_order(&bases, h)? {
         Err(short) => {
             tx.execute("DELETE FROM orders WHERE order_id = ?1", [h.order.as_str()])?;
             Ok(CreateOutcome::Short(short))
         }
-        Ok(rows) => {
+        Ok(reserved) => {
             let version = versions.next(&partition)?;
-            write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>())?;
+            write_escrow(tx, &reserved.rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>())?;
+            save_totals(tx, &h.store, &reserved.totals)?;
             tx.execute(
                 "UPDATE orders SET version = ?2 WHERE order_id = ?1",
                 params![h.order.as_str(), to_i64("version", version)?],
@@ -998,24 +1047,24 @@ fn cancel_order(
     let h = &record.header;
     let partition = store_partition(&h.store);
     let mut versions = lock_partitions(tx, &BTreeSet::from([partition.clone()]))?;
-    let skus: Vec<Sku> = h.lines.iter().map(|l| l.sku.clone()).collect();
-    let escrows = plan::escrows_of(h, load_escrow(tx, &h.store, Some(&skus))?)?;
+    let escrows = plan::escrows_of(h, load_escrow_ids(tx, &plan::order_row_ids(h))?)?;
     let rows = match plan::cancel_order(&escrows, h)? {
         Err(skus) => return Ok(CancelOutcome::AlreadyFulfilled { record, skus }),
         Ok(rows) => rows,
     };
-    if !rows.is_empty() {
+    let flagged = !rows.is_empty();
+    if flagged {
         let version = versions.next(&partition)?;
         write_escrow(tx, &rows.into_iter().map(|r| (r, version)).collect::<Vec<_>>())?;
         save_versions(tx, &versions)?;
     }
-    tx.execute(
+    let reasoned = tx.execute(
         "UPDATE orders SET cancel_reason = ?2, cancelled_ms = ?3 WHERE order_id = ?1 AND cancel_reason IS NULL",
         params![order.as_str(), reason.as_str(), to_i64("time", now_ms)?],
     )?;
-    let record = load_order(tx, order)?
-        .ok_or_else(|| StorageError::Task(format!("internal: order {order} vanished while cancelled")))?;
-    Ok(CancelOutcome::Cancelled(record))
+    let record =
+        load_order(tx, order)?.ok_or_else(|| invariant(format!("order {order} vanished while being cancelled")))?;
+    Ok(CancelOutcome::Cancelled { record, changed: flagged || reasoned > 0 })
 }
 
 fn allocations(tx: &Transaction, store: &StoreId, skus: Option<&[Sku]>) -> Result<Vec<Allocation>, StorageError> {
@@ -1263,6 +1312,14 @@ impl Storage for SqliteStorage {
 
     async fn stores(&self) -> Result<Vec<StoreStatus>, StorageError> {
         self.read(stores).await
+    }
+
+    async fn store_exists(&self, store: &StoreId) -> Result<bool, StorageError> {
+        let store = store.clone();
+        self.read(move |tx| {
+            Ok(tx.query_row("SELECT EXISTS (SELECT 1 FROM stores WHERE id = ?1)", [store.as_str()], |r| r.get(0))?)
+        })
+        .await
     }
 
     async fn known_skus(&self, skus: &[Sku]) -> Result<Vec<Sku>, StorageError> {

@@ -111,7 +111,8 @@ enum Device {
         silent: usize,
     },
     /// An RFID reader on an MQTT broker: publishes bursts of SGTIN-96 tag reads (with
-    /// duplicates) and, on demand, a buffer overflow report.
+    /// duplicates), each as an inventory cycle with --cycle (a zone count), and, on demand, a
+    /// buffer overflow report.
     Rfid {
         #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
         broker: String,
@@ -121,9 +122,19 @@ enum Device {
         name: String,
         #[arg(long, default_value_t = 1)]
         antenna: u8,
-        /// Distinct tags per burst (GTIN 80614141123458, serials from --first-serial).
+        /// Distinct tags per burst (of --gtin, serials from --first-serial).
         #[arg(long, default_value_t = 100)]
         tags: u64,
+        /// The tags' GTIN.
+        #[arg(long, default_value = "80614141123458")]
+        gtin: String,
+        /// Digits of the GTIN's GS1 company prefix (6 to 12).
+        #[arg(long, default_value_t = 7)]
+        company_digits: usize,
+        /// Send each burst as an inventory cycle (numbered from this id): the hub counts the
+        /// zone's stock from it.
+        #[arg(long)]
+        cycle: Option<u32>,
         #[arg(long, default_value_t = 1)]
         first_serial: u64,
         /// Each tag read this many times per burst.
@@ -252,16 +263,37 @@ async fn main() -> anyhow::Result<()> {
                 hold_framed(&mut sim).await?;
             }
         }
-        Device::Rfid { broker, store, name, antenna, tags, first_serial, repeat, bursts, interval_ms, overflow } => {
+        Device::Rfid {
+            broker,
+            store,
+            name,
+            antenna,
+            tags,
+            gtin,
+            company_digits,
+            cycle,
+            first_serial,
+            repeat,
+            bursts,
+            interval_ms,
+            overflow,
+        } => {
             let (host, port) = broker_address(&broker)?;
+            let epcs: Vec<Vec<u8>> = (first_serial..first_serial.saturating_add(tags))
+                .map(|s| device_sim::rfid::sgtin96(&gtin, company_digits, s))
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?;
             let mut reader = device_sim::rfid::RfidReader::connect(&host, port, &store, &name);
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let base = u128::from_str_radix("3074257BF7194E4000000000", 16).expect("constant");
-            let epcs: Vec<Vec<u8>> = (first_serial..first_serial + tags)
-                .map(|s| (base | u128::from(s & 0x3f_ffff_ffff)).to_be_bytes()[4..].to_vec())
-                .collect();
             for b in 0..bursts {
-                reader.read(&epcs, antenna, repeat).await.map_err(anyhow::Error::msg)?;
+                match cycle {
+                    Some(first) => {
+                        let id = first.wrapping_add(b);
+                        reader.count_cycle(id, &epcs, antenna, repeat).await.map_err(anyhow::Error::msg)?;
+                        println!("inventory cycle {id}:");
+                    }
+                    None => reader.read(&epcs, antenna, repeat).await.map_err(anyhow::Error::msg)?,
+                }
                 println!(
                     "burst {}: {} reads of {tags} tags on antenna {antenna}",
                     b + 1,

@@ -1,7 +1,7 @@
 //! The daemon's local control API: a Unix socket (mode 0660, an optional group) where
 //! `storectl` sends one versioned JSON request per connection. Writes go through the daemon's
 //! ledger writer (there is one writer); reads answer from the daemon's live state (sync, labels)
-//! and from the ledger's committed projections.
+//! and from the ledger's committed projections (stock, pickup orders, online allocation).
 
 pub mod client;
 pub mod protocol;
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
-use shared::{Currency, Money, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, StoreId, ValidityWindow};
+use shared::{Currency, Money, OrderId, PriceKey, PriceScope, PriceSlot, PriceValue, Sku, StoreId, ValidityWindow};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::labels::runtime::Mismatches;
 use crate::ledger::{Command, IdempotencyKey, LedgerHandle, LedgerReader, SubmitError};
+use crate::orders::{OrderRefusal, StatusFilter};
 use crate::sync::SyncControl;
 use protocol::{Cmd, ErrorCode, Reply, CONTROL_VERSION, MAX_REQUEST_BYTES};
 
@@ -155,6 +156,15 @@ fn bad(message: impl Into<String>) -> Reply {
 
 fn parse_sku(sku: &str) -> Result<Sku, Reply> {
     Sku::new(sku).map_err(|e| bad(e.to_string()))
+}
+
+fn parse_order(order: &str) -> Result<OrderId, Reply> {
+    OrderId::new(order).map_err(|e| bad(e.to_string()))
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<serde_json::Value, Reply> {
+    serde_json::to_value(value)
+        .map_err(|e| Reply::error(ErrorCode::Unavailable, format!("cannot encode the answer: {e}")))
 }
 
 fn parse_key(key: &str) -> Result<IdempotencyKey, Reply> {
@@ -310,6 +320,36 @@ async fn handle_inner(control: &Control, cmd: Cmd) -> Result<Reply, Reply> {
                 Reply::ok(json!({ "devices": devices, "quarantined": quarantined, "counters": snapshot.stats }))
             }
         },
+        Cmd::OrdersList { status } => {
+            let filter = StatusFilter::parse(status.as_deref().unwrap_or("open")).map_err(bad)?;
+            let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+            Reply::ok(to_json(&read_ledger(control, move |r| r.orders(filter, now)).await?)?)
+        }
+        Cmd::OrdersShow { order } => {
+            let order = parse_order(&order)?;
+            let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+            let id = order.clone();
+            match read_ledger(control, move |r| r.order(&id, now)).await? {
+                Some(summary) => Reply::ok(to_json(&summary)?),
+                None => Reply::error(ErrorCode::Refused, OrderRefusal::NotSynced { order }.to_string()),
+            }
+        }
+        Cmd::OrdersPick { key, order } => {
+            let order = parse_order(&order)?;
+            submit(control, &key, Command::Pick { order }).await
+        }
+        Cmd::OrdersHandover { key, order, code } => {
+            let order = parse_order(&order)?;
+            shared::orders::check_pickup_code_format(&code).map_err(|e| bad(format!("order {order}: {e}")))?;
+            submit(control, &key, Command::Handover { order, code }).await
+        }
+        Cmd::OrdersAtRisk => Reply::ok(to_json(&read_ledger(control, |r| r.orders_at_risk()).await?)?),
+        Cmd::OnlineStatus { sku } => {
+            let sku = sku.as_deref().map(parse_sku).transpose()?;
+            let policy = control.ledger.online_policy().clone();
+            let rows = read_ledger(control, move |r| r.online_status(sku.as_ref(), Some(&policy))).await?;
+            Reply::ok(json!({ "enabled": control.ledger.online_policy().enabled, "skus": to_json(&rows)? }))
+        }
         Cmd::SyncNow => match &control.sync {
             None => Reply::error(ErrorCode::NotConfigured, "no cloud is configured ([cloud] in the config)"),
             Some(s) => {

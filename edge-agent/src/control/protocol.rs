@@ -60,6 +60,31 @@ pub enum Cmd {
     Devices,
     SyncStatus,
     SyncNow,
+    /// Pickup orders by status (`open`, `reserved`, `picked`, `expired`, `fulfilled`,
+    /// `cancelled`, `all`; default `open`).
+    OrdersList {
+        status: Option<String>,
+    },
+    OrdersShow {
+        order: String,
+    },
+    /// Staff put an order's goods aside.
+    OrdersPick {
+        key: String,
+        order: String,
+    },
+    /// Hand an order over to the customer who gives its pickup code.
+    OrdersHandover {
+        key: String,
+        order: String,
+        code: String,
+    },
+    /// Pickup orders whose units the store does not have.
+    OrdersAtRisk,
+    /// The online allocation of one SKU, or of every SKU that has one.
+    OnlineStatus {
+        sku: Option<String>,
+    },
 }
 
 impl Cmd {
@@ -76,6 +101,12 @@ impl Cmd {
             Cmd::LabelsRepush { .. } => "labels_repush",
             Cmd::SyncStatus => "sync_status",
             Cmd::SyncNow => "sync_now",
+            Cmd::OrdersList { .. } => "orders_list",
+            Cmd::OrdersShow { .. } => "orders_show",
+            Cmd::OrdersPick { .. } => "orders_pick",
+            Cmd::OrdersHandover { .. } => "orders_handover",
+            Cmd::OrdersAtRisk => "orders_at_risk",
+            Cmd::OnlineStatus { .. } => "online_status",
         }
     }
 }
@@ -153,5 +184,18 @@ mod tests {
         let unknown = parse_request(r#"{"v":1,"cmd":"format_disk"}"#).unwrap_err().error.unwrap();
         assert_eq!(unknown.code, ErrorCode::BadRequest);
         assert!(parse_request("not json").is_err());
+    }
+
+    #[test]
+    fn order_commands_are_snake_case_lines() {
+        let req = Request {
+            v: CONTROL_VERSION,
+            cmd: Cmd::OrdersHandover { key: "k".into(), order: "W-1".into(), code: "123456".into() },
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert!(line.contains("\"cmd\":\"orders_handover\""), "{line}");
+        assert_eq!(parse_request(&line).unwrap(), req);
+        let at_risk = parse_request(r#"{"v":1,"cmd":"orders_at_risk"}"#).unwrap();
+        assert_eq!(at_risk.cmd, Cmd::OrdersAtRisk);
     }
 }

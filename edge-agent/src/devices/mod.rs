@@ -5,5 +5,6 @@ pub mod framed;
 pub mod plain_scanner;
 pub mod plain_task;
 pub mod registry;
+pub mod registry_store;
 pub mod serial;
 pub mod wiring;

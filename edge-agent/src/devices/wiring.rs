@@ -40,6 +40,7 @@ pub fn start(
             display_tx,
         )
         .with_till(till.clone())
+        .with_policy(config.lane.charge)
         .with_rfid(presence.clone(), crate::config::parse_zones(&lane_cfg.rfid_zones).unwrap_or_default());
         // Every journal line of a lane or device carries STORE_ID, LANE_ID (and DEVICE_ID,
         // DEVICE_KIND) from its task's span, so a technician can filter by any of them.

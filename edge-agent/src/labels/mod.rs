@@ -1,7 +1,9 @@
 //! Electronic shelf labels: what each label should show and what it confirmed it shows
-//! ([`planner`]), and when a price change may reach the till ([`sequencing`]). Both are pure
-//! state machines; the MQTT link that carries their commands is wired by the daemon.
+//! ([`planner`]), the prices the labels confirmed showing ([`shelf`]), and when a price change
+//! may reach the till ([`sequencing`]). These are pure state machines; [`runtime`] is the task
+//! that drives them over the MQTT link.
 
 pub mod planner;
 pub mod runtime;
 pub mod sequencing;
+pub mod shelf;

@@ -17,7 +17,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::planner::{AckStage, LabelContent, Planner, PlannerConfig};
-use super::sequencing::TillPrices;
+use super::sequencing::{ShelfPrice, TillPrices};
+use super::shelf::ShelfPrices;
 use crate::ledger::{Change, LedgerReader};
 use crate::mqtt::topics::{self, DeviceKind, Leaf};
 
@@ -131,6 +132,8 @@ pub struct LabelTask {
     pub board: LabelsBoard,
     /// The price each SKU's labels were last rendered with.
     rendered: HashMap<Sku, (Money, PriceVersion)>,
+    /// The prices the labels confirmed showing, told to the till as they change.
+    shelf: ShelfPrices,
     /// The newest message seen from each label, to drop older ones delivered late.
     newest: NewestSeen,
     /// Label messages dropped as older than one already handled.
@@ -162,6 +165,7 @@ impl LabelTask {
             mismatches,
             board: LabelsBoard::default(),
             rendered: HashMap::new(),
+            shelf: ShelfPrices::default(),
             newest: NewestSeen::default(),
             stale_inputs: 0,
             hub_boot: rand::random(),
@@ -178,6 +182,7 @@ impl LabelTask {
         let now = self.now_ms();
         let Some((content, version)) = render(&self.reader, &self.store, sku, wall_ms()) else { return };
         let price = (content.promo.map_or(content.price, |p| p.0), version);
+        self.shelf.rendered(sku, content.hash(), ShelfPrice { regular: content.price, promo: content.promo });
         if let Ok(mut till) = self.till.lock() {
             till.on_rendered(sku, price.clone());
         }
@@ -199,6 +204,17 @@ impl LabelTask {
             if let (Some(price), Ok(mut till)) = (self.rendered.get(sku), self.till.lock()) {
                 till.on_labels_confirmed(sku, price.clone());
                 tracing::debug!(sku = %sku, price = %price.0, "Every label shows the price");
+            }
+        }
+    }
+
+    /// Tells the till when the prices the labels of `label`'s SKU confirmed showing changed.
+    fn shelf_shows(&mut self, label: &DeviceId) {
+        let Some(sku) = self.planner.sku_of(label).cloned() else { return };
+        if self.shelf.shows(label, &sku, self.planner.displayed(label)) {
+            let prices = self.shelf.prices(&sku);
+            if let Ok(mut till) = self.till.lock() {
+                till.set_shelf(&sku, prices);
             }
         }
     }
@@ -235,10 +251,17 @@ impl LabelTask {
         }
         let now = self.now_ms();
         match input {
-            LabelInput::CheckIn { label, shown_hash, .. } => self.planner.on_check_in(&label, shown_hash, now),
+            LabelInput::CheckIn { label, shown_hash, .. } => {
+                self.planner.on_check_in(&label, shown_hash, now);
+                self.shelf_shows(&label);
+            }
+            // A repush forgets what labels were confirmed to show, not what they show: the
+            // till keeps honouring it until they confirm something else.
             LabelInput::Repush { sku } => self.repush(sku),
             LabelInput::Ack { label, command_id, stage, shown_hash, .. } => {
-                if self.planner.on_ack(&label, command_id, stage, shown_hash, now) {
+                let settled = self.planner.on_ack(&label, command_id, stage, shown_hash, now);
+                self.shelf_shows(&label);
+                if settled {
                     if let Some(sku) = self.planner.sku_of(&label).cloned() {
                         self.confirm_if_shown(&sku);
                     }

@@ -6,19 +6,46 @@
 //! increase was first seen (then the new price is charged and the lagging labels are listed for
 //! staff). The check happens at the lookup itself, so there is no moment between a price
 //! increase being committed and the hold taking effect.
+//!
+//! Under [`ChargePolicy::LowerOfShelfAndSystem`] the till also never charges more than the
+//! lowest price a label of the SKU *confirmed* showing (told by the label task, see
+//! [`TillPrices::set_shelf`]): a label that never took an increase keeps its old, lower price
+//! charged after the deadline too, until it shows the new one.
 
 use std::collections::HashMap;
 
 use shared::{Money, PriceVersion, Sku};
 
-/// What the till charges when a label and the system disagree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the till charges when a label and the system disagree (`[lane] charge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChargePolicy {
     /// The system's price, within the increase rule above.
-    #[default]
     System,
-    /// Also never more than what the shelf shows right now.
+    /// Also never more than what a label of the product confirmed it shows right now. The
+    /// default: price-accuracy rules in many places (and customers everywhere) expect the
+    /// lowest displayed price to be honoured, so a label that missed an update never makes the
+    /// till charge more than the shelf says.
+    #[default]
     LowerOfShelfAndSystem,
+}
+
+/// A price a label shows: its regular price and, until its end (Unix ms), a promotion price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShelfPrice {
+    pub regular: Money,
+    pub promo: Option<(Money, u64)>,
+}
+
+impl ShelfPrice {
+    /// What the label offers at `now_ms`: the promotion until it ends, then the regular price
+    /// (the label prints the promotion's end, so it no longer binds after it).
+    pub fn at(&self, now_ms: u64) -> Money {
+        match self.promo {
+            Some((p, until)) if now_ms < until => p,
+            _ => self.regular,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -30,6 +57,8 @@ struct SkuState {
     /// An increase not yet confirmed: its version, when it was first seen, whether its deadline
     /// was reported.
     increase: Option<(PriceVersion, u64, bool)>,
+    /// The distinct contents its labels confirmed showing (empty: none known).
+    shelf: Vec<ShelfPrice>,
 }
 
 /// An increase whose deadline passed before its labels confirmed it.
@@ -66,6 +95,21 @@ impl TillPrices {
         }
         state.confirmed = Some(price);
         state.floor = None;
+    }
+
+    /// The prices the labels of `sku` confirmed showing now, one per distinct content (the label
+    /// task calls it whenever that set changes).
+    pub fn set_shelf(&mut self, sku: &Sku, shown: Vec<ShelfPrice>) {
+        match self.skus.get_mut(sku) {
+            Some(state) => state.shelf = shown,
+            None if shown.is_empty() => {}
+            None => self.skus.entry(sku.clone()).or_default().shelf = shown,
+        }
+    }
+
+    /// The lowest price a label of `sku` confirmed showing, at `now_ms`.
+    pub fn shelf(&self, sku: &Sku, now_ms: u64) -> Option<Money> {
+        self.skus.get(sku)?.shelf.iter().map(|p| p.at(now_ms)).min_by_key(|m| m.minor)
     }
 
     /// What the till charges for `sku` whose effective price is `effective` at `now_ms`.
@@ -207,5 +251,37 @@ mod tests {
         assert_eq!(t.charge(&milk(), eff.clone(), Some(eur(119)), lower, 0).0.minor, 119);
         assert_eq!(t.charge(&milk(), eff.clone(), Some(eur(139)), lower, 0).0.minor, 129);
         assert_eq!(t.charge(&milk(), eff, Some(eur(119)), ChargePolicy::System, 0).0.minor, 129);
+    }
+
+    #[test]
+    fn the_shelf_is_the_lowest_confirmed_price_and_a_promotion_ends() {
+        let mut t = TillPrices::new(1_000);
+        assert_eq!(t.shelf(&milk(), 0), None);
+        let promo = ShelfPrice { regular: eur(129), promo: Some((eur(89), 5_000)) };
+        t.set_shelf(&milk(), vec![ShelfPrice { regular: eur(119), promo: None }, promo]);
+        assert_eq!(t.shelf(&milk(), 4_999), Some(eur(89)));
+        assert_eq!(t.shelf(&milk(), 5_000), Some(eur(119)), "an ended promotion no longer binds");
+        t.set_shelf(&milk(), Vec::new());
+        assert_eq!(t.shelf(&milk(), 0), None);
+    }
+
+    #[test]
+    fn a_label_that_missed_an_increase_keeps_its_price_charged_past_the_deadline() {
+        let mut t = TillPrices::new(1_000);
+        t.on_labels_confirmed(&milk(), (eur(99), v(1)));
+        // One label applied 1.19, another still shows 0.99.
+        t.set_shelf(
+            &milk(),
+            vec![ShelfPrice { regular: eur(99), promo: None }, ShelfPrice { regular: eur(119), promo: None }],
+        );
+        let eff = (eur(119), v(2));
+        for policy in [ChargePolicy::System, ChargePolicy::LowerOfShelfAndSystem] {
+            let shelf = t.shelf(&milk(), 0);
+            assert_eq!(t.charge(&milk(), eff.clone(), shelf, policy, 0).0.minor, 99, "{policy:?}: held");
+        }
+        let shelf = t.shelf(&milk(), 2_000);
+        assert_eq!(t.charge(&milk(), eff.clone(), shelf, ChargePolicy::System, 2_000).0.minor, 119, "deadline");
+        let (price, version) = t.charge(&milk(), eff, shelf, ChargePolicy::LowerOfShelfAndSystem, 2_000);
+        assert_eq!((price.minor, version), (99, v(2)), "the shelf price, recorded against the system's version");
     }
 }

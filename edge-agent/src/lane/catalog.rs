@@ -13,18 +13,25 @@ use crate::ledger::LedgerReader;
 pub struct LedgerCatalog {
     reader: LedgerReader,
     store: StoreId,
-    /// Price increases held until the shelf shows them.
+    /// Price increases held until the shelf shows them, and what the labels confirmed showing.
     till: Option<Arc<Mutex<TillPrices>>>,
+    /// Whether the lowest price a label confirmed showing caps the charge (`[lane] charge`).
+    policy: ChargePolicy,
 }
 
 impl LedgerCatalog {
     pub fn new(reader: LedgerReader) -> LedgerCatalog {
         let store = reader.store().clone();
-        LedgerCatalog { reader, store, till: None }
+        LedgerCatalog { reader, store, till: None, policy: ChargePolicy::default() }
     }
 
     pub fn with_till(mut self, till: Arc<Mutex<TillPrices>>) -> LedgerCatalog {
         self.till = Some(till);
+        self
+    }
+
+    pub fn with_policy(mut self, policy: ChargePolicy) -> LedgerCatalog {
+        self.policy = policy;
         self
     }
 
@@ -54,7 +61,10 @@ impl Catalog for LedgerCatalog {
         let price = effective_price(&entries, &sku, &self.store, at_ms)
             .and_then(|e| e.value.as_ref().map(|v| (v.amount, e.version())))
             .map(|effective| match self.till.as_ref().and_then(|t| t.lock().ok()) {
-                Some(mut till) => till.charge(&sku, effective, None, ChargePolicy::System, at_ms),
+                Some(mut till) => {
+                    let shelf = till.shelf(&sku, at_ms);
+                    till.charge(&sku, effective, shelf, self.policy, at_ms)
+                }
                 None => effective,
             });
         Ok(Some(Product { sku, name, unit, discontinued, price }))

@@ -107,6 +107,12 @@ impl LaneTask {
         self
     }
 
+    /// What the lane charges when a label shows less than the system (`[lane] charge`).
+    pub fn with_policy(mut self, policy: crate::labels::sequencing::ChargePolicy) -> LaneTask {
+        self.catalog = self.catalog.with_policy(policy);
+        self
+    }
+
     /// Records the tags present in `zones` as sold with each sale of this lane.
     pub fn with_rfid(mut self, presence: Arc<Mutex<Presence>>, zones: Vec<Zone>) -> LaneTask {
         if !zones.is_empty() {

@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 use shared::sync::{Cursor, Rows};
 use shared::{
-    ActorId, CatalogField, Currency, Money, PriceKey, PriceScope, PriceValue, PriceVersion, Sku, SlotRow, StoreId,
+    ActorId, CatalogField, Currency, EscrowRow, Money, OrderId, OrderLine, PriceKey, PriceScope, PriceValue,
+    PriceVersion, Side, Sku, SlotRow, StoreId,
 };
 
 /// Longest accepted idempotency key, in bytes.
@@ -87,6 +88,11 @@ pub enum Command {
     CatalogChange { sku: Sku, field: CatalogField },
     /// These RFID-tagged items left with a sale (read at its lane): the exit gate lets them pass.
     EpcsSold { epcs: Vec<Vec<u8>> },
+    /// The customer collects an online order, proving it with the pickup code HQ gave them.
+    /// The writer checks the code and the order's state; the code itself is never recorded.
+    Handover { order: OrderId, code: String },
+    /// Staff put an online order's goods aside for pickup (a local mark; no stock moves).
+    Pick { order: OrderId },
 }
 
 /// The resolved, replayable record of a command, as hashed and stored.
@@ -139,10 +145,36 @@ pub enum EventBody {
         rows: Rows,
         refused: Vec<String>,
     },
+    /// The writer granted `units` of a SKU to the online channel (the top-up policy), taking the
+    /// store's grant to `granted` in total. What it saw is kept so an auditor can check the
+    /// grant was free stock: `on_hand - committed - safety_stock >= units`.
+    Grant {
+        sku: Sku,
+        units: u64,
+        granted: u64,
+        on_hand: i64,
+        committed: i64,
+        safety_stock: u64,
+        target: u64,
+    },
+    /// An online order was handed over at `at_ms` (Unix ms): each line leaves the store's own
+    /// stock slot, in the same transaction as its `Fulfilled` allocation rows.
+    Handover {
+        order: OrderId,
+        lines: Vec<OrderLine>,
+        at_ms: i64,
+    },
+    /// Staff put an online order aside at `at_ms`.
+    Pick {
+        order: OrderId,
+        at_ms: i64,
+    },
 }
 
-/// Version byte in front of every stored body, so a later format can be told apart.
-pub const BODY_VERSION: u8 = 1;
+/// Version byte in front of every stored body, so a later format can be told apart. Version 2:
+/// sync pages carry allocation rows and order headers (`Rows` grew two fields); version-1
+/// bodies are still read ([`legacy`]), since the hash chain covers their bytes as written.
+pub const BODY_VERSION: u8 = 2;
 
 impl EventBody {
     pub fn kind(&self) -> &'static str {
@@ -156,6 +188,9 @@ impl EventBody {
             EventBody::CatalogChange { .. } => "catalog_change",
             EventBody::EpcsSold { .. } => "epcs_sold",
             EventBody::SyncMerge { .. } => "sync_merge",
+            EventBody::Grant { .. } => "online_grant",
+            EventBody::Handover { .. } => "order_handover",
+            EventBody::Pick { .. } => "order_pick",
         }
     }
 
@@ -169,10 +204,56 @@ impl EventBody {
             EventBody::Count { sku, movement, .. } | EventBody::Adjustment { sku, movement, .. } => {
                 vec![(sku, *movement)]
             }
+            // Units are at most `Escrow::MAX` (= i64::MAX) by validation; a tampered body is caught
+            // by its hash before this is replayed, and saturates rather than wraps.
+            EventBody::Handover { lines, .. } => {
+                lines.iter().map(|l| (&l.sku, -i64::try_from(l.units).unwrap_or(i64::MAX))).collect()
+            }
             EventBody::PriceChange { .. }
             | EventBody::CatalogChange { .. }
             | EventBody::EpcsSold { .. }
-            | EventBody::SyncMerge { .. } => Vec::new(),
+            | EventBody::SyncMerge { .. }
+            | EventBody::Grant { .. }
+            | EventBody::Pick { .. } => Vec::new(),
+        }
+    }
+
+    /// The SKUs whose stock or online allocation this event changes (or whose policy, through
+    /// the catalog): after a commit the writer tops these up and checks them for orders at risk.
+    pub fn touched_skus(&self) -> Vec<&Sku> {
+        match self {
+            EventBody::SyncMerge { rows, .. } => rows
+                .stock
+                .iter()
+                .flat_map(|g| g.slots.iter().map(|s| &s.sku))
+                .chain(rows.escrow.iter().map(|r| &r.key().sku))
+                .chain(rows.catalog.iter().map(|c| &c.sku))
+                .collect(),
+            EventBody::CatalogChange { sku, .. } | EventBody::Grant { sku, .. } => vec![sku],
+            other => other.stock_movements().into_iter().map(|(sku, _)| sku).collect(),
+        }
+    }
+
+    /// The store's own allocation rows this event wrote or brought back (a rebuilt store pulls
+    /// its own rows from the cloud): what `ledger verify` replays against the escrow table.
+    pub fn own_escrow_rows(&self, store: &StoreId) -> Vec<EscrowRow> {
+        let own = Side::Store(store.clone());
+        match self {
+            EventBody::SyncMerge { rows, .. } => {
+                rows.escrow.iter().filter(|r| r.key().store == *store && r.owner() == own).cloned().collect()
+            }
+            EventBody::Grant { sku, granted, .. } => vec![EscrowRow::Granted {
+                key: shared::EscrowKey { store: store.clone(), sku: sku.clone() },
+                granted: *granted,
+            }],
+            EventBody::Handover { order, lines, .. } => lines
+                .iter()
+                .map(|l| EscrowRow::Fulfilled {
+                    key: shared::EscrowKey { store: store.clone(), sku: l.sku.clone() },
+                    order: order.clone(),
+                })
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -197,8 +278,67 @@ impl EventBody {
     pub fn decode(bytes: &[u8]) -> Result<EventBody, String> {
         match bytes.split_first() {
             Some((&BODY_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| format!("undecodable body: {e}")),
-            Some((v, _)) => Err(format!("unknown body version {v} (this build reads {BODY_VERSION})")),
+            Some((&legacy::VERSION, rest)) => postcard::from_bytes::<legacy::EventBodyV1>(rest)
+                .map(EventBody::from)
+                .map_err(|e| format!("undecodable version-1 body: {e}")),
+            Some((v, _)) => Err(format!("unknown body version {v} (this build reads 1 and {BODY_VERSION})")),
             None => Err("empty body".into()),
+        }
+    }
+}
+
+/// Bodies of version 1, written before online orders: the same events, with sync pages whose
+/// `Rows` had stock, prices and catalog only. postcard is not self-describing, so they are read
+/// with the types they were written with (variants in the same order) and converted.
+pub mod legacy {
+    use serde::Deserialize;
+    use shared::sync::{Cursor, Rows, SlotGroup};
+    use shared::{CatalogField, CatalogUpdate, Money, PriceEntry, PriceKey, PriceValue, Sku};
+
+    use super::{EventBody, SaleLine, Tender};
+
+    pub const VERSION: u8 = 1;
+
+    #[derive(Deserialize)]
+    pub struct RowsV1 {
+        stock: Vec<SlotGroup>,
+        prices: Vec<PriceEntry>,
+        catalog: Vec<CatalogUpdate>,
+    }
+
+    #[derive(Deserialize)]
+    pub enum EventBodyV1 {
+        Sale { lines: Vec<SaleLine>, tender: Tender, total: Money },
+        Return { lines: Vec<SaleLine>, reference: String, total: Money },
+        Receipt { sku: Sku, quantity: i64, reference: String },
+        Count { sku: Sku, counted: i64, seen: i64, movement: i64 },
+        Adjustment { sku: Sku, movement: i64, reason: String },
+        PriceChange { key: PriceKey, value: Option<PriceValue> },
+        CatalogChange { sku: Sku, field: CatalogField },
+        EpcsSold { epcs: Vec<Vec<u8>> },
+        SyncMerge { from: Cursor, to: Cursor, rows: RowsV1, refused: Vec<String> },
+    }
+
+    impl From<EventBodyV1> for EventBody {
+        fn from(v1: EventBodyV1) -> EventBody {
+            match v1 {
+                EventBodyV1::Sale { lines, tender, total } => EventBody::Sale { lines, tender, total },
+                EventBodyV1::Return { lines, reference, total } => EventBody::Return { lines, reference, total },
+                EventBodyV1::Receipt { sku, quantity, reference } => EventBody::Receipt { sku, quantity, reference },
+                EventBodyV1::Count { sku, counted, seen, movement } => {
+                    EventBody::Count { sku, counted, seen, movement }
+                }
+                EventBodyV1::Adjustment { sku, movement, reason } => EventBody::Adjustment { sku, movement, reason },
+                EventBodyV1::PriceChange { key, value } => EventBody::PriceChange { key, value },
+                EventBodyV1::CatalogChange { sku, field } => EventBody::CatalogChange { sku, field },
+                EventBodyV1::EpcsSold { epcs } => EventBody::EpcsSold { epcs },
+                EventBodyV1::SyncMerge { from, to, rows, refused } => EventBody::SyncMerge {
+                    from,
+                    to,
+                    rows: Rows { stock: rows.stock, prices: rows.prices, catalog: rows.catalog, ..Rows::default() },
+                    refused,
+                },
+            }
         }
     }
 }
@@ -322,8 +462,18 @@ impl Command {
                 if let CatalogField::TaxClass(t) = field {
                     check_text("tax class", &t.0)?;
                 }
+                if let CatalogField::Category(c) = field {
+                    check_text("category", c)?;
+                }
                 EventBody::CatalogChange { sku: sku.clone(), field: field.clone() }
             }
+            // The writer completes both from the order it holds (lines, time) or refuses them.
+            Command::Handover { order, code } => {
+                shared::orders::check_pickup_code_format(code)
+                    .map_err(|e| Rejection::new(format!("order {order}: {e}")))?;
+                EventBody::Handover { order: order.clone(), lines: Vec::new(), at_ms: 0 }
+            }
+            Command::Pick { order } => EventBody::Pick { order: order.clone(), at_ms: 0 },
         })
     }
 }
@@ -394,5 +544,73 @@ mod tests {
         assert!(EventBody::decode(&[]).is_err());
         assert!(EventBody::decode(&[9, 0]).unwrap_err().contains("unknown body version 9"));
         assert!(EventBody::decode(&[BODY_VERSION, 0xff, 0xff]).is_err());
+    }
+
+    /// A sync page recorded before online orders (body version 1) still reads, as the same page.
+    #[test]
+    fn version_1_bodies_still_read() {
+        use shared::sync::{SlotGroup, SlotValue};
+        #[derive(Serialize)]
+        struct RowsV1 {
+            stock: Vec<SlotGroup>,
+            prices: Vec<shared::PriceEntry>,
+            catalog: Vec<shared::CatalogUpdate>,
+        }
+        #[derive(Serialize)]
+        #[allow(dead_code)]
+        enum V1 {
+            Sale { lines: Vec<SaleLine>, tender: Tender, total: Money },
+            Return,
+            Receipt,
+            Count,
+            Adjustment,
+            PriceChange,
+            CatalogChange,
+            EpcsSold,
+            SyncMerge { from: Cursor, to: Cursor, rows: RowsV1, refused: Vec<String> },
+        }
+        let group = SlotGroup {
+            store: StoreId::new("s1").unwrap(),
+            actor: ActorId::cloud(),
+            slots: vec![SlotValue { sku: sku("A"), inc: 5, dec: 1 }],
+        };
+        let old = V1::SyncMerge {
+            from: Cursor::default(),
+            to: Cursor { chain: 1, store: 2 },
+            rows: RowsV1 { stock: vec![group.clone()], prices: vec![], catalog: vec![] },
+            refused: vec!["a row".into()],
+        };
+        let bytes = postcard::to_extend(&old, vec![1u8]).unwrap();
+        let body = EventBody::decode(&bytes).unwrap();
+        let expected = EventBody::SyncMerge {
+            from: Cursor::default(),
+            to: Cursor { chain: 1, store: 2 },
+            rows: Rows { stock: vec![group], ..Rows::default() },
+            refused: vec!["a row".into()],
+        };
+        assert_eq!(body, expected);
+        let sale = V1::Sale {
+            lines: vec![SaleLine { sku: sku("A"), quantity: 1, line_total: eur(5), price: None }],
+            tender: Tender::Cash,
+            total: eur(5),
+        };
+        let bytes = postcard::to_extend(&sale, vec![1u8]).unwrap();
+        assert!(matches!(EventBody::decode(&bytes).unwrap(), EventBody::Sale { total, .. } if total.minor == 5));
+    }
+
+    #[test]
+    fn a_handover_checks_the_code_format_and_moves_every_line_out() {
+        let order = OrderId::new("W-1").unwrap();
+        let bad = Command::Handover { order: order.clone(), code: "12a456".into() };
+        let err = bad.validate(&ctx()).unwrap_err().0;
+        assert!(err.starts_with("order W-1: a pickup code is 6 digits"), "{err}");
+        let body = EventBody::Handover {
+            order,
+            lines: vec![OrderLine { sku: sku("A"), units: 2 }, OrderLine { sku: sku("B"), units: 1 }],
+            at_ms: 5,
+        };
+        assert_eq!(body.stock_movements(), vec![(&sku("A"), -2), (&sku("B"), -1)]);
+        assert_eq!(body.own_escrow_rows(&StoreId::new("s1").unwrap()).len(), 2);
+        assert_eq!(EventBody::decode(&body.encode()).unwrap(), body);
     }
 }

@@ -1,13 +1,17 @@
 //! The store's durable truth: an append-only, hash-chained event log in SQLite (WAL,
-//! `synchronous=FULL`) with projections (stock slots, price registers, catalog fields, and the
-//! outbox view over them) updated in the same transaction as each event.
+//! `synchronous=FULL`) with projections (stock slots, price registers, catalog fields, the
+//! online allocation and pickup orders, and the outbox view over them) updated in the same
+//! transaction as each event.
 //!
 //! [`Ledger::open`] opens and migrates the file; [`Ledger::start_writer`] hands the connection
 //! to the single writer thread ([`writer`]); [`LedgerReader`] reads on separate connections
 //! without blocking the writer, and also serves `storectl` read-only with the daemon down.
 
+pub mod allocation;
 pub mod chain;
 pub mod command;
+mod online;
+pub mod order_views;
 pub mod projection;
 pub mod schema;
 pub mod verify;
@@ -18,7 +22,9 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension};
 use shared::sync::{Cursor, Push};
-use shared::{ActorId, CatalogItem, Currency, Gtin, Hlc, PriceEntry, Sku, Slot, StoreId};
+use shared::{ActorId, CatalogItem, Currency, Gtin, Hlc, OrderId, PriceEntry, Sku, Slot, StoreId};
+
+use crate::orders::{AtRiskReport, OnlinePolicy, OnlineRow, OrderList, OrderSummary, StatusFilter};
 
 pub use command::{Command, EventBody, IdempotencyKey, Rejection, SaleLine, StoreContext, Tender};
 pub use verify::{ChainBreak, VerifyReport};
@@ -74,6 +80,8 @@ pub struct LedgerOptions {
     pub batch_max: usize,
     pub queue_capacity: usize,
     pub clock: WallClock,
+    /// How the writer keeps the online allocation topped up (off by default).
+    pub online: OnlinePolicy,
 }
 
 impl LedgerOptions {
@@ -86,6 +94,7 @@ impl LedgerOptions {
             batch_max: 1024,
             queue_capacity: 8192,
             clock: writer::shared_clock(),
+            online: OnlinePolicy::default(),
         }
     }
 }
@@ -149,6 +158,13 @@ impl Ledger {
             return Err(corrupt(format!("meta hlc_wall {wall} is not a plausible time")));
         }
         let hlc = Hlc::resume(actor, opts.max_skew_ms, wall, logical).with_jump_threshold(opts.jump_warn_ms);
+        // Which pickup orders are at risk already, so the first commit alerts only on new ones.
+        let at_risk = order_views::at_risk(&conn, &opts.store)?
+            .skus
+            .into_iter()
+            .map(|s| (s.sku, s.orders.into_iter().collect()))
+            .collect();
+        let escrow_seen = allocation::any_rows(&conn)?;
         tracing::info!(path = %path.display(), next_seq, "Ledger opened");
         Ok(Ledger {
             path,
@@ -161,6 +177,9 @@ impl Ledger {
                 batch_max: opts.batch_max.max(1),
                 own_slots: writer::OwnSlots::default(),
                 synchronous: "FULL",
+                policy: opts.online.clone(),
+                at_risk,
+                escrow_seen,
             },
         })
     }
@@ -400,5 +419,34 @@ impl LedgerReader {
     pub fn verify(&self) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
         let snapshot = self.conn.unchecked_transaction()?;
         verify::verify(&snapshot)
+    }
+
+    /// The pickup orders `filter` keeps (statuses as of `now_ms`), from one snapshot.
+    pub fn orders(&self, filter: StatusFilter, now_ms: i64) -> Result<OrderList, LedgerError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        order_views::list(&snapshot, &self.store, filter, now_ms)
+    }
+
+    /// One pickup order, if it has reached this store.
+    pub fn order(&self, order: &OrderId, now_ms: i64) -> Result<Option<OrderSummary>, LedgerError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        order_views::one(&snapshot, &self.store, order, now_ms)
+    }
+
+    /// The pickup orders whose units the store does not have (till sales ate into them).
+    pub fn orders_at_risk(&self) -> Result<AtRiskReport, LedgerError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        order_views::at_risk(&snapshot, &self.store)
+    }
+
+    /// The online allocation of one SKU or of all that have one; with `policy`, also the target,
+    /// the safety stock and what is free to grant.
+    pub fn online_status(
+        &self,
+        sku: Option<&Sku>,
+        policy: Option<&OnlinePolicy>,
+    ) -> Result<Vec<OnlineRow>, LedgerError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        order_views::online(&snapshot, &self.store, sku, policy)
     }
 }

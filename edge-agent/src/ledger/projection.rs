@@ -257,7 +257,9 @@ pub fn own_rows(conn: &Connection, store: &StoreId, actor: &ActorId, from: u64, 
             stamp: stamp_from(row, 2)?,
         });
     }
-    Ok(Rows { stock: Rows::group_slots(slots), prices, catalog, ..Rows::default() })
+    // The store's own online allocation rows (grants, handovers); never the cloud's, nor headers.
+    let escrow = super::allocation::own_rows(conn, store, from, to)?;
+    Ok(Rows { stock: Rows::group_slots(slots), prices, catalog, escrow, ..Rows::default() })
 }
 
 // ---- catalog ----
@@ -310,4 +312,27 @@ pub fn skus_by_gtin(conn: &Connection, gtin: &shared::Gtin) -> Result<Vec<Sku>, 
     let mut stmt = conn.prepare_cached("SELECT sku FROM gtin_index WHERE gtin = ?1 ORDER BY sku")?;
     let rows = stmt.query_map(params![gtin.to_string()], |r| r.get::<_, String>(0))?;
     rows.map(|r| Sku::new(r?).map_err(|e| corrupt("gtin index sku", e))).collect()
+}
+
+/// Every SKU with a stock slot in `store`.
+pub fn skus_in_store(conn: &Connection, store: &StoreId) -> Result<Vec<Sku>, LedgerError> {
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT sku FROM stock_slots WHERE store = ?1 ORDER BY sku")?;
+    let rows = stmt.query_map(params![store.as_str()], |r| r.get::<_, String>(0))?;
+    rows.map(|r| Sku::new(r?).map_err(|e| corrupt("stock slot sku", e))).collect()
+}
+
+/// Every SKU's merchandising category, as the catalog holds it.
+pub fn categories(conn: &Connection) -> Result<Vec<(Sku, String)>, LedgerError> {
+    let mut stmt = conn.prepare_cached("SELECT sku, value FROM catalog WHERE field = 'category' ORDER BY sku")?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let sku = Sku::new(row.get::<_, String>(0)?).map_err(|e| corrupt("catalog sku", e))?;
+        let bytes: Vec<u8> = row.get(1)?;
+        match postcard::from_bytes(&bytes).map_err(|e| corrupt("catalog field", e))? {
+            CatalogField::Category(category) => out.push((sku, category)),
+            other => return Err(corrupt("catalog category", format!("{sku} holds a {} value", other.name()))),
+        }
+    }
+    Ok(out)
 }

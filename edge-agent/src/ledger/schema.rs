@@ -122,6 +122,60 @@ const MIGRATIONS: &[&str] = &[
          WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
            AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
     ",
+    // 5: online pickup orders. This store's allocation rows (shared::escrow: its own `granted`
+    // and `fulfilled`, the cloud's `released` and `reservation`), the order headers HQ sent, and
+    // the local marks on them. Own rows carry the change version, so the outbox includes them.
+    "
+    CREATE TABLE escrow (
+        sku       TEXT    NOT NULL,
+        kind      TEXT    NOT NULL CHECK (kind IN ('granted', 'released', 'reservation', 'fulfilled')),
+        order_id  TEXT    NOT NULL,  -- '' for granted and released
+        units     INTEGER NOT NULL CHECK (units >= 0),  -- granted / released total, or the line's units
+        seq       INTEGER NOT NULL CHECK (seq >= 0),    -- a reservation's order within the SKU
+        cancelled INTEGER NOT NULL CHECK (cancelled IN (0, 1)),
+        version   INTEGER NOT NULL,
+        PRIMARY KEY (sku, kind, order_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX escrow_by_version ON escrow (version);
+    CREATE INDEX escrow_by_order ON escrow (order_id);
+
+    -- Immutable once HQ created them (a differing copy is refused). The marks are this store's.
+    CREATE TABLE orders (
+        order_id          TEXT    PRIMARY KEY,
+        header            BLOB    NOT NULL,  -- version byte + postcard OrderHeader
+        created_at_ms     INTEGER NOT NULL,
+        expires_at_ms     INTEGER NOT NULL,
+        version           INTEGER NOT NULL,
+        picked_at_ms      INTEGER,
+        picked_seq        INTEGER,
+        handed_over_at_ms INTEGER,
+        handed_over_seq   INTEGER
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX orders_by_created ON orders (created_at_ms);
+
+    DROP VIEW outbox;
+    CREATE VIEW outbox AS
+        SELECT 'stock' AS entity, store || '/' || sku || '/' || actor AS entity_key, version
+          FROM stock_slots
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'price', sku || '/' || scope || '/' || slot, version
+          FROM prices
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND scope = 'store:' || (SELECT value FROM meta WHERE key = 'store')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'catalog', sku || '/' || field, version
+          FROM catalog
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'escrow', sku || '/' || kind || '/' || order_id, version
+          FROM escrow
+         WHERE kind IN ('granted', 'fulfilled')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
+    ",
 ];
 
 pub fn latest_version() -> i64 {

@@ -2,13 +2,15 @@
 //! wrote: sequence numbers contiguous from 1, each event's `prev_hash` equal to its
 //! predecessor's hash, each hash recomputed from the stored columns, bodies decodable and of
 //! the kind recorded, the head recorded in `meta` equal to the last event (so a deleted tail is
-//! caught), and the store's own stock slots equal to the replay of the events' movements.
+//! caught), the store's own stock slots equal to the replay of the events' movements, and its
+//! own online allocation rows (grants, handovers) equal to the replay of the events that made
+//! them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
-use shared::{ActorId, Sku, Slot, StoreId};
+use shared::{ActorId, EscrowRow, OrderId, Sku, Slot, StoreId};
 
 use super::chain::{event_hash, hex, Hash, GENESIS};
 use super::command::EventBody;
@@ -20,6 +22,8 @@ pub struct VerifyReport {
     pub head_seq: u64,
     pub head_hash: String,
     pub skus_checked: u64,
+    /// Own online allocation rows (grants, handovers) checked against the events.
+    pub allocation_rows_checked: u64,
 }
 
 /// The first thing found wrong. `seq` is the first event that does not check out, when the
@@ -48,6 +52,9 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
     let mut expected_seq = 1u64;
     let mut prev: Hash = GENESIS;
     let mut replayed: BTreeMap<Sku, Slot> = BTreeMap::new();
+    // Own allocation rows: the store's `granted` per SKU (a maximum) and its handovers.
+    let mut granted: BTreeMap<Sku, u64> = BTreeMap::new();
+    let mut fulfilled: BTreeSet<(Sku, OrderId)> = BTreeSet::new();
     while let Some(row) = rows.next()? {
         let seq: i64 = row.get(0)?;
         if seq != expected_seq as i64 {
@@ -96,6 +103,18 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
                     None => return Ok(Err(broken(expected_seq, format!("stock of {sku} overflows on replay")))),
                 }
             }
+            for row in decoded.own_escrow_rows(&store) {
+                match row {
+                    EscrowRow::Granted { key, granted: g } => {
+                        let total = granted.entry(key.sku).or_default();
+                        *total = (*total).max(g);
+                    }
+                    EscrowRow::Fulfilled { key, order } => {
+                        fulfilled.insert((key.sku, order));
+                    }
+                    EscrowRow::Released { .. } | EscrowRow::Reservation { .. } => {}
+                }
+            }
         }
         prev = recomputed;
         expected_seq += 1;
@@ -137,5 +156,65 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
             }));
         }
     }
-    Ok(Ok(VerifyReport { events, head_seq: events, head_hash: hex(&prev), skus_checked: replayed.len() as u64 }))
+    let stored = own_allocation(conn, &store)?;
+    let expected_granted: Vec<(Sku, u64)> = granted.into_iter().filter(|(_, g)| *g > 0).collect();
+    let stored_granted: Vec<(Sku, u64)> = stored.0.into_iter().filter(|(_, g)| *g > 0).collect();
+    if stored_granted != expected_granted {
+        let first = first_difference(&stored_granted, &expected_granted);
+        return Ok(Err(ChainBreak {
+            seq: None,
+            detail: format!("online allocation granted of {first} does not match the grant events"),
+        }));
+    }
+    if let Some((sku, order)) = stored.1.symmetric_difference(&fulfilled).next() {
+        let (here, there) = if stored.1.contains(&(sku.clone(), order.clone())) {
+            ("handed over", "not handed over")
+        } else {
+            ("not handed over", "handed over")
+        };
+        return Ok(Err(ChainBreak {
+            seq: None,
+            detail: format!("online order {order} ({sku}) is {here} in the allocation but {there} by the events"),
+        }));
+    }
+    let allocation_rows_checked = (expected_granted.len() + fulfilled.len()) as u64;
+    Ok(Ok(VerifyReport {
+        events,
+        head_seq: events,
+        head_hash: hex(&prev),
+        skus_checked: replayed.len() as u64,
+        allocation_rows_checked,
+    }))
+}
+
+/// The store's own allocation rows as stored: `granted` per SKU, and the handed-over lines.
+#[allow(clippy::type_complexity)]
+fn own_allocation(
+    conn: &Connection,
+    store: &StoreId,
+) -> Result<(Vec<(Sku, u64)>, BTreeSet<(Sku, OrderId)>), LedgerError> {
+    let mut granted = Vec::new();
+    let mut fulfilled = BTreeSet::new();
+    for sku in super::allocation::skus(conn)? {
+        for row in super::allocation::rows_of(conn, store, &sku)? {
+            match row {
+                EscrowRow::Granted { key, granted: g } => granted.push((key.sku, g)),
+                EscrowRow::Fulfilled { key, order } => {
+                    fulfilled.insert((key.sku, order));
+                }
+                EscrowRow::Released { .. } | EscrowRow::Reservation { .. } => {}
+            }
+        }
+    }
+    Ok((granted, fulfilled))
+}
+
+/// The SKU of the first entry where two sorted lists differ.
+fn first_difference(a: &[(Sku, u64)], b: &[(Sku, u64)]) -> String {
+    a.iter()
+        .zip(b.iter())
+        .find(|(x, y)| x != y)
+        .map(|(x, y)| std::cmp::min(&x.0, &y.0).to_string())
+        .or_else(|| a.get(b.len()).or_else(|| b.get(a.len())).map(|x| x.0.to_string()))
+        .unwrap_or_default()
 }

@@ -6,19 +6,25 @@
 //!
 //! It runs on a dedicated OS thread because rusqlite is blocking; the channel is tokio's, so
 //! async callers await without blocking a runtime worker.
+//!
+//! Online orders (issue 7) ride on the same transactions: after the batch's events, the writer
+//! tops up the online allocation of every SKU the batch moved (the policy's grants are events
+//! of their own, in the same transaction), then checks those SKUs for pickup orders their
+//! stock no longer covers and, once committed, raises the shortage alert.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension, TransactionBehavior};
 use shared::sync::{Cursor, Rows};
-use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, PriceEntry, Sku, Slot, SlotKey, StoreId};
+use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, OrderId, PriceEntry, Sku, Slot, SlotKey, StoreId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::chain::{event_hash, Hash};
 use super::command::{Command, EventBody, IdempotencyKey, Rejection, StoreContext};
-use super::{projection, LedgerError, WallClock};
+use super::{allocation, online, order_views, projection, LedgerError, WallClock};
+use crate::orders::{OnlinePolicy, ShortageAlert};
 
 /// The result of a command: its place in the log and what was recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +56,8 @@ enum Request {
     Event {
         key: IdempotencyKey,
         body: Result<EventBody, Rejection>,
+        /// A handover's pickup code: checked by the writer against the order, never recorded.
+        code: Option<String>,
         reply: oneshot::Sender<Result<Applied, SubmitError>>,
     },
     /// Save (or with `None` clear) a lane's basket in progress: state, not an event.
@@ -89,10 +97,22 @@ pub struct SyncAck {
     pub caught_up: bool,
 }
 
-/// The outcome of one request within a committed batch.
+/// The outcome of one request within a committed batch. One per request, dropped as soon as
+/// the replies are sent; boxing the large variant would cost an allocation per sale instead.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Event(Result<Applied, Rejection>),
     Saved,
+}
+
+/// What a committed batch did besides answering its requests.
+#[derive(Default)]
+struct Aftermath {
+    /// Shortage alerts to raise (the batch left more orders of these SKUs uncovered).
+    alerts: Vec<ShortageAlert>,
+    grants: u64,
+    handovers: u64,
+    new_orders: usize,
 }
 
 /// Cheap to clone; the writer stops once every handle is dropped and the queue is drained.
@@ -102,6 +122,8 @@ pub struct LedgerHandle {
     ctx: Arc<StoreContext>,
     stats: Arc<Counters>,
     changes: broadcast::Sender<Change>,
+    alerts: broadcast::Sender<ShortageAlert>,
+    policy: Arc<OnlinePolicy>,
 }
 
 /// A committed change others react to (the label planner re-renders the SKU's labels).
@@ -115,6 +137,10 @@ pub enum Change {
 /// re-read the projections.
 pub const CHANGE_QUEUE: usize = 4096;
 
+/// Shortage alerts buffered per subscriber (a lagging one gets `Lagged`; the journal and the
+/// metrics have every alert regardless).
+pub const ALERT_QUEUE: usize = 256;
+
 /// Running totals of the writer, for metrics and benchmarks.
 #[derive(Debug, Default)]
 struct Counters {
@@ -125,6 +151,11 @@ struct Counters {
     busy_micros: AtomicU64,
     /// Batches by duration, one count per bucket of [`BATCH_BUCKETS_MICROS`] (the last: above).
     batch_buckets: [AtomicU64; BATCH_BUCKETS_MICROS.len() + 1],
+    online_grants: AtomicU64,
+    handovers: AtomicU64,
+    shortage_alerts: AtomicU64,
+    /// A gauge: pickup orders whose units the store does not have, now.
+    orders_at_risk: AtomicU64,
 }
 
 /// Upper bounds of the batch-duration histogram, in microseconds (a commit with its fsync).
@@ -144,6 +175,14 @@ pub struct WriterStats {
     pub busy_micros: u64,
     /// Batches per duration bucket (not cumulative); the last counts those above every bound.
     pub batch_buckets: [u64; BATCH_BUCKETS_MICROS.len() + 1],
+    /// Grants the top-up policy made to the online channel.
+    pub online_grants: u64,
+    /// Online orders handed over.
+    pub handovers: u64,
+    /// Shortage alerts raised (a commit left more pickup orders without cover).
+    pub shortage_alerts: u64,
+    /// Pickup orders at risk now.
+    pub orders_at_risk: u64,
 }
 
 impl LedgerHandle {
@@ -151,8 +190,9 @@ impl LedgerHandle {
     /// queue is full: backpressure, never a silent drop.
     pub async fn submit(&self, key: IdempotencyKey, command: Command) -> Result<Applied, SubmitError> {
         let body = command.validate(&self.ctx);
+        let code = pickup_code(command);
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Event { key, body, reply }).await.map_err(|_| SubmitError::Closed)?;
+        self.tx.send(Request::Event { key, body, code, reply }).await.map_err(|_| SubmitError::Closed)?;
         rx.await.map_err(|_| SubmitError::Closed)?
     }
 
@@ -181,14 +221,26 @@ impl LedgerHandle {
     /// For callers outside a tokio runtime.
     pub fn blocking_submit(&self, key: IdempotencyKey, command: Command) -> Result<Applied, SubmitError> {
         let body = command.validate(&self.ctx);
+        let code = pickup_code(command);
         let (reply, rx) = oneshot::channel();
-        self.tx.blocking_send(Request::Event { key, body, reply }).map_err(|_| SubmitError::Closed)?;
+        self.tx.blocking_send(Request::Event { key, body, code, reply }).map_err(|_| SubmitError::Closed)?;
         rx.blocking_recv().map_err(|_| SubmitError::Closed)?
     }
 
     /// Committed changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    /// Shortage alerts from now on: each time a commit leaves more pickup orders of a SKU
+    /// without cover (also in the journal as `ORDERS_AT_RISK`, and in the metrics).
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<ShortageAlert> {
+        self.alerts.subscribe()
+    }
+
+    /// The online allocation policy the writer applies.
+    pub fn online_policy(&self) -> &OnlinePolicy {
+        &self.policy
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -200,6 +252,10 @@ impl LedgerHandle {
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             busy_micros: c.busy_micros.load(Ordering::Relaxed),
             batch_buckets: std::array::from_fn(|i| c.batch_buckets[i].load(Ordering::Relaxed)),
+            online_grants: c.online_grants.load(Ordering::Relaxed),
+            handovers: c.handovers.load(Ordering::Relaxed),
+            shortage_alerts: c.shortage_alerts.load(Ordering::Relaxed),
+            orders_at_risk: c.orders_at_risk.load(Ordering::Relaxed),
         }
     }
 
@@ -242,6 +298,20 @@ pub(super) struct Writer {
     pub own_slots: OwnSlots,
     /// The connection's current `PRAGMA synchronous`.
     pub synchronous: &'static str,
+    pub policy: OnlinePolicy,
+    /// Per SKU, the pickup orders its stock does not cover, as of the last commit: an alert is
+    /// raised when a commit adds to a SKU's set.
+    pub at_risk: BTreeMap<Sku, BTreeSet<OrderId>>,
+    /// The ledger holds allocation rows (until it does, no order can be at risk: skip the check).
+    pub escrow_seen: bool,
+}
+
+/// The pickup code a command carries, kept apart from the recorded body.
+fn pickup_code(command: Command) -> Option<String> {
+    match command {
+        Command::Handover { code, .. } => Some(code),
+        _ => None,
+    }
 }
 
 pub(super) fn spawn(writer: Writer, queue_capacity: usize) -> Result<(LedgerHandle, WriterThread), LedgerError> {
@@ -249,17 +319,27 @@ pub(super) fn spawn(writer: Writer, queue_capacity: usize) -> Result<(LedgerHand
     let stats = Arc::new(Counters::default());
     let counters = stats.clone();
     let ctx = Arc::new(writer.ctx.clone());
+    let policy = Arc::new(writer.policy.clone());
     let (changes, _) = broadcast::channel(CHANGE_QUEUE);
+    let (alerts, _) = broadcast::channel(ALERT_QUEUE);
     let publish = changes.clone();
+    let raise = alerts.clone();
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || writer.run(rx, &counters, &publish))
+        .spawn(move || writer.run(rx, &counters, &publish, &raise))
         .map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("cannot start the writer thread: {e}") })?;
-    Ok((LedgerHandle { tx, ctx, stats, changes }, WriterThread(thread)))
+    Ok((LedgerHandle { tx, ctx, stats, changes, alerts, policy }, WriterThread(thread)))
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>, counters: &Counters, changes: &broadcast::Sender<Change>) {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        counters: &Counters,
+        changes: &broadcast::Sender<Change>,
+        alerts: &broadcast::Sender<ShortageAlert>,
+    ) {
+        self.start_online(counters);
         let mut batch = Vec::with_capacity(self.batch_max);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -270,13 +350,13 @@ impl Writer {
                 }
             }
             let started = std::time::Instant::now();
-            let outcome = self.apply_batch(&batch);
+            let outcome = self.apply_batch(&batch, false);
             let micros = started.elapsed().as_micros() as u64;
             counters.busy_micros.fetch_add(micros, Ordering::Relaxed);
             let bucket = BATCH_BUCKETS_MICROS.iter().position(|b| micros <= *b).unwrap_or(BATCH_BUCKETS_MICROS.len());
             counters.batch_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             match outcome {
-                Ok(results) => {
+                Ok((results, aftermath)) => {
                     tracing::trace!(
                         batch = batch.len(),
                         micros = started.elapsed().as_micros() as u64,
@@ -286,7 +366,8 @@ impl Writer {
                         results.iter().filter(|r| matches!(r, Outcome::Event(Ok(a)) if !a.replayed)).count();
                     counters.batches.fetch_add(1, Ordering::Relaxed);
                     counters.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    counters.events.fetch_add(new_events as u64, Ordering::Relaxed);
+                    counters.events.fetch_add(new_events as u64 + aftermath.grants, Ordering::Relaxed);
+                    self.after_commit(aftermath, counters, alerts);
                     for r in &results {
                         if let Outcome::Event(Ok(a)) = r {
                             match &a.body {
@@ -354,20 +435,90 @@ impl Writer {
         tracing::info!(next_seq = self.head.next_seq, "Ledger writer drained and stopped");
     }
 
-    fn apply_batch(&mut self, batch: &[Request]) -> Result<Vec<Outcome>, LedgerError> {
+    /// Before the first command: say which orders are at risk already (they were alerted before
+    /// a restart, or arrived while the daemon was down) and top up every SKU the policy covers,
+    /// since its target may have changed with the configuration.
+    fn start_online(&mut self, counters: &Counters) {
+        let at_risk: usize = self.at_risk.values().map(BTreeSet::len).sum();
+        counters.orders_at_risk.store(at_risk as u64, Ordering::Relaxed);
+        for (sku, orders) in &self.at_risk {
+            let orders: Vec<&str> = orders.iter().map(OrderId::as_str).collect();
+            tracing::warn!(
+                store_id = %self.ctx.store,
+                sku = %sku,
+                orders = %orders.join(","),
+                error_code = "ORDERS_AT_RISK",
+                "Pickup orders are still at risk: their units are not in the store; restock, or ask HQ to contact the customers"
+            );
+        }
+        if !self.policy.enabled {
+            return;
+        }
+        match self.apply_batch(&[], true) {
+            Ok((_, aftermath)) => {
+                if aftermath.grants > 0 {
+                    tracing::info!(grants = aftermath.grants, "Online allocation topped up at start");
+                }
+                counters.events.fetch_add(aftermath.grants, Ordering::Relaxed);
+                counters.online_grants.fetch_add(aftermath.grants, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                error_code = "ONLINE_TOP_UP_FAILED",
+                "Topping up the online allocation at start failed; it is retried with the next change"
+            ),
+        }
+    }
+
+    /// After a commit: count what it did, raise its shortage alerts (journal, metrics, the
+    /// alert channel), and say when orders arrived.
+    fn after_commit(&self, aftermath: Aftermath, counters: &Counters, alerts: &broadcast::Sender<ShortageAlert>) {
+        counters.online_grants.fetch_add(aftermath.grants, Ordering::Relaxed);
+        counters.handovers.fetch_add(aftermath.handovers, Ordering::Relaxed);
+        let at_risk: usize = self.at_risk.values().map(BTreeSet::len).sum();
+        counters.orders_at_risk.store(at_risk as u64, Ordering::Relaxed);
+        if aftermath.new_orders > 0 {
+            tracing::info!(store_id = %self.ctx.store, orders = aftermath.new_orders, "Online pickup orders received");
+        }
+        for alert in aftermath.alerts {
+            counters.shortage_alerts.fetch_add(1, Ordering::Relaxed);
+            let orders: Vec<&str> = alert.orders.iter().map(OrderId::as_str).collect();
+            tracing::warn!(
+                store_id = %self.ctx.store,
+                sku = %alert.sku,
+                shortfall = alert.shortfall,
+                on_hand = alert.on_hand,
+                promised = alert.promised,
+                orders = %orders.join(","),
+                error_code = "ORDERS_AT_RISK",
+                "Till sales ate into units promised online: these pickup orders are at risk; restock, or ask HQ to contact the customers"
+            );
+            let _ = alerts.send(alert);
+        }
+    }
+
+    /// Applies `batch` in one transaction. With `sweep`, also tops up every SKU the policy
+    /// covers (at start); the same happens in the batch where a new ledger first catches up.
+    fn apply_batch(&mut self, batch: &[Request], sweep: bool) -> Result<(Vec<Outcome>, Aftermath), LedgerError> {
         // Money and stock are committed with synchronous=FULL (fsync before the reply). A batch
         // of basket saves only is committed with NORMAL: in WAL mode that survives a crash of
         // the daemon (the pages are in the OS), and a power cut can lose at most the last
         // changes of an open basket, never a sale; the next FULL commit syncs them too. This
         // keeps an fsync out of every scan at the lane.
-        let durability = if batch.iter().any(|r| !matches!(r, Request::SaveBasket { .. })) { "FULL" } else { "NORMAL" };
+        let durability =
+            if sweep || batch.iter().any(|r| !matches!(r, Request::SaveBasket { .. })) { "FULL" } else { "NORMAL" };
         if durability != self.synchronous {
             self.conn.pragma_update(None, "synchronous", durability)?;
             self.synchronous = durability;
         }
         let mut head = self.head.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now_ms = i64::try_from((self.clock)()).unwrap_or(i64::MAX);
+        let was_bootstrapped = bootstrapped(&tx)?;
         let mut results = Vec::with_capacity(batch.len());
+        let mut aftermath = Aftermath::default();
+        let mut touched: BTreeSet<Sku> = BTreeSet::new();
+        let risk_now;
         let batch_slots;
         {
             let mut slots = BatchSlots::default();
@@ -377,8 +528,8 @@ impl Writer {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (idem_key) DO NOTHING",
             )?;
             for req in batch {
-                let (key, body) = match req {
-                    Request::Event { key, body, .. } => (key, body),
+                let (key, body, code) = match req {
+                    Request::Event { key, body, code, .. } => (key, body, code.as_deref()),
                     Request::Sync { ack, merge, .. } => {
                         if let Err(skew) = self.hlc.observe(&ack.cloud_time, (self.clock)()) {
                             // The cloud is the reference for time; a store clock far behind it
@@ -387,7 +538,7 @@ impl Writer {
                         }
                         write_sync_position(&tx, ack, &mut head)?;
                         match merge {
-                            Some((key, body)) => (key, body),
+                            Some((key, body)) => (key, body, None),
                             None => {
                                 results.push(Outcome::Saved);
                                 continue;
@@ -414,37 +565,25 @@ impl Writer {
                         continue;
                     }
                 };
-                let outcome = match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body.clone())? {
+                let input = PlanInput { now_ms, code };
+                let outcome = match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body.clone(), input)? {
                     Err(rejection) => first_result_or(&tx, key, rejection)?,
                     Ok((body, planned)) => {
-                        let (stamp, jump) = self.hlc.stamp((self.clock)());
-                        report_jump(jump);
-                        let encoded = body.encode();
-                        let seq = head.next_seq;
-                        let hash = event_hash(&head.hash, seq, &stamp, body.kind(), key.as_str(), &encoded);
-                        let inserted = insert_event.execute(params![
-                            seq as i64,
-                            stamp.wall_ms as i64,
-                            i64::from(stamp.logical),
-                            stamp.actor.as_str(),
-                            body.kind(),
-                            key.as_str(),
-                            encoded,
-                            head.hash.to_vec(),
-                            hash.to_vec()
-                        ])?;
-                        if inserted == 0 {
+                        match append(&mut insert_event, &mut self.hlc, &self.clock, &mut head, key, &body)? {
                             // Seen before (in an earlier batch or earlier in this one).
-                            Ok(replay(&tx, key)?)
-                        } else {
-                            head.next_seq += 1;
-                            head.hash = hash;
-                            slots.commit(planned);
-                            apply_registers(&tx, &mut head, &body, &stamp)?;
-                            if let EventBody::SyncMerge { rows, .. } = &body {
-                                merge_cloud_rows(&tx, &mut head, rows, &self.ctx.store, self.hlc.actor())?;
+                            None => Ok(replay(&tx, key)?),
+                            Some((seq, stamp)) => {
+                                slots.commit(planned);
+                                apply_registers(&tx, &mut head, &body, &stamp)?;
+                                if let EventBody::SyncMerge { rows, .. } = &body {
+                                    merge_cloud_rows(&tx, &mut head, rows, &self.ctx.store, self.hlc.actor())?;
+                                }
+                                aftermath.new_orders +=
+                                    online::apply(&tx, &mut head.change_version, &self.ctx.store, &body, seq)?;
+                                aftermath.handovers += u64::from(matches!(body, EventBody::Handover { .. }));
+                                touched.extend(body.touched_skus().into_iter().cloned());
+                                Ok(Applied { seq, stamp, body, replayed: false })
                             }
-                            Ok(Applied { seq, stamp, body, replayed: false })
                         }
                     }
                 };
@@ -452,6 +591,36 @@ impl Writer {
             }
             slots.flush(&tx, &self.ctx, self.hlc.actor(), &mut head)?;
             batch_slots = slots;
+
+            // Top up what moved. Never before a new ledger caught up with the cloud once: it
+            // would not know the cloud's reservations, so its view of what is free is wrong.
+            if self.policy.enabled && bootstrapped(&tx)? {
+                let mut skus = touched.clone();
+                if sweep || !was_bootstrapped {
+                    skus.extend(online::sweep_candidates(&tx, &self.ctx.store, &self.policy)?);
+                }
+                for sku in &skus {
+                    let Some(grant) = online::plan_grant(&tx, &self.ctx.store, &self.policy, sku)? else { continue };
+                    let EventBody::Grant { granted, .. } = &grant else { continue };
+                    let key = online::grant_key(sku, *granted)?;
+                    if let Some((seq, _)) =
+                        append(&mut insert_event, &mut self.hlc, &self.clock, &mut head, &key, &grant)?
+                    {
+                        online::apply(&tx, &mut head.change_version, &self.ctx.store, &grant, seq)?;
+                        aftermath.grants += 1;
+                    }
+                }
+            }
+
+            // Then the orders those SKUs no longer cover.
+            self.escrow_seen = self.escrow_seen || allocation::any_rows(&tx)?;
+            let mut risk = Vec::new();
+            if self.escrow_seen {
+                for sku in &touched {
+                    risk.push((sku.clone(), order_views::at_risk_of(&tx, &self.ctx.store, sku)?.map(|(s, _)| s)));
+                }
+            }
+            risk_now = risk;
         }
         let (wall, logical) = self.hlc.last();
         let mut meta = tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
@@ -464,8 +633,72 @@ impl Writer {
         tx.commit()?;
         self.head = head;
         batch_slots.into_cache(&mut self.own_slots);
-        Ok(results)
+        for (sku, now) in risk_now {
+            match now {
+                None => {
+                    self.at_risk.remove(&sku);
+                }
+                Some(info) => {
+                    let orders: BTreeSet<OrderId> = info.orders.iter().cloned().collect();
+                    let grew = self.at_risk.get(&sku).is_none_or(|before| !orders.is_subset(before));
+                    if grew {
+                        aftermath.alerts.push(ShortageAlert {
+                            sku: info.sku,
+                            on_hand: info.on_hand,
+                            promised: info.promised,
+                            shortfall: info.shortfall,
+                            orders: info.orders,
+                        });
+                    }
+                    self.at_risk.insert(sku, orders);
+                }
+            }
+        }
+        Ok((results, aftermath))
     }
+}
+
+/// Whether this ledger has caught up with the cloud once (`meta.bootstrapped`), as of `conn`.
+fn bootstrapped(conn: &Connection) -> Result<bool, LedgerError> {
+    let v: Option<i64> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'bootstrapped'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(v == Some(1))
+}
+
+/// Stamps, hashes and inserts one event after the chain head; `None` when its key was seen
+/// before (nothing inserted; the caller replays the first result).
+fn append(
+    insert: &mut CachedStatement<'_>,
+    hlc: &mut Hlc,
+    clock: &WallClock,
+    head: &mut Head,
+    key: &IdempotencyKey,
+    body: &EventBody,
+) -> Result<Option<(u64, HlcStamp)>, LedgerError> {
+    let (stamp, jump) = hlc.stamp(clock());
+    report_jump(jump);
+    let encoded = body.encode();
+    let seq = head.next_seq;
+    let hash = event_hash(&head.hash, seq, &stamp, body.kind(), key.as_str(), &encoded);
+    let inserted = insert.execute(params![
+        seq as i64,
+        stamp.wall_ms as i64,
+        i64::from(stamp.logical),
+        stamp.actor.as_str(),
+        body.kind(),
+        key.as_str(),
+        encoded,
+        head.hash.to_vec(),
+        hash.to_vec()
+    ])?;
+    if inserted == 0 {
+        return Ok(None);
+    }
+    head.next_seq += 1;
+    head.hash = hash;
+    Ok(Some((seq, stamp)))
 }
 
 fn report_jump(jump: Option<ClockJump>) {
@@ -549,8 +782,17 @@ impl BatchSlots {
 /// A resolved event body and the own-slot values it leaves.
 type Planned = (EventBody, Vec<(SlotKey, Slot)>);
 
-/// Reads what the command needs (a count's observed stock, current slots) and plans its slot
-/// writes, refusing it if one would overflow. Nothing is written here.
+/// What resolving a command needs beyond the ledger: the batch's time, a handover's code.
+#[derive(Clone, Copy)]
+struct PlanInput<'a> {
+    now_ms: i64,
+    code: Option<&'a str>,
+}
+
+/// Reads what the command needs (a count's observed stock, current slots, an order's state)
+/// and plans its slot writes, refusing it if one would overflow or the order does not allow
+/// it; a sync page loses the rows that conflict with what the store holds (named as refused).
+/// Nothing is written here.
 fn plan(
     conn: &Connection,
     ctx: &StoreContext,
@@ -558,9 +800,24 @@ fn plan(
     cache: &OwnSlots,
     slots: &mut BatchSlots,
     body: EventBody,
+    input: PlanInput<'_>,
 ) -> Result<Result<Planned, Rejection>, LedgerError> {
     let own = |sku: &Sku| SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
     let body = match body {
+        EventBody::SyncMerge { from, to, mut rows, mut refused } => {
+            online::screen_page(conn, &ctx.store, &mut rows, &mut refused)?;
+            EventBody::SyncMerge { from, to, rows, refused }
+        }
+        EventBody::Handover { order, .. } => {
+            match online::resolve_handover(conn, &ctx.store, &order, input.code, input.now_ms)? {
+                Ok(body) => body,
+                Err(refusal) => return Ok(Err(Rejection::new(refusal.to_string()))),
+            }
+        }
+        EventBody::Pick { order, .. } => match online::resolve_pick(conn, &ctx.store, &order, input.now_ms)? {
+            Ok(body) => body,
+            Err(refusal) => return Ok(Err(Rejection::new(refusal.to_string()))),
+        },
         EventBody::Count { sku, counted, .. } => {
             // Every actor's slot as stored, with our own slot as this batch left it.
             let key = own(&sku);

@@ -3,11 +3,13 @@
 //! cloned `AsyncClient`, whose request queue is bounded. On every (re)connection the task
 //! publishes the retained `hub/state` `online` (the last will says `offline`) and subscribes
 //! again; after an error it waits with capped, jittered backoff before polling on, so a broker
-//! restart does not meet every store at once.
+//! restart does not meet every store at once. With `tls` the session runs over TLS (rustls,
+//! configured by `mqtt::tls`); a failed handshake is logged as such, with what to check, and
+//! retried like any other failure.
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,9 +18,11 @@ use crate::devices::serial::next_backoff;
 
 /// Publishes queued for the event loop; publishers wait when it is full.
 pub const REQUEST_QUEUE: usize = 4096;
-/// Messages received and waiting for the router; when full the event loop waits (TCP
+/// Batches of received messages waiting for the router; when full the event loop waits (TCP
 /// backpressure to the broker), nothing is dropped here.
-pub const INCOMING_QUEUE: usize = 8192;
+pub const INCOMING_QUEUE: usize = 1024;
+/// Most messages in one batch (rumqttc reads at most 10 packets from the network at a time).
+pub const BATCH_MAX: usize = 64;
 /// Largest MQTT packet read from the broker (a bound on memory per message).
 pub const INCOMING_PACKET_MAX: usize = 16 * 1024 * 1024;
 
@@ -31,6 +35,8 @@ pub struct LinkSettings {
     pub max_payload: usize,
     pub state_topic: String,
     pub subscriptions: Vec<String>,
+    /// TLS to the broker (`mqtts://`); `None` for plain MQTT.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for LinkSettings {
@@ -41,6 +47,7 @@ impl std::fmt::Debug for LinkSettings {
             .field("client_id", &self.client_id)
             .field("username", &self.credentials.as_ref().map(|c| &c.0))
             .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -53,7 +60,8 @@ pub struct Incoming {
 
 pub struct MqttLink {
     pub client: AsyncClient,
-    pub incoming: mpsc::Receiver<Incoming>,
+    /// Received messages, in order, in batches of up to [`BATCH_MAX`].
+    pub incoming: mpsc::Receiver<Vec<Incoming>>,
     /// Whether the session is up, for status and metrics.
     pub connected: watch::Receiver<bool>,
 }
@@ -70,6 +78,9 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
     if let Some((user, pass)) = &s.credentials {
         options.set_credentials(user.clone(), pass.clone());
     }
+    if let Some(tls) = &s.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
+    }
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
     let (connected_tx, connected) = watch::channel(false);
@@ -78,6 +89,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
         let (min, max) = (Duration::from_millis(200), Duration::from_secs(15));
         let mut backoff = min;
         let mut logged_down = false;
+        let mut failed_attempts: u64 = 0;
         loop {
             let event = tokio::select! {
                 _ = stop.cancelled() => {
@@ -93,6 +105,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = min;
                     logged_down = false;
+                    failed_attempts = 0;
                     let _ = connected_tx.send(true);
                     tracing::info!(broker = %format!("{}:{}", s.host, s.port), "MQTT connected");
                     // From inside the poll loop only queue (try_*): awaiting here could wait on
@@ -108,19 +121,43 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let msg = Incoming { topic: p.topic, payload: p.payload.to_vec() };
-                    if incoming_tx.send(msg).await.is_err() {
+                    let mut batch = vec![Incoming { topic: p.topic, payload: p.payload.to_vec() }];
+                    // What rumqttc read from the network with this message waits in its state,
+                    // and poll() would hand it out next without I/O. Taking the messages among
+                    // it now sends them to the router as one batch: one wake-up of the router
+                    // instead of one per message (measured: `cargo bench --bench mqtt_ingest`).
+                    // Acks and other events need nothing, as below; a ConnAck stays for poll().
+                    while batch.len() < BATCH_MAX {
+                        match eventloop.state.events.front() {
+                            Some(Event::Incoming(Packet::ConnAck(_))) | None => break,
+                            Some(_) => {
+                                if let Some(Event::Incoming(Packet::Publish(p))) = eventloop.state.events.pop_front() {
+                                    batch.push(Incoming { topic: p.topic, payload: p.payload.to_vec() });
+                                }
+                            }
+                        }
+                    }
+                    if incoming_tx.send(batch).await.is_err() {
                         return;
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     let _ = connected_tx.send(false);
+                    failed_attempts += 1;
+                    let broker = format!("{}:{}", s.host, s.port);
                     if !logged_down {
-                        tracing::warn!(broker = %format!("{}:{}", s.host, s.port), error = %e, error_code = "MQTT_DOWN",
-                            "MQTT connection lost or refused; retrying with backoff");
+                        if matches!(e, ConnectionError::Tls(_)) {
+                            tracing::error!(broker = %broker, error = %e, error_code = "MQTT_TLS",
+                                "TLS with the MQTT broker failed; check that [mqtt] ca_file holds the CA that signed the broker's certificate and that the broker's name or address is in that certificate; retrying with backoff");
+                        } else {
+                            tracing::warn!(broker = %broker, error = %e, error_code = "MQTT_DOWN",
+                                "MQTT connection lost or refused; retrying with backoff");
+                        }
                         logged_down = true;
                     }
+                    tracing::debug!(broker = %broker, attempt = failed_attempts, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "MQTT connection attempt failed");
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}

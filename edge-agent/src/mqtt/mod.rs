@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod link;
 pub mod router;
+pub mod tls;
 pub mod topics;
 
 use std::collections::{HashMap, HashSet};
@@ -77,6 +78,7 @@ pub fn start(
         broker::start_embedded(m.embedded_listen, m.max_payload)?;
     }
     let (host, port) = m.broker_address().map_err(broker::BrokerError::Config)?;
+    let tls = m.tls_config().map_err(|e| broker::BrokerError::Config(format!("mqtt.{}: {e}", e.key)))?;
     let store = config.store.id.clone();
     let mut subscriptions = topics::hub_subscriptions(&store);
     subscriptions.extend(config.rfid.impinj.iter().map(|s| s.topic.clone()));
@@ -89,17 +91,35 @@ pub fn start(
             max_payload: m.max_payload,
             state_topic: topics::hub_state(&store),
             subscriptions,
+            tls,
         },
         tasks,
         stop.child_token(),
     );
     let connected = link.connected.clone();
     let allow: HashSet<_> = m.allow_list.iter().cloned().collect();
-    let registry = Registry::new((!allow.is_empty()).then_some(allow), m.heartbeat_timeout_ms);
+    let mut registry = Registry::new((!allow.is_empty()).then_some(allow), m.heartbeat_timeout_ms);
+    let persist = open_registry(&config.ledger.data_dir, &mut registry, tasks);
     let impinj: HashMap<_, _> = config.rfid.impinj.iter().map(|s| (s.topic.clone(), s.reader.clone())).collect();
     let mut router = router::Router::new(store.clone(), m.max_payload, registry, presence.clone(), impinj);
+    router.persist = persist;
     router.sold =
         Some(LedgerReader::open(&config.ledger.data_dir).map_err(|e| broker::BrokerError::Config(e.to_string()))?);
+    let zones = config.rfid.count_zones();
+    if !zones.is_empty() {
+        tracing::info!(zones = zones.len(), "RFID counting zones: each inventory cycle becomes a stock count");
+        router.cycles = crate::rfid::cycle::CycleCounter::new(zones);
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::rfid::count::COUNT_QUEUE);
+        router.counts = Some(tx);
+        let task = crate::rfid::count::CountTask {
+            store: store.clone(),
+            reader: LedgerReader::open(&config.ledger.data_dir)
+                .map_err(|e| broker::BrokerError::Config(e.to_string()))?,
+            ledger: ledger.clone(),
+            client: Some(link.client.clone()),
+        };
+        tasks.spawn(task.run(rx, stop.child_token()));
+    }
     let mut labels = None;
     if let Some(l) = &config.labels {
         let text = std::fs::read_to_string(&l.bindings)
@@ -125,4 +145,33 @@ pub fn start(
     router.board = Some(board.clone());
     tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
     Ok(Some(MqttHandles { board, connected, labels }))
+}
+
+/// Restores the device registry from its file and starts the file's writer. The file is a
+/// cache: when it cannot be opened at all (the folder is not writable) the hub runs without it.
+fn open_registry(
+    data_dir: &std::path::Path,
+    registry: &mut Registry,
+    tasks: &TaskTracker,
+) -> Option<tokio::sync::mpsc::Sender<crate::devices::registry::Changes>> {
+    use crate::devices::registry_store::RegistryStore;
+    match RegistryStore::open(data_dir) {
+        Ok((store, loaded)) => {
+            let (devices, quarantined, skipped) = (loaded.devices.len(), loaded.quarantined.len(), loaded.skipped);
+            let released = registry.restore(loaded.devices, loaded.quarantined);
+            tracing::info!(
+                devices,
+                quarantined,
+                released,
+                skipped,
+                "Device registry restored (devices offline until heard)"
+            );
+            Some(crate::devices::registry_store::spawn_writer(store, tasks))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, error_code = "REGISTRY_OPEN",
+                "Cannot open the device registry file; devices are known only as they speak until a restart");
+            None
+        }
+    }
 }

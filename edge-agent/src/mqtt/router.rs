@@ -2,9 +2,10 @@
 //! for RFID readers, to presence; Impinj JSON on its configured topics to presence. Anything
 //! malformed, oversized, of an unknown version or from a device not on the allow-list is
 //! refused with a log line and a counter, and never stops the rest. Exit-gate alarms are
-//! published on `se/v1/{store}/hub/alarm`.
+//! published on `se/v1/{store}/hub/alarm`. Reads on counting zones also feed the zone cycle
+//! counter; each cycle it closes goes to the count task (`rfid::count`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,12 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::Incoming;
 use super::topics::{self, DeviceKind, Leaf};
-use crate::devices::registry::{Registry, Seen};
+use crate::devices::registry::{Changes, Now, Registry, Seen};
 use crate::labels::planner::AckStage;
 use crate::labels::runtime::{LabelInput, SentAs};
 use crate::ledger::LedgerReader;
+use crate::rfid::cycle::{Closed, CycleCount, CycleCounter};
 use crate::rfid::impinj;
-use crate::rfid::presence::{Presence, PresenceEvent, TagRead, Zone};
+use crate::rfid::presence::{Presence, PresenceEvent, Sighting, TagRead, Zone};
 
 /// Why messages were refused, counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +40,13 @@ pub struct RouterStats {
     pub exit_alarms: u64,
     /// Label acks and check-ins dropped because the label task was behind (retries cover them).
     pub label_inputs_dropped: u64,
+    /// Zone cycles closed and handed to the count task.
+    pub cycle_counts: u64,
+    /// Zone cycles that ended but were not counted for a problem (reads lost, start not seen);
+    /// empty windows and the window running at start-up are not problems and not counted here.
+    pub cycles_not_counted: u64,
+    /// Zone cycles dropped because the count task was behind (the next cycle counts again).
+    pub cycle_counts_dropped: u64,
 }
 
 pub struct Router {
@@ -56,8 +65,21 @@ pub struct Router {
     /// Where the router publishes its counters and the device registry once a second, for
     /// `storectl devices` and the metrics.
     pub board: Option<super::MqttBoard>,
+    /// Where changed registry entries are sent to be saved (`devices.db`), when it could be
+    /// opened.
+    pub persist: Option<mpsc::Sender<Changes>>,
+    last_persist_ms: u64,
+    /// Zone cycle counts in progress, and where closed ones go (the count task).
+    pub cycles: CycleCounter,
+    pub counts: Option<mpsc::Sender<CycleCount>>,
+    /// Reader names, shared by every zone and tag of the reader (no allocation per read).
+    readers: HashSet<Arc<str>>,
     started: Instant,
 }
+
+/// Registry changes are saved at most this often (the file is a cache; a device's next
+/// message restores whatever a crash lost).
+pub const PERSIST_EVERY_MS: u64 = 2_000;
 
 /// What the router asks its task to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,12 +105,49 @@ impl Router {
             labels: None,
             stats: RouterStats::default(),
             board: None,
+            persist: None,
+            last_persist_ms: 0,
+            cycles: CycleCounter::default(),
+            counts: None,
+            readers: HashSet::new(),
             started: Instant::now(),
         }
     }
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    fn now(&self) -> Now {
+        Now { mono_ms: self.now_ms(), wall_ms: crate::labels::runtime::wall_ms() }
+    }
+
+    /// Hands the registry's changes to the writer, unless it is still busy with earlier ones
+    /// (then they wait for the next turn).
+    fn persist_registry(&mut self) {
+        let Some(tx) = &self.persist else { return };
+        let changes = self.registry.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = tx.try_send(changes) {
+            let changes = match e {
+                mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+            };
+            self.registry.unsaved(changes);
+        }
+    }
+
+    /// The last changes, at shutdown: waits for the writer to take them.
+    pub async fn flush_registry(&mut self) {
+        let Some(tx) = self.persist.take() else { return };
+        let changes = self.registry.take_changes();
+        if !changes.is_empty() && tx.send(changes).await.is_err() {
+            tracing::warn!(
+                error_code = "REGISTRY_WRITE",
+                "The device registry writer is gone; the last changes are not saved"
+            );
+        }
     }
 
     pub fn handle(&mut self, msg: Incoming) -> Vec<Outbound> {
@@ -107,10 +166,8 @@ impl Router {
                 self.stats.impinj_refused += 1;
                 tracing::warn!(device_id = %reader, topic = %msg.topic, error = %e, error_code = "IMPINJ_REFUSED", "Impinj event refused");
             }
-            for r in parsed.reads {
-                let zone = Zone { reader: reader.to_string(), antenna: r.antenna };
-                self.tag_read(r.epc, zone, now, &mut out);
-            }
+            let reads = parsed.reads.iter().map(|r| (r.antenna, r.epc.as_slice()));
+            self.tag_reads(reader.as_str(), reads, now, &mut out);
             return out;
         }
         let topic = match topics::parse(&self.store, &msg.topic) {
@@ -139,7 +196,7 @@ impl Router {
                 "Envelope names another device than its topic; refused");
             return out;
         }
-        match self.registry.on_message(topic.kind, &topic.device, &env, now) {
+        match self.registry.on_message(topic.kind, &topic.device, &env, self.now()) {
             Seen::Quarantined { first_time } => {
                 self.stats.quarantined += 1;
                 if first_time {
@@ -188,14 +245,20 @@ impl Router {
         if topic.kind == DeviceKind::Rfid {
             match env.body {
                 fp::Body::TagReads(batch) => {
-                    for r in batch.reads {
-                        let zone = Zone { reader: topic.device.to_string(), antenna: r.antenna };
-                        self.tag_read(r.epc.to_vec(), zone, now, &mut out);
+                    let reads = batch.reads.iter().map(|r| (r.antenna, r.epc.as_slice()));
+                    self.tag_reads(topic.device.as_str(), reads, now, &mut out);
+                }
+                fp::Body::ReaderStatus(s) => {
+                    self.cycles.on_overflow(topic.device.as_str(), s.overflow);
+                    if s.overflow > 0 {
+                        self.stats.reader_overflows += u64::from(s.overflow);
+                        tracing::warn!(device_id = %topic.device, overflow = s.overflow, error_code = "RFID_OVERFLOW", "RFID reader dropped reads");
                     }
                 }
-                fp::Body::ReaderStatus(s) if s.overflow > 0 => {
-                    self.stats.reader_overflows += u64::from(s.overflow);
-                    tracing::warn!(device_id = %topic.device, overflow = s.overflow, error_code = "RFID_OVERFLOW", "RFID reader dropped reads");
+                fp::Body::InventoryCycle(c) => {
+                    let closed =
+                        self.cycles.on_cycle(topic.device.as_str(), env.boot_id, c.cycle_id, c.ended, &c.antennas);
+                    self.cycles_closed(closed);
                 }
                 _ => {}
             }
@@ -203,15 +266,80 @@ impl Router {
         out
     }
 
-    fn tag_read(&mut self, epc: Vec<u8>, zone: Zone, now: u64, out: &mut Vec<Outbound>) {
-        self.stats.tag_reads += 1;
-        let sold = |e: &[u8]| self.sold.as_ref().is_some_and(|r| r.is_sold(e).unwrap_or(false));
-        let events = match self.presence.lock() {
-            Ok(mut p) => p.on_read(TagRead { epc, zone, at_ms: now }, sold),
-            Err(_) => Vec::new(),
-        };
-        for event in events {
-            self.presence_event(event, out);
+    /// The reader's shared name (kept for the next reads, up to one per registry entry).
+    fn reader_name(&mut self, name: &str) -> Arc<str> {
+        if let Some(r) = self.readers.get(name) {
+            return r.clone();
+        }
+        let r: Arc<str> = name.into();
+        if self.readers.len() < crate::devices::registry::MAX_DEVICES {
+            self.readers.insert(r.clone());
+        }
+        r
+    }
+
+    /// One batch of a reader's tag reads, `(antenna, EPC)`: cycle counts, presence, exit alarms.
+    /// Presence is locked once per batch; a read allocates nothing unless its tag is new.
+    fn tag_reads<'r>(
+        &mut self,
+        reader: &str,
+        reads: impl Iterator<Item = (u8, &'r [u8])>,
+        now: u64,
+        out: &mut Vec<Outbound>,
+    ) {
+        let reader = self.reader_name(reader);
+        let counting = !self.cycles.is_empty();
+        let wall = if counting { crate::labels::runtime::wall_ms() } else { 0 };
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        let (mut closed, mut alarms) = (Closed::default(), Vec::new());
+        {
+            let Ok(mut presence) = self.presence.lock() else { return };
+            let sold = &self.sold;
+            for (antenna, epc) in reads {
+                self.stats.tag_reads += 1;
+                if counting {
+                    closed.merge(self.cycles.on_read(&reader, antenna, epc, wall));
+                }
+                let zone = Zone { reader: reader.clone(), antenna };
+                let outcome = presence.on_read(TagRead { epc, zone: &zone, at_ms: now }, |e| {
+                    sold.as_ref().is_some_and(|r| r.is_sold(e).unwrap_or(false))
+                });
+                if debug && matches!(outcome.sighting, Sighting::Arrived | Sighting::Moved { .. }) {
+                    tracing::debug!(device_id = %reader, antenna, epc = ?epc, sighting = ?outcome.sighting, "RFID presence");
+                }
+                alarms.extend(outcome.alarm);
+            }
+        }
+        self.cycles_closed(closed);
+        for alarm in alarms {
+            self.presence_event(alarm, out);
+        }
+    }
+
+    /// Hands counted cycles to the count task; logs the ones not counted.
+    fn cycles_closed(&mut self, closed: Closed) {
+        for s in closed.skipped {
+            if s.reason.is_expected() {
+                tracing::debug!(zone = %s.zone, cycle = %s.cycle, reason = %s.reason, "RFID zone cycle not counted");
+                continue;
+            }
+            self.stats.cycles_not_counted += 1;
+            tracing::warn!(zone = %s.zone, cycle = %s.cycle, reason = %s.reason, error_code = "RFID_CYCLE_NOT_COUNTED",
+                "RFID zone cycle ended but is not counted");
+        }
+        for count in closed.counted {
+            let Some(tx) = &self.counts else { continue };
+            match tx.try_send(count) {
+                Ok(()) => self.stats.cycle_counts += 1,
+                Err(e) => {
+                    self.stats.cycle_counts_dropped += 1;
+                    let count = match e {
+                        mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+                    };
+                    tracing::warn!(zone = %count.zone.name(), cycle = %count.cycle, error_code = "RFID_COUNT_DROPPED",
+                        "RFID zone count dropped: the count task is behind (the zone's next cycle counts again)");
+                }
+            }
         }
     }
 
@@ -225,7 +353,7 @@ impl Router {
                     "Tagged item at the exit was not sold");
                 let payload = serde_json::json!({
                     "alarm": "exit_unsold",
-                    "reader": zone.reader,
+                    "reader": &*zone.reader,
                     "antenna": zone.antenna,
                     "epc_hex": epc_hex,
                     "gtin": gtin,
@@ -257,6 +385,10 @@ impl Router {
 
     pub fn tick(&mut self) {
         let now = self.now_ms();
+        if now.saturating_sub(self.last_persist_ms) >= PERSIST_EVERY_MS {
+            self.last_persist_ms = now;
+            self.persist_registry();
+        }
         for id in self.registry.poll(now) {
             tracing::warn!(device_id = %id, error_code = "DEVICE_OFFLINE", "Device offline (heartbeats stopped)");
         }
@@ -267,13 +399,17 @@ impl Router {
         for event in departed {
             tracing::debug!(event = ?event, "RFID presence");
         }
+        if !self.cycles.is_empty() {
+            let closed = self.cycles.poll(crate::labels::runtime::wall_ms());
+            self.cycles_closed(closed);
+        }
     }
 }
 
 /// Runs the router over the link's incoming messages until `stop`.
 pub async fn run(
     mut router: Router,
-    mut incoming: mpsc::Receiver<Incoming>,
+    mut incoming: mpsc::Receiver<Vec<Incoming>>,
     client: AsyncClient,
     stop: CancellationToken,
 ) {
@@ -281,11 +417,17 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let out = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tick.tick() => { router.tick(); router.publish_board(); Vec::new() }
-            msg = incoming.recv() => match msg {
-                Some(m) => router.handle(m),
-                None => return,
+            batch = incoming.recv() => match batch {
+                Some(batch) => {
+                    let mut out = Vec::new();
+                    for m in batch {
+                        out.extend(router.handle(m));
+                    }
+                    out
+                }
+                None => break,
             },
         };
         for o in out {
@@ -295,4 +437,5 @@ pub async fn run(
             }
         }
     }
+    router.flush_registry().await;
 }

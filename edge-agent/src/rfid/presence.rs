@@ -1,38 +1,56 @@
 //! Tag presence per zone (a reader's antenna): repeated reads of a tag in its zone within the
 //! dedup window are one sighting; a tag seen in a new zone has arrived (or moved); a tag not
-//! seen for `depart_after_ms` has departed. A zone's cycle count groups its present SGTIN tags
-//! by GTIN; other EPCs are counted apart. An exit-gate zone raises an alarm for a tag whose EPC
-//! was not recorded as sold.
+//! seen for `depart_after_ms` has departed. A snapshot of a zone groups its present SGTIN tags
+//! by GTIN; other EPCs are counted apart (the counts that become stock counts are inventory
+//! cycles: [`super::cycle`]). An exit-gate zone raises an alarm for a tag whose EPC was not
+//! recorded as sold. A read is taken by reference and costs no allocation unless the tag is new
+//! (this is the hot path of RFID ingest).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use shared::{decode_sgtin96, Gtin};
 
-/// A reader antenna: where a tag was seen.
+/// A reader antenna: where a tag was seen. The reader's name is shared, so a zone is copied
+/// into every tag it holds without an allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Zone {
-    pub reader: String,
+    pub reader: Arc<str>,
     pub antenna: u8,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagRead {
-    pub epc: Vec<u8>,
-    pub zone: Zone,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagRead<'a> {
+    pub epc: &'a [u8],
+    pub zone: &'a Zone,
     pub at_ms: u64,
 }
 
+/// What one read meant for its tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sighting {
+    /// Read again in its zone within the dedup window.
+    Duplicate,
+    /// Read again in its zone after the window.
+    Again,
+    /// A tag not tracked before.
+    Arrived,
+    /// Seen before in another zone.
+    Moved { from: Zone },
+    /// A new tag while the table is full: not tracked (`stats.dropped`).
+    Dropped,
+}
+
+/// A read's outcome: what it meant, and the exit alarm it raised, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOutcome {
+    pub sighting: Sighting,
+    pub alarm: Option<PresenceEvent>,
+}
+
+/// What presence reports beyond a read's own outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PresenceEvent {
-    Arrived {
-        epc: Vec<u8>,
-        zone: Zone,
-    },
-    Moved {
-        epc: Vec<u8>,
-        from: Zone,
-        to: Zone,
-    },
     Departed {
         epc: Vec<u8>,
         zone: Zone,
@@ -100,46 +118,51 @@ impl Presence {
         Presence { config, exit_zones: exit_zones.into_iter().collect(), ..Presence::default() }
     }
 
-    /// One read; `sold` says whether an EPC was recorded as sold (for the exit gate).
-    pub fn on_read(&mut self, read: TagRead, sold: impl Fn(&[u8]) -> bool) -> Vec<PresenceEvent> {
+    /// One read; `sold` says whether an EPC was recorded as sold (for the exit gate, asked only
+    /// when the tag came into an exit zone).
+    pub fn on_read(&mut self, read: TagRead<'_>, sold: impl Fn(&[u8]) -> bool) -> ReadOutcome {
         self.stats.reads += 1;
-        let mut out = Vec::new();
-        match self.tags.get_mut(&read.epc) {
-            Some(seen) if seen.zone == read.zone => {
-                if read.at_ms.saturating_sub(seen.last_ms) < self.config.dedup_window_ms {
-                    self.stats.duplicates += 1;
-                }
+        let sighting = match self.tags.get_mut(read.epc) {
+            Some(seen) if seen.zone == *read.zone => {
+                let duplicate = read.at_ms.saturating_sub(seen.last_ms) < self.config.dedup_window_ms;
                 seen.last_ms = seen.last_ms.max(read.at_ms);
-                return out;
+                let sighting = if duplicate {
+                    self.stats.duplicates += 1;
+                    Sighting::Duplicate
+                } else {
+                    Sighting::Again
+                };
+                return ReadOutcome { sighting, alarm: None };
             }
             Some(seen) => {
                 let from = std::mem::replace(&mut seen.zone, read.zone.clone());
                 seen.last_ms = read.at_ms;
                 self.arrivals += 1;
                 seen.arrival = self.arrivals;
-                out.push(PresenceEvent::Moved { epc: read.epc.clone(), from, to: read.zone.clone() });
+                Sighting::Moved { from }
             }
             None => {
                 if self.tags.len() >= self.config.max_tags {
                     self.stats.dropped += 1;
-                    return out;
+                    return ReadOutcome { sighting: Sighting::Dropped, alarm: None };
                 }
                 self.arrivals += 1;
                 let seen = Seen { zone: read.zone.clone(), last_ms: read.at_ms, arrival: self.arrivals };
-                self.tags.insert(read.epc.clone(), seen);
-                out.push(PresenceEvent::Arrived { epc: read.epc.clone(), zone: read.zone.clone() });
+                self.tags.insert(read.epc.to_vec(), seen);
+                Sighting::Arrived
             }
-        }
-        if self.exit_zones.contains(&read.zone) && !sold(&read.epc) {
-            let decoded = decode_sgtin96(&read.epc).ok();
-            out.push(PresenceEvent::ExitAlarm {
-                epc: read.epc,
-                zone: read.zone,
-                gtin: decoded.map(|s| s.gtin),
-                serial: decoded.map(|s| s.serial),
+        };
+        let alarm =
+            (!self.exit_zones.is_empty() && self.exit_zones.contains(read.zone) && !sold(read.epc)).then(|| {
+                let decoded = decode_sgtin96(read.epc).ok();
+                PresenceEvent::ExitAlarm {
+                    epc: read.epc.to_vec(),
+                    zone: read.zone.clone(),
+                    gtin: decoded.map(|s| s.gtin),
+                    serial: decoded.map(|s| s.serial),
+                }
             });
-        }
-        out
+        ReadOutcome { sighting, alarm }
     }
 
     /// Tags not seen for `depart_after_ms` have departed.
@@ -205,13 +228,14 @@ mod tests {
         let mut p = Presence::new(PresenceConfig::default(), []);
         let lane = Zone { reader: "checkout-1".into(), antenna: 1 };
         let shelf = Zone { reader: "shelf-1".into(), antenna: 1 };
-        let read = |epc: u8, zone: &Zone, at_ms| TagRead { epc: vec![epc], zone: zone.clone(), at_ms };
-        p.on_read(read(1, &lane, 0), |_| false); // left at the lane before the basket
-        p.on_read(read(2, &shelf, 0), |_| false);
+        let mut read = |epc: u8, zone: &Zone, at_ms| p.on_read(TagRead { epc: &[epc], zone, at_ms }, |_| false);
+        read(1, &lane, 0); // left at the lane before the basket
+        read(2, &shelf, 0);
         let mark = p.arrival_mark();
-        p.on_read(read(1, &lane, 10_000), |_| false); // read again: not a new arrival
-        p.on_read(read(3, &lane, 10_000), |_| false); // put down during the basket
-        p.on_read(read(2, &lane, 10_000), |_| false); // moved from the shelf during the basket
+        let mut read = |epc: u8, zone: &Zone, at_ms| p.on_read(TagRead { epc: &[epc], zone, at_ms }, |_| false);
+        read(1, &lane, 10_000); // read again: not a new arrival
+        read(3, &lane, 10_000); // put down during the basket
+        read(2, &lane, 10_000); // moved from the shelf during the basket
         assert_eq!(p.tags_arrived_since(&lane, mark), vec![vec![2], vec![3]]);
         assert_eq!(p.tags_in(&lane), vec![vec![1], vec![2], vec![3]]);
     }
@@ -224,7 +248,7 @@ mod tests {
         let base = u128::from_str_radix("3074257BF7194E4000000000", 16).unwrap() | u128::from(serial);
         base.to_be_bytes()[4..].to_vec()
     }
-    fn read(e: Vec<u8>, z: Zone, at_ms: u64) -> TagRead {
+    fn read<'a>(e: &'a [u8], z: &'a Zone, at_ms: u64) -> TagRead<'a> {
         TagRead { epc: e, zone: z, at_ms }
     }
 
@@ -233,16 +257,17 @@ mod tests {
         let mut p = Presence::new(PresenceConfig { dedup_window_ms: 1_000, depart_after_ms: 10_000, max_tags: 10 }, []);
         let shelf = zone("reader-1", 1);
         let fitting = zone("reader-1", 2);
-        assert_eq!(p.on_read(read(epc(1), shelf.clone(), 0), |_| false).len(), 1);
-        assert!(p.on_read(read(epc(1), shelf.clone(), 500), |_| false).is_empty());
+        assert_eq!(p.on_read(read(&epc(1), &shelf, 0), |_| false).sighting, Sighting::Arrived);
+        assert_eq!(p.on_read(read(&epc(1), &shelf, 500), |_| false).sighting, Sighting::Duplicate);
         assert_eq!(p.stats.duplicates, 1);
-        p.on_read(read(epc(2), shelf.clone(), 600), |_| false);
-        p.on_read(read(vec![0xE2, 0x00, 0x12], shelf.clone(), 700), |_| false);
+        p.on_read(read(&epc(2), &shelf, 600), |_| false);
+        p.on_read(read(&[0xE2, 0x00, 0x12], &shelf, 700), |_| false);
         let count = p.count(&shelf);
         assert_eq!(count.by_gtin.get(&Gtin::parse("80614141123458").unwrap()), Some(&2));
         assert_eq!(count.not_sgtin, 1, "a non-SGTIN tag is counted apart, not crashed on");
-        let moved = p.on_read(read(epc(2), fitting.clone(), 5_000), |_| false);
-        assert_eq!(moved, vec![PresenceEvent::Moved { epc: epc(2), from: shelf.clone(), to: fitting.clone() }]);
+        let moved = p.on_read(read(&epc(2), &fitting, 5_000), |_| false);
+        assert_eq!(moved, ReadOutcome { sighting: Sighting::Moved { from: shelf.clone() }, alarm: None });
+        assert_eq!(p.on_read(read(&epc(2), &fitting, 7_000), |_| false).sighting, Sighting::Again);
         let departed = p.poll(12_000);
         assert_eq!(departed.len(), 2, "tag 1 and the non-SGTIN tag, last seen before 2 000 ms: {departed:?}");
         assert_eq!(p.count(&fitting).by_gtin.values().sum::<u64>(), 1);
@@ -253,17 +278,20 @@ mod tests {
         let gate = zone("gate-1", 1);
         let mut p = Presence::new(PresenceConfig::default(), [gate.clone()]);
         let sold = epc(7);
-        let events = p.on_read(read(epc(8), gate.clone(), 0), |e| e == sold.as_slice());
-        assert!(matches!(&events[1], PresenceEvent::ExitAlarm { serial: Some(8), gtin: Some(_), .. }), "{events:?}");
-        let events = p.on_read(read(sold.clone(), gate.clone(), 0), |e| e == sold.as_slice());
-        assert_eq!(events.len(), 1, "a sold item passes: {events:?}");
+        let outcome = p.on_read(read(&epc(8), &gate, 0), |e| e == sold.as_slice());
+        assert!(
+            matches!(&outcome.alarm, Some(PresenceEvent::ExitAlarm { serial: Some(8), gtin: Some(_), .. })),
+            "{outcome:?}"
+        );
+        let outcome = p.on_read(read(&sold, &gate, 0), |e| e == sold.as_slice());
+        assert_eq!(outcome, ReadOutcome { sighting: Sighting::Arrived, alarm: None }, "a sold item passes");
     }
 
     #[test]
     fn the_tag_table_is_bounded() {
         let mut p = Presence::new(PresenceConfig { max_tags: 2, ..PresenceConfig::default() }, []);
         for s in 0..5 {
-            p.on_read(read(epc(s), zone("r", 1), 0), |_| false);
+            p.on_read(read(&epc(s), &zone("r", 1), 0), |_| false);
         }
         assert_eq!(p.stats.dropped, 3);
     }

@@ -110,12 +110,19 @@ impl Syncer {
     }
 
     /// Pushes and pulls page by page until the cloud holds every local change read at the
-    /// start of each exchange and no cloud rows are left beyond the cursor.
+    /// start of each exchange and no cloud rows are left beyond the cursor: it ends after an
+    /// exchange that pushed nothing and left nothing to pull, unless merging that answer made
+    /// changes to push (an online order's reservation makes the store top its grant up), which
+    /// go out in the same session.
     pub async fn session(&self) -> Result<SessionReport, SessionError> {
         let mut report = SessionReport::default();
         let page_rows = self.page_rows.clamp(1, MAX_PAGE_ROWS);
+        let mut quiet = false;
         for _ in 0..MAX_PAGES_PER_SESSION {
             let (position, push) = self.read(move |r| Ok((r.sync_position()?, r.push_page(page_rows)?))).await?;
+            if quiet && push.is_none() {
+                return Ok(report);
+            }
             let request = SyncRequest {
                 store: self.store.clone(),
                 sent_at: HlcStamp { wall_ms: now_ms(), logical: 0, actor: ActorId::for_store(&self.store) },
@@ -150,7 +157,7 @@ impl Syncer {
                 caught_up: !answer.more,
             };
             self.handle.apply_sync(ack, page).await.map_err(|e| SessionError::Ledger(e.to_string()))?;
-            let pushed = match &request.push {
+            match &request.push {
                 Some(p) if answer.acked_version == position.pushed_version => {
                     return Err(SessionError::NoProgress {
                         from: p.from_version,
@@ -158,15 +165,10 @@ impl Syncer {
                         acked: answer.acked_version,
                     });
                 }
-                Some(p) => {
-                    report.pushed_rows += p.rows.len();
-                    true
-                }
-                None => false,
-            };
-            if !pushed && !answer.more {
-                return Ok(report);
+                Some(p) => report.pushed_rows += p.rows.len(),
+                None => {}
             }
+            quiet = request.push.is_none() && !answer.more;
         }
         Ok(report)
     }

@@ -1,7 +1,10 @@
 //! What a store accepts from a cloud page: its own store's stock slots, chain prices and its
-//! own store-scope prices, valid values, and the catalog. Anything else is a cloud bug or a
-//! misrouted page; it is refused row by row with the reason (recorded in the merge event), and
-//! the rest of the page still merges so one bad row cannot stall the store's sync.
+//! own store-scope prices, valid values, the catalog, and its own store's online allocation
+//! rows and order headers. Anything else is a cloud bug or a misrouted page; it is refused row
+//! by row with the reason (recorded in the merge event), and the rest of the page still merges
+//! so one bad row cannot stall the store's sync. (Rows that conflict with what the store holds,
+//! such as a header that differs from the one it has, are refused by the ledger writer, which
+//! alone sees the held state.)
 
 use shared::sync::{Rows, SlotGroup};
 use shared::{PriceScope, Slot, StoreId};
@@ -50,7 +53,31 @@ pub fn screen(store: &StoreId, rows: Rows) -> (Rows, Vec<String>) {
         }
         prices.push(price);
     }
-    (Rows { stock, prices, catalog: rows.catalog, ..Rows::default() }, refused)
+    let mut escrow = Vec::with_capacity(rows.escrow.len());
+    for row in rows.escrow {
+        if row.key().store != *store {
+            refused.push(format!("online allocation row {}: this is store {store}", row.key()));
+            continue;
+        }
+        if let Err(e) = row.validate() {
+            refused.push(format!("online allocation row {}: {e}", row.key()));
+            continue;
+        }
+        escrow.push(row);
+    }
+    let mut orders = Vec::with_capacity(rows.orders.len());
+    for header in rows.orders {
+        if header.store != *store {
+            refused.push(format!("order {} of store {}: this is store {store}", header.order, header.store));
+            continue;
+        }
+        if let Err(e) = header.validate() {
+            refused.push(e.to_string());
+            continue;
+        }
+        orders.push(header);
+    }
+    (Rows { stock, prices, catalog: rows.catalog, escrow, orders }, refused)
 }
 
 #[cfg(test)]
@@ -93,5 +120,42 @@ mod tests {
         assert_eq!(refused.len(), 3, "{refused:?}");
         assert!(refused[0].contains("store s2"), "{refused:?}");
         assert!(refused.iter().any(|r| r.contains("negative")), "{refused:?}");
+    }
+
+    #[test]
+    fn keeps_own_allocation_rows_and_orders_and_names_the_others() {
+        use shared::orders::{pickup_code_digest, OrderLine};
+        use shared::{EscrowKey, EscrowRow, OrderHeader, OrderId};
+        let key = |s: &str| EscrowKey { store: store(s), sku: Sku::new("MILK").unwrap() };
+        let header = |s: &str, id: &str, units: u64| {
+            let order = OrderId::new(id).unwrap();
+            OrderHeader {
+                pickup_code_digest: pickup_code_digest(&order, "123456"),
+                order,
+                store: store(s),
+                customer_ref: "c".into(),
+                created_at_ms: 1,
+                expires_at_ms: 2,
+                lines: vec![OrderLine { sku: Sku::new("MILK").unwrap(), units }],
+            }
+        };
+        let reservation = |s: &str, units: u64| EscrowRow::Reservation {
+            key: key(s),
+            order: OrderId::new("W-1").unwrap(),
+            units,
+            seq: 1,
+            cancelled: false,
+        };
+        let rows = Rows {
+            escrow: vec![reservation("s1", 2), reservation("s2", 2), reservation("s1", 0)],
+            orders: vec![header("s1", "W-1", 2), header("s2", "W-2", 1), header("s1", "W-3", 0)],
+            ..Rows::default()
+        };
+        let (kept, refused) = screen(&store("s1"), rows);
+        assert_eq!((kept.escrow.len(), kept.orders.len()), (1, 1), "{refused:?}");
+        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert!(refused[0].contains("s2/MILK") && refused[0].contains("this is store s1"), "{refused:?}");
+        assert!(refused.iter().any(|r| r.contains("order W-2 of store s2")), "{refused:?}");
+        assert!(refused.iter().any(|r| r.contains("line 1 (MILK) asks for 0 units")), "{refused:?}");
     }
 }

@@ -161,6 +161,9 @@ pub fn arb_body() -> impl Strategy<Value = Body> {
         arb_tag_reads().prop_map(Body::TagReads),
         (any::<u32>(), any::<Option<i8>>())
             .prop_map(|(overflow, temperature_c)| Body::ReaderStatus(ReaderStatus { overflow, temperature_c })),
+        (any::<u32>(), any::<bool>(), arb_bytes::<16>()).prop_map(|(cycle_id, ended, antennas)| {
+            Body::InventoryCycle(InventoryCycle { cycle_id, ended, antennas })
+        }),
     ]
 }
 
@@ -246,5 +249,11 @@ pub fn samples() -> Vec<Body> {
         }),
         Body::ReaderStatus(ReaderStatus { overflow: 0, temperature_c: Some(-4) }),
         Body::ReaderStatus(ReaderStatus { overflow: 12, temperature_c: None }),
+        Body::InventoryCycle(InventoryCycle {
+            cycle_id: 300,
+            ended: false,
+            antennas: heapless::Vec::from_slice(&[1, 2]).unwrap(),
+        }),
+        Body::InventoryCycle(InventoryCycle { cycle_id: 300, ended: true, antennas: heapless::Vec::new() }),
     ]
 }

@@ -3,14 +3,12 @@
 //! Each step waits on the real condition (polled with a deadline) and says what happened; then
 //! the summary, the clean-up, and the exit code.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use device_sim::rfid::RfidReader;
 use edge_agent::control::protocol::Cmd;
-use shared::Gtin;
 
 use super::cloud::Cloud;
 use super::report::{self, StoreSummary};
@@ -332,45 +330,30 @@ async fn play(world: &mut World, say: &Narrator) -> anyhow::Result<()> {
         money(349)
     ));
 
-    // 6. An RFID count at s2 corrects its stock of eggs.
+    // 6. An RFID inventory cycle at s2 corrects its stock of eggs.
     let s2 = &world.stores[1];
-    let baseline = tag_reads(s2).await.unwrap_or(0);
     let expected = s2.on_hand("EGGS")?;
     let present = expected - 3; // three packs went missing from the shelf
-    let egg_gtin = Gtin::parse(eggs.gtin)?;
-    let epcs: Vec<Vec<u8>> =
-        (1..=present as u64).map(|serial| sgtin96(&egg_gtin, serial)).collect::<anyhow::Result<_>>()?;
-    let mut reader = RfidReader::connect("127.0.0.1", s2.broker_port, &s2.id, "backroom-1");
+    let epcs: Vec<Vec<u8>> = (1..=present as u64)
+        .map(|serial| device_sim::rfid::sgtin96(eggs.gtin, 7, serial).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    let mut reader = RfidReader::connect("127.0.0.1", s2.broker_port, &s2.id, super::store::COUNT_READER);
     const REPEAT: usize = 3;
-    reader.read(&epcs, 1, REPEAT).await.map_err(anyhow::Error::msg)?;
+    reader.count_cycle(1, &epcs, 1, REPEAT).await.map_err(anyhow::Error::msg)?;
     world.rfid = Some(reader);
-    let sent = (epcs.len() * REPEAT) as u64;
-    let s2 = &world.stores[1];
-    until("s2's hub has received the reader's tag reads", || async move {
-        tag_reads(s2).await.is_some_and(|n| n >= baseline + sent)
-    })
-    .await?;
-    // The reader's tally: distinct SGTIN-96 tags of the eggs' GTIN.
-    let tally = epcs
-        .iter()
-        .filter(|e| shared::decode_sgtin96(e).is_ok_and(|s| s.gtin == egg_gtin))
-        .collect::<BTreeSet<_>>()
-        .len() as i64;
     say.say(format!(
-        "s2's RFID reader in the back room reads the {} shelf: {tally} tagged packs ({sent} reads, repeats included); the hub received them all",
+        "s2's RFID reader in the back room runs an inventory cycle over the {} shelf: {present} tagged packs, \
+         each read {REPEAT} times",
         eggs.name
     ));
-    say.detail(format!(
-        "s2's ledger says {expected}. The hub does not yet turn an RFID zone count into a stock count, so the \
-         count is entered from the reader's tally, as `storectl stock count EGGS {tally}` does"
-    ));
-    s2.control(Cmd::StockCount { key: "demo:s2:rfid-count:EGGS".into(), sku: "EGGS".into(), counted: tally }).await?;
-    let took = until("s2's corrected egg stock reaches the cloud", || async move {
-        s2.on_hand("EGGS").ok() == Some(tally) && cloud.stock("EGGS", "s2").await.ok().flatten() == Some(tally)
+    let s2 = &world.stores[1];
+    let took = until("s2's hub records the zone count and the cloud has it", || async move {
+        s2.on_hand("EGGS").ok() == Some(present) && cloud.stock("EGGS", "s2").await.ok().flatten() == Some(present)
     })
     .await?;
     say.say(format!(
-        "s2's stock of {} is corrected from {expected} to {tally}, and the cloud has it ({:.1} s)",
+        "s2's hub counted {present} distinct packs in the cycle and recorded a stock count: {} corrected from \
+         {expected} to {present}, and the cloud has it ({:.1} s)",
         eggs.name,
         took.as_secs_f64()
     ));
@@ -395,26 +378,6 @@ async fn play(world: &mut World, say: &Narrator) -> anyhow::Result<()> {
     .await?;
     say.say(format!("Stores and cloud agree; both stores are caught up ({:.1} s)", took.as_secs_f64()));
     Ok(())
-}
-
-/// Tag reads the hub's MQTT router has received (`storectl devices`' counters; published once
-/// a second).
-async fn tag_reads(store: &DemoStore) -> Option<u64> {
-    store.control(Cmd::Devices).await.ok()?["counters"]["tag_reads"].as_u64()
-}
-
-/// The SGTIN-96 EPC of a GTIN whose GS1 company prefix has 7 digits (partition 5), filter 1
-/// (point-of-sale item), checked by decoding it back.
-fn sgtin96(gtin: &Gtin, serial: u64) -> anyhow::Result<Vec<u8>> {
-    let digits = gtin.to_string();
-    anyhow::ensure!(digits.len() == 14, "GTIN-14 expected, got {digits}");
-    let company: u128 = digits[1..8].parse()?;
-    let item: u128 = format!("{}{}", &digits[..1], &digits[8..13]).parse()?;
-    let value: u128 = (0x30 << 88) | (1 << 85) | (5 << 82) | (company << 58) | (item << 38) | u128::from(serial);
-    let epc = value.to_be_bytes()[4..].to_vec();
-    let decoded = shared::decode_sgtin96(&epc)?;
-    anyhow::ensure!(decoded.gtin == *gtin && decoded.serial == serial, "SGTIN-96 encoding of {digits} is wrong");
-    Ok(epc)
 }
 
 async fn summarize(world: &World) -> anyhow::Result<Vec<StoreSummary>> {

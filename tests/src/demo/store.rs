@@ -24,6 +24,8 @@ use crate::proxy::FaultProxy;
 use crate::store::{Product, Seed, StoreFiles};
 
 pub const LANE: &str = "lane-1";
+/// The back-room RFID reader whose antenna 1 is a counting zone in each store.
+pub const COUNT_READER: &str = "backroom-1";
 /// Shelf labels per product in each store.
 pub const LABELS_PER_PRODUCT: usize = 3;
 
@@ -82,6 +84,7 @@ impl DemoStore {
         let extra = format!(
             "[mqtt]\nembedded_listen = \"127.0.0.1:{broker_port}\"\n\
              [labels]\nbindings = \"{}\"\nincrease_deadline_ms = 10000\n\
+             [[rfid.count_zone]]\nreader = \"{COUNT_READER}\"\nantennas = [1]\n\
              [cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 300\ntimeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n",
             bindings.display(),
             proxy.url(),

@@ -1,11 +1,12 @@
-//! `storectl`: the store manager's CLI. Writes (stock movements, store prices, sync now) go
-//! through the running daemon's control socket, since the ledger has one writer; reads work
+//! `storectl`: the store manager's CLI. Writes (stock movements, store prices, pickup order
+//! picks and handovers, sync now) go through the running daemon's control socket, since the
+//! ledger has one writer; reads work
 //! with the daemon up or down (down, they read the ledger file read-only and say so). Human
 //! tables by default, `--json` for scripts.
 //!
 //! Exit codes: 0 ok; 1 the ledger failed verification; 3 `status`: the daemon is not running;
 //! 64 bad arguments (an invalid SKU, GTIN or price); 65 the ledger file is not usable, or the
-//! ledger refused the command; 66 no ledger in the data folder; 69 the daemon is not running
+//! ledger refused the command (a wrong pickup code, an order cancelled by HQ, ...); 66 no ledger in the data folder; 69 the daemon is not running
 //! (a write needs it); 74 I/O error; 75 the daemon could not do it now (retry); 77 no
 //! permission to use the control socket; 78 the feature is not configured on this daemon.
 
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use edge_agent::config::Config;
 mod doctor;
+mod orders;
 
 use edge_agent::control::client::{call, ClientError};
 use edge_agent::control::protocol::{Cmd as ControlCmd, ErrorCode};
@@ -70,6 +72,17 @@ enum Cmd {
     Sync {
         #[command(subcommand)]
         command: SyncCmd,
+    },
+    /// Online pickup orders: list, show, pick, hand over (with the customer's pickup code),
+    /// and those at risk.
+    Orders {
+        #[command(subcommand)]
+        command: orders::OrdersCmd,
+    },
+    /// The online allocation: what each SKU grants the online channel.
+    Online {
+        #[command(subcommand)]
+        command: orders::OnlineCmd,
     },
     /// MQTT devices (labels, RFID readers): online, firmware, battery, signal, last seen.
     Devices,
@@ -228,6 +241,8 @@ enum Failure {
     Io(String),
     /// `doctor` found a failing check: printed already, exit 1.
     Unhealthy,
+    /// Refused for a reason the message gives (exit 65, as the daemon's refusals).
+    Refused(String),
 }
 
 impl From<LedgerError> for Failure {
@@ -258,6 +273,10 @@ fn main() -> ExitCode {
         }
         Err(Failure::NotRunning) => ExitCode::from(3),
         Err(Failure::Unhealthy) => ExitCode::from(1),
+        Err(Failure::Refused(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(65)
+        }
         Err(Failure::Io(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(74)
@@ -485,6 +504,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             return Ok(());
         }
         Cmd::Devices => return devices(cli, &socket),
+        Cmd::Orders { command } => return orders::run(cli.json, &data_dir, &socket, command),
+        Cmd::Online { command } => return orders::online(cli.json, &data_dir, &socket, command),
         Cmd::Doctor => {
             // The configuration `paths` used: the one given, or the default when no
             // --data-dir was given.
