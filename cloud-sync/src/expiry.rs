@@ -37,12 +37,12 @@ pub async fn sweep<S: Storage>(storage: &S, now_ms: u64, stop: &CancellationToke
                 return Ok(done);
             }
             match storage.cancel_order(order, CancelReason::Expired, now_ms).await? {
-                CancelOutcome::Cancelled { record, .. } if record.cancel_reason == Some(CancelReason::Expired) => {
+                CancelOutcome::Cancelled { record, changed: true } => {
                     tracing::info!(order_id = %order, store_id = %record.header.store, "Online order expired: not picked up in time");
                     done.expired += 1;
                 }
                 // Cancelled by HQ or by another sweeper since it was read as due.
-                CancelOutcome::Cancelled { .. } | CancelOutcome::NotFound => done.skipped += 1,
+                CancelOutcome::Cancelled { changed: false, .. } | CancelOutcome::NotFound => done.skipped += 1,
                 CancelOutcome::AlreadyFulfilled { record, .. } => {
                     tracing::info!(order_id = %order, store_id = %record.header.store, "Expired order was handed over: left as it is");
                     done.skipped += 1;

@@ -366,11 +366,13 @@ pub trait Storage: Clone + Send + Sync + 'static {
     fn known_skus(&self, skus: &[Sku]) -> impl Future<Output = Result<Vec<Sku>, StorageError>> + Send;
 
     /// Creates an online order under its store's partition lock: every line reserved against
-    /// the cloud's rights as stored, or none. Idempotent by order id.
+    /// the cloud's rights as stored, or none. Idempotent by order id. Reads a few rows per line
+    /// (grant, release, reservation totals), whatever the history of its SKUs.
     fn create_order(&self, order: &NewOrder) -> impl Future<Output = Result<CreateOutcome, StorageError>> + Send;
 
     /// Cancels every line of an order (`reason` is kept beside it), unless the cloud knows it
-    /// was handed over. Idempotent.
+    /// was handed over. Idempotent: only the call that cancelled it answers `changed`. Reads
+    /// only the order's own rows, whatever the history of its SKUs.
     fn cancel_order(
         &self,
         order: &OrderId,

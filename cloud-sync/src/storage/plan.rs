@@ -167,7 +167,8 @@ pub(crate) fn order_row_ids(header: &OrderHeader) -> Vec<EscrowId> {
 /// [`Escrow::reserve`] needs, of the key's history, only `granted - reserved - released` and
 /// the highest `seq` given so far; `reserved` (every reservation's units, cancelled or handed
 /// over or not) and that `seq` only change when the cloud reserves, so the transaction that
-/// writes a reservation keeps them in an `escrow_totals` row. `Escrow` itself cannot be built
+/// writes a reservation keeps them in an `escrow_totals` row (an aggregate query would still
+/// scan every reservation of the key under the lock). `Escrow` itself cannot be built
 /// from totals (it holds every reservation and lives in `shared`), so [`reserve_on`] repeats
 /// its checks, in its order, with its errors; a test holds the two to the same answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -225,6 +226,7 @@ pub(crate) fn reserve_bases(
 
 /// [`Escrow::reserve`] for the cloud on `key`, from its [`ReserveBasis`]: the reservation row
 /// and whether it is new (false when the order already reserves these units there).
+#[allow(clippy::result_large_err, reason = "the very error Escrow::reserve returns, so the two compare equal")]
 pub(crate) fn reserve_on(
     key: &EscrowKey,
     basis: &ReserveBasis,

@@ -8,7 +8,8 @@
 //! Lock order, in every transaction: an op id or held price row, then partition counters by
 //! name, then order rows, then the store's sync state, then the clock row (last, as it is every
 //! process's hottest row). Every writer of an order row (its creation, its cancellation, a push
-//! bringing its handover) holds its store's partition lock first.
+//! bringing its handover) or of a key's reservation totals (a creation) holds its store's
+//! partition lock first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

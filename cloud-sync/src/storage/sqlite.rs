@@ -952,7 +952,8 @@ fn merge_escrow(
     let mut handed_over = tx.prepare_cached(
         "UPDATE orders SET handed_over_ms = ?4
           WHERE order_id = ?1 AND store = ?2 AND handed_over_ms IS NULL
-AND ?3 IS NOT NULL",
+            AND EXISTS (SELECT 1 FROM escrow_rows
+                         WHERE store = ?2 AND sku = ?3 AND kind = 'reservation' AND order_id = ?1)",
     )?;
     for (row, _) in &numbered {
         if let EscrowRow::Fulfilled { key, order } = row {
