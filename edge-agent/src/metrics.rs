@@ -110,7 +110,7 @@ pub fn render(s: &Snapshot) -> String {
         &mut out,
         "edge_online_orders_at_risk",
         "gauge",
-        "Online pickup orders whose units the store does not have (till sales ate into them).",
+        "Online pickup orders whose units the store does not have on hand (after sales, counts, adjustments, merges or new reservations).",
         &one(w.orders_at_risk as f64),
     );
     metric(

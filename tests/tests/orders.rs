@@ -40,7 +40,8 @@ fn text(out: &Output) -> String {
 }
 
 fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("storectl --json printed no JSON ({e}): {}", text(out)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("storectl --json printed no JSON ({e}): {}", text(out)))
 }
 
 /// The online allocation of one SKU as the cloud holds it.
@@ -179,7 +180,8 @@ async fn partition_story(backend: Backend) {
     loop {
         let (status, at_risk) = cloud.hq("GET", "/v1/hq/stores/s1/orders/at-risk", None).await;
         assert_eq!(status, 200, "{at_risk}");
-        let orders: Vec<&str> = at_risk["orders"].as_array().unwrap().iter().filter_map(|o| o["order"].as_str()).collect();
+        let orders: Vec<&str> =
+            at_risk["orders"].as_array().unwrap().iter().filter_map(|o| o["order"].as_str()).collect();
         if orders == ["W-2"] {
             break;
         }

@@ -186,4 +186,15 @@ async fn orders_at_the_counter_through_storectl() {
     assert_eq!(code, 69, "{msg}");
     let verify = ok(store.storectl(&["ledger", "verify"]));
     assert!(verify.starts_with("ledger OK"), "{verify}");
+
+    // A backup is marked as not caught up with the cloud: a store restored from it syncs
+    // before it grants or hands anything over (the cloud moved on meanwhile).
+    let backup = store.data.join("backup.db");
+    ok(store.storectl(&["backup", backup.to_str().unwrap()]));
+    let caught_up = |path: &std::path::Path| -> i64 {
+        let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.query_row("SELECT value FROM meta WHERE key = 'bootstrapped'", [], |r| r.get(0)).unwrap()
+    };
+    assert_eq!(caught_up(&backup), 0);
+    assert_eq!(caught_up(&store.data.join(edge_agent::ledger::LEDGER_FILE)), 1, "the store itself is unchanged");
 }

@@ -340,10 +340,15 @@ async fn handle_inner(control: &Control, cmd: Cmd) -> Result<Reply, Reply> {
         }
         Cmd::OrdersHandover { key, order, code } => {
             let order = parse_order(&order)?;
-            shared::orders::check_pickup_code_format(&code).map_err(|e| bad(format!("order {order}: {e}")))?;
+            // Never the code itself in the reply or the journal line of the refusal.
+            shared::orders::check_pickup_code_format(&code)
+                .map_err(|_| bad(OrderRefusal::MistypedCode { order: order.clone() }.to_string()))?;
             submit(control, &key, Command::Handover { order, code }).await
         }
-        Cmd::OrdersAtRisk => Reply::ok(to_json(&read_ledger(control, |r| r.orders_at_risk()).await?)?),
+        Cmd::OrdersAtRisk => {
+            let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+            Reply::ok(to_json(&read_ledger(control, move |r| r.orders_at_risk(now)).await?)?)
+        }
         Cmd::OnlineStatus { sku } => {
             let sku = sku.as_deref().map(parse_sku).transpose()?;
             let policy = control.ledger.online_policy().clone();

@@ -57,24 +57,61 @@ fn row_from(
     })
 }
 
-/// Writes one row as it now stands (the caller merged it), taking `version`.
+/// Writes one row as it now stands (the caller merged it), taking `version`. Also keeps what
+/// lets the writer skip a SKU's order history (migration 6): a reservation's `open` flag (not
+/// cancelled, not handed over) and the SKU's sum of reserved units.
 pub fn write_row(conn: &Connection, row: &EscrowRow, version: u64) -> Result<(), LedgerError> {
     let (kind, order, units, seq, cancelled) = columns(row);
+    let sku = row.key().sku.as_str();
+    let units_i64 = to_i64("allocation units", units)?;
+    let mut open = false;
+    if let EscrowRow::Reservation { .. } = row {
+        let held = conn
+            .prepare_cached("SELECT 1 FROM escrow WHERE sku = ?1 AND kind = 'reservation' AND order_id = ?2")?
+            .query_row(params![sku, order], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !held {
+            // A reservation never changes size, so it joins the SKU's sum once, when it arrives.
+            conn.prepare_cached(
+                "INSERT INTO escrow_reserved (sku, units) VALUES (?1, ?2)
+                 ON CONFLICT (sku) DO UPDATE SET units = units + excluded.units",
+            )?
+            .execute(params![sku, units_i64])?;
+        }
+        open = !cancelled && !is_fulfilled(conn, sku, order)?;
+    }
     conn.prepare_cached(
-        "INSERT INTO escrow (sku, kind, order_id, units, seq, cancelled, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO escrow (sku, kind, order_id, units, seq, cancelled, version, open) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (sku, kind, order_id) DO UPDATE
-            SET units = excluded.units, seq = excluded.seq, cancelled = excluded.cancelled, version = excluded.version",
+            SET units = excluded.units, seq = excluded.seq, cancelled = excluded.cancelled,
+                version = excluded.version, open = excluded.open",
     )?
     .execute(params![
-        row.key().sku.as_str(),
+        sku,
         kind,
         order,
-        to_i64("allocation units", units)?,
+        units_i64,
         to_i64("reservation seq", seq)?,
         i64::from(cancelled),
-        to_i64("change version", version)?
+        to_i64("change version", version)?,
+        i64::from(open)
     ])?;
+    if let EscrowRow::Fulfilled { .. } = row {
+        conn.prepare_cached(
+            "UPDATE escrow SET open = 0 WHERE sku = ?1 AND kind = 'reservation' AND order_id = ?2 AND open = 1",
+        )?
+        .execute(params![sku, order])?;
+    }
     Ok(())
+}
+
+fn is_fulfilled(conn: &Connection, sku: &str, order: &str) -> Result<bool, LedgerError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM escrow WHERE sku = ?1 AND kind = 'fulfilled' AND order_id = ?2")?
+        .query_row(params![sku, order], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Every row of one SKU.
@@ -90,15 +127,150 @@ pub fn rows_of(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<Vec<Escr
     Ok(out)
 }
 
-/// One SKU's allocation as this replica holds it (empty if nothing happened there).
+/// One SKU's allocation as this replica holds it (empty if nothing happened there): every row,
+/// for the views. The writer loads only what an operation needs ([`load_for`], [`totals`]).
 pub fn load_escrow(conn: &Connection, store: &StoreId, sku: &Sku) -> Result<Escrow, LedgerError> {
     let mut escrow = Escrow::new(EscrowKey { store: store.clone(), sku: sku.clone() });
     escrow.merge_rows(&rows_of(conn, store, sku)?).map_err(|e| corrupt("allocation rows", e))?;
     Ok(escrow)
 }
 
+/// Part of one SKU's allocation: its `granted` and `released` counters and the rows of `orders`
+/// (their reservations and handovers). Enough to merge rows naming those orders, or to fulfil
+/// one of them, since a row joins only with the held row of the same identity; its totals are
+/// not the SKU's (see [`totals`]).
+pub fn load_for<'a>(
+    conn: &Connection,
+    store: &StoreId,
+    sku: &Sku,
+    orders: impl IntoIterator<Item = &'a OrderId>,
+) -> Result<Escrow, LedgerError> {
+    let key = || EscrowKey { store: store.clone(), sku: sku.clone() };
+    let mut rows = Vec::new();
+    let mut counters = conn.prepare_cached(
+        "SELECT kind, order_id, units, seq, cancelled FROM escrow WHERE sku = ?1 AND kind IN ('granted', 'released')",
+    )?;
+    let mut found = counters.query(params![sku.as_str()])?;
+    while let Some(r) = found.next()? {
+        let kind: String = r.get(0)?;
+        rows.push(row_from(key(), &kind, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)?);
+    }
+    let mut of_order = conn.prepare_cached(
+        "SELECT kind, order_id, units, seq, cancelled FROM escrow
+          WHERE sku = ?1 AND kind IN ('reservation', 'fulfilled') AND order_id = ?2",
+    )?;
+    let mut seen = std::collections::BTreeSet::new();
+    for order in orders {
+        if !seen.insert(order) {
+            continue;
+        }
+        let mut found = of_order.query(params![sku.as_str(), order.as_str()])?;
+        while let Some(r) = found.next()? {
+            let kind: String = r.get(0)?;
+            rows.push(row_from(key(), &kind, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)?);
+        }
+    }
+    let mut escrow = Escrow::new(key());
+    escrow.merge_rows(&rows).map_err(|e| corrupt("allocation rows", e))?;
+    Ok(escrow)
+}
+
+/// The orders `rows` name.
+fn orders_named(rows: &[EscrowRow]) -> impl Iterator<Item = &OrderId> {
+    rows.iter().filter_map(|r| match r {
+        EscrowRow::Reservation { order, .. } | EscrowRow::Fulfilled { order, .. } => Some(order),
+        EscrowRow::Granted { .. } | EscrowRow::Released { .. } => None,
+    })
+}
+
+/// One SKU's counters, read without its order history: what the top-up needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkuTotals {
+    pub granted: u64,
+    pub released: u64,
+    /// Every reservation ever (the kept sum, see migration 6).
+    pub reserved: u64,
+    /// Units of open reservations: orders waiting for pickup.
+    pub promised: u64,
+}
+
+impl SkuTotals {
+    /// As `Escrow::cloud_rights`: `granted - reserved - released`.
+    pub fn rights(&self) -> i128 {
+        i128::from(self.granted) - i128::from(self.reserved) - i128::from(self.released)
+    }
+
+    /// As `Escrow::committed`: `rights + promised`.
+    pub fn committed(&self) -> i128 {
+        self.rights() + i128::from(self.promised)
+    }
+}
+
+/// The SKU's counters: two key lookups, the kept sum of reservations, and a sum over the
+/// open reservations only (`INDEXED BY`: without statistics SQLite would rather walk the
+/// SKU's whole primary-key range, its history).
+pub fn totals(conn: &Connection, sku: &Sku) -> Result<SkuTotals, LedgerError> {
+    let mut totals = SkuTotals::default();
+    let mut counters =
+        conn.prepare_cached("SELECT kind, units FROM escrow WHERE sku = ?1 AND kind IN ('granted', 'released')")?;
+    let mut found = counters.query(params![sku.as_str()])?;
+    while let Some(r) = found.next()? {
+        let kind: String = r.get(0)?;
+        let units = to_u64("allocation units", r.get(1)?)?;
+        match kind.as_str() {
+            "granted" => totals.granted = units,
+            _ => totals.released = units,
+        }
+    }
+    totals.reserved = reserved_sum(conn, sku)?;
+    let promised: i64 = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(units), 0) FROM escrow INDEXED BY escrow_open WHERE sku = ?1 AND open = 1",
+        )?
+        .query_row(params![sku.as_str()], |r| r.get(0))?;
+    totals.promised = to_u64("promised units", promised)?;
+    Ok(totals)
+}
+
+/// The SKU's sum of reserved units, ever.
+pub fn reserved_sum(conn: &Connection, sku: &Sku) -> Result<u64, LedgerError> {
+    let units: Option<i64> = conn
+        .prepare_cached("SELECT units FROM escrow_reserved WHERE sku = ?1")?
+        .query_row(params![sku.as_str()], |r| r.get(0))
+        .optional()?;
+    to_u64("reserved units", units.unwrap_or(0))
+}
+
+/// Units that merging `rows` would add to the SKU's reservations (those whose order `held`
+/// does not have yet, each once).
+pub fn new_reserved_units(held: &Escrow, rows: &[EscrowRow]) -> u128 {
+    let mut seen = std::collections::BTreeSet::new();
+    rows.iter()
+        .filter_map(|r| match r {
+            EscrowRow::Reservation { order, units, .. } if held.order(order).is_none() && seen.insert(order) => {
+                Some(u128::from(*units))
+            }
+            _ => None,
+        })
+        .sum()
+}
+
+/// Refuses a merge that would take the SKU's sum of reservations past what can be stored (what
+/// `Escrow::merge_rows` checks on a whole escrow; the writer holds only part of it).
+pub fn check_reserved(reserved: u64, adding: u128, sku: &Sku) -> Result<(), String> {
+    let total = u128::from(reserved) + adding;
+    if total > u128::from(Escrow::MAX) {
+        return Err(format!(
+            "reserved units of {sku} would reach {total}, above the largest storable count {}",
+            Escrow::MAX
+        ));
+    }
+    Ok(())
+}
+
 /// Joins `rows` (all of one SKU, checked by the caller) into the stored allocation; each row
-/// that changed takes the next change version. Returns how many changed.
+/// that changed takes the next change version. Returns how many changed. Reads only the rows
+/// of the orders `rows` name, not the SKU's history.
 pub fn merge_rows(
     conn: &Connection,
     store: &StoreId,
@@ -106,7 +278,9 @@ pub fn merge_rows(
     rows: &[EscrowRow],
     version: &mut u64,
 ) -> Result<usize, LedgerError> {
-    let mut escrow = load_escrow(conn, store, sku)?;
+    let mut escrow = load_for(conn, store, sku, orders_named(rows))?;
+    check_reserved(reserved_sum(conn, sku)?, new_reserved_units(&escrow, rows), sku)
+        .map_err(|e| corrupt("allocation merge", e))?;
     let changed = escrow.merge_rows(rows).map_err(|e| corrupt("allocation merge", e))?;
     for row in &changed {
         *version += 1;
@@ -139,17 +313,67 @@ pub fn skus(conn: &Connection) -> Result<Vec<Sku>, LedgerError> {
     rows.map(|r| Sku::new(r?).map_err(|e| corrupt("allocation sku", e))).collect()
 }
 
-/// SKUs with units promised to waiting orders (a reservation neither cancelled nor handed over).
+/// SKUs with units promised to waiting orders (an open reservation: neither cancelled nor
+/// handed over), from the index of open reservations.
 pub fn skus_with_promised(conn: &Connection) -> Result<Vec<Sku>, LedgerError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT r.sku FROM escrow r
-          WHERE r.kind = 'reservation' AND r.cancelled = 0
-            AND NOT EXISTS (SELECT 1 FROM escrow f
-                             WHERE f.sku = r.sku AND f.kind = 'fulfilled' AND f.order_id = r.order_id)
-          ORDER BY r.sku",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT DISTINCT sku FROM escrow INDEXED BY escrow_open WHERE open = 1 ORDER BY sku")?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     rows.map(|r| Sku::new(r?).map_err(|e| corrupt("allocation sku", e))).collect()
+}
+
+/// Whether any order of `sku` waits for pickup (one probe of the index of open reservations).
+pub fn has_open(conn: &Connection, sku: &Sku) -> Result<bool, LedgerError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM escrow INDEXED BY escrow_open WHERE sku = ?1 AND open = 1 LIMIT 1")?
+        .query_row(params![sku.as_str()], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// An order line waiting for pickup, with what the store knows of its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenLine {
+    pub order: OrderId,
+    pub units: u64,
+    pub seq: u64,
+    /// Staff put the goods aside.
+    pub picked: bool,
+    /// `None` while the order's header has not reached the store.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// The open reservations of `sku`, in reservation order: only those, never its history.
+pub fn open_lines(conn: &Connection, sku: &Sku) -> Result<Vec<OpenLine>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.order_id, e.units, e.seq, o.picked_at_ms IS NOT NULL, o.expires_at_ms
+           FROM escrow e INDEXED BY escrow_open LEFT JOIN orders o ON o.order_id = e.order_id
+          WHERE e.sku = ?1 AND e.open = 1
+          ORDER BY e.seq",
+    )?;
+    let mut rows = stmt.query(params![sku.as_str()])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(OpenLine {
+            order: OrderId::new(r.get::<_, String>(0)?).map_err(|e| corrupt("allocation order id", e))?,
+            units: to_u64("reserved units", r.get(1)?)?,
+            seq: to_u64("reservation seq", r.get(2)?)?,
+            picked: r.get(3)?,
+            expires_at_ms: r.get(4)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether this ledger has caught up with the cloud once since it was created or restored
+/// (`meta.bootstrapped`): until then it does not know the cloud's reservations and
+/// cancellations, so it neither grants nor hands over.
+pub fn caught_up(conn: &Connection) -> Result<bool, LedgerError> {
+    let v: Option<i64> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'bootstrapped'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(v == Some(1))
 }
 
 /// Whether the store ever held an allocation row (if not, no order can be at risk).

@@ -194,6 +194,53 @@ impl EventBody {
         }
     }
 
+    /// Whether this event writes allocation rows (a page carrying them, a grant, a handover):
+    /// until one did, the writer skips its online checks.
+    pub fn carries_allocation(&self) -> bool {
+        match self {
+            EventBody::SyncMerge { rows, .. } => !rows.escrow.is_empty(),
+            EventBody::Grant { .. } | EventBody::Handover { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether `request` is the command this recorded event answered, so that a key seen before
+    /// may return this event as its first result. The same kind on the same subject (order,
+    /// SKU, price register); what the writer resolves (a count's `seen`, a handover's lines and
+    /// time) and what a retry may legitimately carry differently are not compared.
+    pub fn same_command(&self, request: &EventBody) -> bool {
+        use EventBody as B;
+        match (self, request) {
+            (B::Handover { order: a, .. }, B::Handover { order: b, .. })
+            | (B::Pick { order: a, .. }, B::Pick { order: b, .. }) => a == b,
+            (B::Grant { sku: a, granted: ga, .. }, B::Grant { sku: b, granted: gb, .. }) => a == b && ga == gb,
+            (B::Count { sku: a, counted: ca, .. }, B::Count { sku: b, counted: cb, .. }) => a == b && ca == cb,
+            (B::Receipt { sku: a, .. }, B::Receipt { sku: b, .. })
+            | (B::Adjustment { sku: a, .. }, B::Adjustment { sku: b, .. })
+            | (B::CatalogChange { sku: a, .. }, B::CatalogChange { sku: b, .. }) => a == b,
+            (B::PriceChange { key: a, .. }, B::PriceChange { key: b, .. }) => a == b,
+            (a, b) => a.kind() == b.kind(),
+        }
+    }
+
+    /// A few words naming the event, for messages: `handover of W-1`, `count of MILK`.
+    pub fn describe(&self) -> String {
+        match self {
+            EventBody::Sale { lines, .. } => format!("sale of {} lines", lines.len()),
+            EventBody::Return { lines, .. } => format!("return of {} lines", lines.len()),
+            EventBody::Receipt { sku, .. } => format!("receipt of {sku}"),
+            EventBody::Count { sku, .. } => format!("count of {sku}"),
+            EventBody::Adjustment { sku, .. } => format!("adjustment of {sku}"),
+            EventBody::PriceChange { key, .. } => format!("price change of {}", key.sku),
+            EventBody::CatalogChange { sku, .. } => format!("catalog change of {sku}"),
+            EventBody::EpcsSold { epcs } => format!("{} sold RFID tags", epcs.len()),
+            EventBody::SyncMerge { .. } => "sync merge".to_owned(),
+            EventBody::Grant { sku, granted, .. } => format!("online grant of {sku} to {granted}"),
+            EventBody::Handover { order, .. } => format!("handover of {order}"),
+            EventBody::Pick { order, .. } => format!("pick of {order}"),
+        }
+    }
+
     /// The stock movements this event made in the store's own slot. The writer applies them and
     /// `ledger verify` replays them, so the two can never disagree on what an event means.
     pub fn stock_movements(&self) -> Vec<(&Sku, i64)> {
@@ -278,9 +325,7 @@ impl EventBody {
     pub fn decode(bytes: &[u8]) -> Result<EventBody, String> {
         match bytes.split_first() {
             Some((&BODY_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| format!("undecodable body: {e}")),
-            Some((&legacy::VERSION, rest)) => postcard::from_bytes::<legacy::EventBodyV1>(rest)
-                .map(EventBody::from)
-                .map_err(|e| format!("undecodable version-1 body: {e}")),
+            Some((&legacy::VERSION, rest)) => legacy::decode(rest),
             Some((v, _)) => Err(format!("unknown body version {v} (this build reads 1 and {BODY_VERSION})")),
             None => Err("empty body".into()),
         }
@@ -298,6 +343,28 @@ pub mod legacy {
     use super::{EventBody, SaleLine, Tender};
 
     pub const VERSION: u8 = 1;
+
+    /// Decodes `bytes` as `T`, every byte of them: postcard's `from_bytes` ignores what follows
+    /// a value, so a body of another shape could pass as a shorter one.
+    fn exactly<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+        match postcard::take_from_bytes::<T>(bytes) {
+            Ok((value, [])) => Ok(value),
+            Ok((_, rest)) => Err(format!("{} bytes left over", rest.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A version-1 body: the shape written before online orders (sync pages of stock, prices
+    /// and catalog), or else the shape intermediate builds wrote under the same version byte
+    /// (pages with allocation rows and order headers, the online events): today's.
+    pub fn decode(bytes: &[u8]) -> Result<EventBody, String> {
+        match exactly::<EventBodyV1>(bytes) {
+            Ok(v1) => Ok(EventBody::from(v1)),
+            Err(first) => exactly::<EventBody>(bytes).map_err(|second| {
+                format!("undecodable version-1 body: {first} (as written with online orders: {second})")
+            }),
+        }
+    }
 
     #[derive(Deserialize)]
     pub struct RowsV1 {
@@ -469,8 +536,10 @@ impl Command {
             }
             // The writer completes both from the order it holds (lines, time) or refuses them.
             Command::Handover { order, code } => {
-                shared::orders::check_pickup_code_format(code)
-                    .map_err(|e| Rejection::new(format!("order {order}: {e}")))?;
+                // The code is never echoed (see `OrderRefusal::MistypedCode`).
+                shared::orders::check_pickup_code_format(code).map_err(|_| {
+                    Rejection::new(crate::orders::OrderRefusal::MistypedCode { order: order.clone() }.to_string())
+                })?;
                 EventBody::Handover { order: order.clone(), lines: Vec::new(), at_ms: 0 }
             }
             Command::Pick { order } => EventBody::Pick { order: order.clone(), at_ms: 0 },
@@ -598,12 +667,61 @@ mod tests {
         assert!(matches!(EventBody::decode(&bytes).unwrap(), EventBody::Sale { total, .. } if total.minor == 5));
     }
 
+    /// Intermediate builds wrote today's shape (pages with allocation rows, the online events)
+    /// under version byte 1: those read as written; bytes left over after a body refuse it.
+    #[test]
+    fn version_1_bodies_of_the_intermediate_shape_read_and_trailing_bytes_refuse() {
+        let key = shared::EscrowKey { store: StoreId::new("s1").unwrap(), sku: sku("A") };
+        let page = EventBody::SyncMerge {
+            from: Cursor::default(),
+            to: Cursor { chain: 1, store: 2 },
+            rows: Rows { escrow: vec![EscrowRow::Granted { key, granted: 4 }], ..Rows::default() },
+            refused: vec![],
+        };
+        let handover = EventBody::Handover {
+            order: OrderId::new("W-1").unwrap(),
+            lines: vec![OrderLine { sku: sku("A"), units: 2 }],
+            at_ms: 5,
+        };
+        for body in [page, handover] {
+            let bytes = postcard::to_extend(&body, vec![legacy::VERSION]).unwrap();
+            assert_eq!(EventBody::decode(&bytes).unwrap(), body);
+        }
+        let sale = EventBody::Sale {
+            lines: vec![SaleLine { sku: sku("A"), quantity: 1, line_total: eur(5), price: None }],
+            tender: Tender::Cash,
+            total: eur(5),
+        };
+        let mut bytes = postcard::to_extend(&sale, vec![legacy::VERSION]).unwrap();
+        assert_eq!(EventBody::decode(&bytes).unwrap(), sale);
+        bytes.extend([0xff, 0xff]);
+        let err = EventBody::decode(&bytes).unwrap_err();
+        assert!(err.contains("2 bytes left over"), "{err}");
+    }
+
+    #[test]
+    fn a_key_names_one_command_whatever_the_writer_resolved() {
+        let w1 = OrderId::new("W-1").unwrap();
+        let w2 = OrderId::new("W-2").unwrap();
+        let recorded =
+            EventBody::Handover { order: w1.clone(), lines: vec![OrderLine { sku: sku("A"), units: 2 }], at_ms: 5 };
+        let retry = EventBody::Handover { order: w1.clone(), lines: vec![], at_ms: 0 };
+        assert!(recorded.same_command(&retry));
+        assert!(!recorded.same_command(&EventBody::Handover { order: w2, lines: vec![], at_ms: 0 }));
+        assert!(!recorded.same_command(&EventBody::Pick { order: w1, at_ms: 0 }));
+        let count = EventBody::Count { sku: sku("A"), counted: 5, seen: 7, movement: -2 };
+        assert!(count.same_command(&EventBody::Count { sku: sku("A"), counted: 5, seen: 0, movement: 0 }));
+        assert!(!count.same_command(&EventBody::Count { sku: sku("B"), counted: 5, seen: 0, movement: 0 }));
+        assert_eq!(recorded.describe(), "handover of W-1");
+    }
+
     #[test]
     fn a_handover_checks_the_code_format_and_moves_every_line_out() {
         let order = OrderId::new("W-1").unwrap();
         let bad = Command::Handover { order: order.clone(), code: "12a456".into() };
         let err = bad.validate(&ctx()).unwrap_err().0;
         assert!(err.starts_with("order W-1: a pickup code is 6 digits"), "{err}");
+        assert!(!err.contains("12a456"), "the mistyped code is not repeated: {err}");
         let body = EventBody::Handover {
             order,
             lines: vec![OrderLine { sku: sku("A"), units: 2 }, OrderLine { sku: sku("B"), units: 1 }],

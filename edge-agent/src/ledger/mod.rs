@@ -159,7 +159,9 @@ impl Ledger {
         }
         let hlc = Hlc::resume(actor, opts.max_skew_ms, wall, logical).with_jump_threshold(opts.jump_warn_ms);
         // Which pickup orders are at risk already, so the first commit alerts only on new ones.
-        let at_risk = order_views::at_risk(&conn, &opts.store)?
+        // As of the writer's time: the wall clock, never behind the last stamp (a dead RTC).
+        let now_ms = i64::try_from((opts.clock)().max(wall)).unwrap_or(i64::MAX);
+        let at_risk = order_views::at_risk(&conn, &opts.store, now_ms)?
             .skus
             .into_iter()
             .map(|s| (s.sku, s.orders.into_iter().collect()))
@@ -433,10 +435,11 @@ impl LedgerReader {
         order_views::one(&snapshot, &self.store, order, now_ms)
     }
 
-    /// The pickup orders whose units the store does not have (till sales ate into them).
-    pub fn orders_at_risk(&self) -> Result<AtRiskReport, LedgerError> {
+    /// The pickup orders whose units the store does not have on hand, as of `now_ms` (which
+    /// orders keep their cover depends on the pickup deadlines).
+    pub fn orders_at_risk(&self, now_ms: i64) -> Result<AtRiskReport, LedgerError> {
         let snapshot = self.conn.unchecked_transaction()?;
-        order_views::at_risk(&snapshot, &self.store)
+        order_views::at_risk(&snapshot, &self.store, now_ms)
     }
 
     /// The online allocation of one SKU or of all that have one; with `policy`, also the target,

@@ -4,9 +4,9 @@
 //! resolving a handover or a pick into an event or a refusal, the effects of those events on
 //! the allocation tables, and the top-up grant the policy asks for after a commit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use rusqlite::Connection;
+use rusqlite::{params, Connection, OptionalExtension};
 use shared::sync::Rows;
 use shared::{Escrow, EscrowRow, OrderHeader, OrderId, OrderLine, OrderStatus, Side, Sku, StoreId};
 
@@ -26,6 +26,30 @@ fn describe(row: &EscrowRow) -> String {
     }
 }
 
+/// Which row of a SKU's allocation this is: a counter, or one order's reservation or handover.
+type RowIdentity = (Sku, u8, Option<OrderId>);
+
+fn identity(row: &EscrowRow) -> RowIdentity {
+    let sku = row.key().sku.clone();
+    match row {
+        EscrowRow::Granted { .. } => (sku, 0, None),
+        EscrowRow::Released { .. } => (sku, 1, None),
+        EscrowRow::Reservation { order, .. } => (sku, 2, Some(order.clone())),
+        EscrowRow::Fulfilled { order, .. } => (sku, 3, Some(order.clone())),
+    }
+}
+
+/// The identities a row's merge depends on: its SKU's counters and its order's rows.
+fn related_identities(row: &EscrowRow) -> Vec<RowIdentity> {
+    let sku = &row.key().sku;
+    let mut ids = vec![(sku.clone(), 0, None), (sku.clone(), 1, None)];
+    if let EscrowRow::Reservation { order, .. } | EscrowRow::Fulfilled { order, .. } = row {
+        ids.push((sku.clone(), 2, Some(order.clone())));
+        ids.push((sku.clone(), 3, Some(order.clone())));
+    }
+    ids
+}
+
 /// Takes out of a page (before it is recorded) the order headers and allocation rows this
 /// store cannot merge, naming each in `refused`: another store's, an invalid header, a header
 /// that differs from the one held (order ids are never reused), a reservation that disagrees
@@ -37,6 +61,8 @@ pub(super) fn screen_page(
     refused: &mut Vec<String>,
 ) -> Result<(), LedgerError> {
     let mut headers: Vec<OrderHeader> = Vec::with_capacity(rows.orders.len());
+    // Kept headers by order id (a page may carry 20,000): position in `headers`.
+    let mut kept_at: HashMap<OrderId, usize> = HashMap::with_capacity(rows.orders.len());
     for header in std::mem::take(&mut rows.orders) {
         if header.store != *store {
             refused.push(format!("order {} of store {}: this is store {store}", header.order, header.store));
@@ -46,39 +72,68 @@ pub(super) fn screen_page(
             refused.push(e.to_string());
             continue;
         }
-        let held = match headers.iter().find(|h| h.order == header.order) {
-            Some(h) => Some(h.clone()),
-            None => allocation::header(conn, &header.order)?,
-        };
-        match held {
-            Some(held) => match held.check_same(&header) {
-                Err(e) => refused.push(e.to_string()),
-                Ok(()) if !headers.contains(&header) => headers.push(header),
-                Ok(()) => {}
-            },
-            None => headers.push(header),
+        if let Some(&at) = kept_at.get(&header.order) {
+            // Already kept from this page: a copy that differs is refused, an equal one dropped.
+            if let Err(e) = headers[at].check_same(&header) {
+                refused.push(e.to_string());
+            }
+            continue;
         }
+        if let Some(held) = allocation::header(conn, &header.order)? {
+            if let Err(e) = held.check_same(&header) {
+                refused.push(e.to_string());
+                continue;
+            }
+        }
+        kept_at.insert(header.order.clone(), headers.len());
+        headers.push(header);
     }
     rows.orders = headers;
 
-    let mut escrows: BTreeMap<Sku, Escrow> = BTreeMap::new();
+    // The trial state: the held rows of the orders the page names (a row joins only with the
+    // held row of the same identity), by identity, and each SKU's sum of reserved units. Each
+    // page row is tried on a small escrow of its own identities, so a page of 20,000 rows for
+    // one SKU costs 20,000 small merges, not 20,000 copies of a growing state.
+    let mut named: BTreeMap<Sku, Vec<&OrderId>> = BTreeMap::new();
+    for row in rows.escrow.iter().filter(|r| r.key().store == *store) {
+        let orders = named.entry(row.key().sku.clone()).or_default();
+        if let EscrowRow::Reservation { order, .. } | EscrowRow::Fulfilled { order, .. } = row {
+            orders.push(order);
+        }
+    }
+    let mut trial: BTreeMap<RowIdentity, EscrowRow> = BTreeMap::new();
+    let mut reserved: BTreeMap<Sku, u64> = BTreeMap::new();
+    for (sku, orders) in named {
+        let held = allocation::load_for(conn, store, &sku, orders)?;
+        trial.extend(held.rows().into_iter().map(|r| (identity(&r), r)));
+        reserved.insert(sku.clone(), allocation::reserved_sum(conn, &sku)?);
+    }
     let mut kept = Vec::with_capacity(rows.escrow.len());
     for row in std::mem::take(&mut rows.escrow) {
-        if row.key().store != *store {
+        let sku = &row.key().sku;
+        let Some(sum) = reserved.get_mut(sku).filter(|_| row.key().store == *store) else {
             refused.push(format!("online allocation row {}: this is store {store}", describe(&row)));
             continue;
-        }
-        let sku = row.key().sku.clone();
-        let escrow = match escrows.entry(sku) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let loaded = allocation::load_escrow(conn, store, e.key())?;
-                e.insert(loaded)
-            }
         };
+        let mut small = Escrow::new(row.key().clone());
+        let related: Vec<EscrowRow> = related_identities(&row).iter().filter_map(|id| trial.get(id)).cloned().collect();
+        small.merge_rows(&related).map_err(|e| LedgerError::Corrupt {
+            seq: None,
+            detail: format!("held allocation rows of {}: {e}", row.key()),
+        })?;
+        let adding = allocation::new_reserved_units(&small, std::slice::from_ref(&row));
+        if let Err(e) = allocation::check_reserved(*sum, adding, sku) {
+            refused.push(format!("online allocation row {}: {e}", describe(&row)));
+            continue;
+        }
         // All or nothing per row: a refused row leaves the trial state as it was.
-        match escrow.merge_rows(std::slice::from_ref(&row)) {
-            Ok(_) => kept.push(row),
+        match small.merge_rows(std::slice::from_ref(&row)) {
+            Ok(changed) => {
+                // `adding` fits (checked above), so the sum stays a storable count.
+                *sum = sum.saturating_add(u64::try_from(adding).unwrap_or(u64::MAX));
+                trial.extend(changed.into_iter().map(|r| (identity(&r), r)));
+                kept.push(row);
+            }
             Err(e) => refused.push(format!("online allocation row {}: {e}", describe(&row))),
         }
     }
@@ -97,13 +152,42 @@ fn line_escrows(
 ) -> Result<Result<LineStates, OrderRefusal>, LedgerError> {
     let mut lines = Vec::with_capacity(header.lines.len());
     for line in &header.lines {
-        let escrow = allocation::load_escrow(conn, store, &line.sku)?;
+        // Only this order's rows: fulfilling it joins with nothing else.
+        let escrow = allocation::load_for(conn, store, &line.sku, [&header.order])?;
         let Some(view) = escrow.order(&header.order) else {
-            return Ok(Err(OrderRefusal::Incomplete { order: header.order.clone(), sku: line.sku.clone() }));
+            let (order, sku) = (header.order.clone(), line.sku.clone());
+            return Ok(Err(match refused_reservation(conn, store, &sku, &order)? {
+                Some((seq, reason)) => OrderRefusal::ReservationRefused { order, sku, seq, reason },
+                None => OrderRefusal::Incomplete { order, sku },
+            }));
         };
         lines.push((line.clone(), escrow, view.status));
     }
     Ok(Ok(lines))
+}
+
+/// The latest sync merge that refused `order`'s reservation of `sku`, and why. Only read when a
+/// handover or pick finds the reservation missing (rare): it scans the recorded merges for the
+/// refusal `screen_page` wrote, so the counter is told that syncing again will not bring it.
+fn refused_reservation(
+    conn: &Connection,
+    store: &StoreId,
+    sku: &Sku,
+    order: &OrderId,
+) -> Result<Option<(u64, String)>, LedgerError> {
+    let prefix = format!("online allocation row {store}/{sku} reservation {order}: ");
+    let found: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT seq, body FROM events WHERE kind = 'sync_merge' AND instr(body, ?1) > 0 ORDER BY seq DESC LIMIT 1",
+        )?
+        .query_row(params![prefix.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((seq, body)) = found else { return Ok(None) };
+    let seq = u64::try_from(seq)
+        .map_err(|_| LedgerError::Corrupt { seq: None, detail: format!("negative sequence {seq}") })?;
+    let body = EventBody::decode(&body).map_err(|detail| LedgerError::Corrupt { seq: Some(seq), detail })?;
+    let EventBody::SyncMerge { refused, .. } = body else { return Ok(None) };
+    Ok(refused.iter().rev().find_map(|r| r.strip_prefix(&prefix)).map(|reason| (seq, reason.to_owned())))
 }
 
 fn handed_over(status: OrderStatus) -> bool {
@@ -122,6 +206,9 @@ pub(super) fn resolve_handover(
     now_ms: i64,
 ) -> Result<Result<EventBody, OrderRefusal>, LedgerError> {
     let refuse = |r| Ok(Err(r));
+    if !allocation::caught_up(conn)? {
+        return refuse(OrderRefusal::CatchingUp { order: order.clone() });
+    }
     let Some(header) = allocation::header(conn, order)? else {
         return refuse(OrderRefusal::NotSynced { order: order.clone() });
     };
@@ -139,7 +226,8 @@ pub(super) fn resolve_handover(
         Ok(lines) => lines,
         Err(refusal) => return refuse(refusal),
     };
-    if lines.iter().all(|(_, _, s)| handed_over(*s)) {
+    // A store hands every line over in one event, so one handed-over line means the order was.
+    if lines.iter().any(|(_, _, s)| handed_over(*s)) {
         // Handed over by this store before its ledger was rebuilt: the time went with it.
         let at = "an earlier time (before this ledger was rebuilt)".to_owned();
         return refuse(OrderRefusal::AlreadyHandedOver { order: order.clone(), at });
@@ -170,6 +258,9 @@ pub(super) fn resolve_pick(
     now_ms: i64,
 ) -> Result<Result<EventBody, OrderRefusal>, LedgerError> {
     let refuse = |r| Ok(Err(r));
+    if !allocation::caught_up(conn)? {
+        return refuse(OrderRefusal::CatchingUp { order: order.clone() });
+    }
     let Some(header) = allocation::header(conn, order)? else {
         return refuse(OrderRefusal::NotSynced { order: order.clone() });
     };
@@ -181,7 +272,7 @@ pub(super) fn resolve_pick(
         Ok(lines) => lines,
         Err(refusal) => return refuse(refusal),
     };
-    if lines.iter().all(|(_, _, s)| handed_over(*s)) {
+    if lines.iter().any(|(_, _, s)| handed_over(*s)) {
         let at = "an earlier time (before this ledger was rebuilt)".to_owned();
         return refuse(OrderRefusal::AlreadyHandedOver { order: order.clone(), at });
     }
@@ -264,26 +355,36 @@ pub(super) fn plan_grant(
     if allocation.target == 0 {
         return Ok(None);
     }
-    let escrow = allocation::load_escrow(conn, store, sku)?;
+    // The counters only, never the SKU's order history: this runs for every SKU a batch moves.
+    let totals = allocation::totals(conn, sku)?;
     let on_hand = projection::on_hand(conn, store, sku)?;
-    let units = policy::top_up(&allocation, &escrow, i128::from(on_hand));
+    let units = policy::top_up(&allocation, totals.rights(), totals.committed(), i128::from(on_hand));
     if units == 0 {
         return Ok(None);
     }
-    let mut next = escrow.clone();
-    if let Err(e) = next.grant(&Side::Store(store.clone()), units, i128::from(on_hand), allocation.safety_stock) {
-        // top_up computes exactly what grant accepts; a refusal here is a bug, not a reason to
-        // stop the batch: the grant waits for the next change.
-        tracing::warn!(sku = %sku, error = %e, error_code = "ONLINE_GRANT_REFUSED", "Online allocation top-up refused");
+    // What `Escrow::grant` checks: only free stock, and a total that can be stored.
+    let free = i128::from(on_hand) - totals.committed() - i128::from(allocation.safety_stock);
+    let granted = totals.granted.checked_add(units).filter(|g| *g <= Escrow::MAX);
+    let Some(granted) = granted.filter(|_| i128::from(units) <= free) else {
+        // top_up computes exactly what a grant accepts; a refusal here is a bug, not a reason
+        // to stop the batch. It is tried again whenever the SKU's stock or allocation moves.
+        tracing::warn!(
+            sku = %sku,
+            units,
+            free = %free,
+            granted = totals.granted,
+            error_code = "ONLINE_GRANT_REFUSED",
+            "Online allocation top-up refused: more than is free, or a total that cannot be stored"
+        );
         return Ok(None);
-    }
+    };
     let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
     Ok(Some(EventBody::Grant {
         sku: sku.clone(),
         units,
-        granted: next.totals().granted,
+        granted,
         on_hand,
-        committed: clamp(escrow.committed()),
+        committed: clamp(totals.committed()),
         safety_stock: allocation.safety_stock,
         target: allocation.target,
     }))

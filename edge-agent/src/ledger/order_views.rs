@@ -1,7 +1,7 @@
 //! The views of online orders that `storectl` and the control socket show, each read from one
 //! snapshot of the projections: the order list, one order, the orders at risk, and the online
 //! allocation per SKU. The writer uses [`at_risk_of`] too, after each commit, to raise the
-//! shortage alert, so the alert and `storectl orders at-risk` always agree.
+//! shortage alert, so the alert and `storectl orders at-risk` rank orders the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -109,38 +109,81 @@ pub fn one(
     Ok(Some(summary(header, marks, rows.get(order), now_ms)))
 }
 
-/// The SKU's waiting orders that its stock on hand no longer covers, or `None` when all are
-/// covered (or none wait).
+/// Which waiting orders keep their cover first when stock runs short: those staff put aside
+/// (their goods are already off the shelf), then the others, and last the orders past their
+/// pickup deadline that HQ has not cancelled yet (they will not be handed over); within a rank,
+/// the earliest reserved.
+fn cover_rank(line: &allocation::OpenLine, now_ms: i64) -> u8 {
+    let expired = line.expires_at_ms.is_some_and(|at| now_ms >= at);
+    match (expired, line.picked) {
+        (true, _) => 2,
+        (false, true) => 0,
+        (false, false) => 1,
+    }
+}
+
+/// The open lines `on_hand` does not cover: units cover lines in [`cover_rank`] order and every
+/// line not fully covered is at risk (as `Escrow::orders_at_risk`, with the store's ranking).
+/// Returned in reservation order.
+fn uncovered(mut lines: Vec<allocation::OpenLine>, on_hand: i64, now_ms: i64) -> Vec<allocation::OpenLine> {
+    lines.sort_by_key(|l| (cover_rank(l, now_ms), l.seq));
+    let mut cover = i128::from(on_hand.max(0));
+    let mut at_risk: Vec<allocation::OpenLine> = lines
+        .into_iter()
+        .filter(|l| {
+            if i128::from(l.units) <= cover {
+                cover -= i128::from(l.units);
+                false
+            } else {
+                cover = 0;
+                true
+            }
+        })
+        .collect();
+    at_risk.sort_by_key(|l| l.seq);
+    at_risk
+}
+
+/// The SKU's waiting orders that its stock on hand no longer covers as of `now_ms`, or `None`
+/// when all are covered (or none wait). Reads one index probe when no order of the SKU waits,
+/// and otherwise only its open reservations, never its order history: the writer calls this
+/// for every SKU a batch moves.
 pub fn at_risk_of(
     conn: &Connection,
     store: &StoreId,
     sku: &Sku,
+    now_ms: i64,
 ) -> Result<Option<(SkuAtRisk, Vec<OrderView>)>, LedgerError> {
-    let escrow = allocation::load_escrow(conn, store, sku)?;
-    let promised = escrow.promised();
-    if promised == 0 {
+    if !allocation::has_open(conn, sku)? {
         return Ok(None);
     }
+    let lines = allocation::open_lines(conn, sku)?;
+    let promised = u64::try_from(lines.iter().map(|l| u128::from(l.units)).sum::<u128>()).unwrap_or(u64::MAX);
     let on_hand = projection::on_hand(conn, store, sku)?;
-    let orders = escrow.orders_at_risk(i128::from(on_hand));
-    if orders.is_empty() {
+    let shortfall = i128::from(promised) - i128::from(on_hand.max(0));
+    if shortfall <= 0 {
         return Ok(None);
     }
+    let orders: Vec<OrderView> = uncovered(lines, on_hand, now_ms)
+        .into_iter()
+        .map(|l| OrderView { order: l.order, units: l.units, seq: l.seq, status: OrderStatus::Reserved })
+        .collect();
     let sku_at_risk = SkuAtRisk {
         sku: sku.clone(),
         on_hand,
         promised,
-        shortfall: escrow.at_risk(i128::from(on_hand)),
+        shortfall: u64::try_from(shortfall).unwrap_or(u64::MAX),
         orders: orders.iter().map(|o| o.order.clone()).collect(),
     };
     Ok(Some((sku_at_risk, orders)))
 }
 
-/// Every SKU with orders at risk, and the orders (with the customer reference, for a call).
-pub fn at_risk(conn: &Connection, store: &StoreId) -> Result<AtRiskReport, LedgerError> {
+/// Every SKU with orders at risk as of `now_ms`, and the orders (with the customer reference,
+/// for a call).
+pub fn at_risk(conn: &Connection, store: &StoreId, now_ms: i64) -> Result<AtRiskReport, LedgerError> {
     let mut report = AtRiskReport::default();
     for sku in allocation::skus_with_promised(conn)? {
-        let Some((sku_at_risk, orders)) = at_risk_of(conn, store, &sku)? else { continue };
+        let Some((sku_at_risk, orders)) = at_risk_of(conn, store, &sku, now_ms)? else { continue };
         for o in orders {
             let header = allocation::header(conn, &o.order)?;
             report.orders.push(AtRiskOrder {

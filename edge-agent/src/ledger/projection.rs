@@ -45,21 +45,48 @@ pub fn slot(conn: &Connection, key: &SlotKey) -> Result<Slot, LedgerError> {
     Ok(slot.unwrap_or_default())
 }
 
-pub fn write_slot(conn: &Connection, key: &SlotKey, slot: Slot, version: u64) -> Result<(), LedgerError> {
+/// A slot and its row id (`None`: no row yet), for the writer, which then writes it by id.
+pub fn slot_with_id(conn: &Connection, key: &SlotKey) -> Result<(Slot, Option<i64>), LedgerError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2 AND actor = ?3")?;
+    let found = stmt
+        .query_row(params![key.store.as_str(), key.sku.as_str(), key.actor.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)?, Slot { inc: u64_col(r, 1)?, dec: u64_col(r, 2)? }))
+        })
+        .optional()?;
+    Ok(match found {
+        Some((id, slot)) => (slot, Some(id)),
+        None => (Slot::default(), None),
+    })
+}
+
+/// Writes a slot as it now stands, taking `version`; returns its row id. With `id` (the row's,
+/// as read before), the row is updated by that integer key: no text key to seek, and only the
+/// version index changes besides the row.
+pub fn write_slot(
+    conn: &Connection,
+    key: &SlotKey,
+    id: Option<i64>,
+    slot: Slot,
+    version: u64,
+) -> Result<i64, LedgerError> {
+    let to_i64 = |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
+    let (inc, dec, version) = (to_i64(slot.inc)?, to_i64(slot.dec)?, to_i64(version)?);
+    if let Some(id) = id {
+        let mut stmt = conn.prepare_cached("UPDATE stock_slots SET inc = ?1, dec = ?2, version = ?3 WHERE id = ?4")?;
+        if stmt.execute(params![inc, dec, version, id])? == 1 {
+            return Ok(id);
+        }
+        // The row is gone (the file was edited behind the writer): write it by its key.
+    }
     let mut stmt = conn.prepare_cached(
         "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (store, sku, actor) DO UPDATE SET inc = excluded.inc, dec = excluded.dec, version = excluded.version",
+         ON CONFLICT (store, sku, actor) DO UPDATE SET inc = excluded.inc, dec = excluded.dec, version = excluded.version
+         RETURNING id",
     )?;
-    let to_i64 = |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
-    stmt.execute(params![
-        key.store.as_str(),
-        key.sku.as_str(),
-        key.actor.as_str(),
-        to_i64(slot.inc)?,
-        to_i64(slot.dec)?,
-        to_i64(version)?
-    ])?;
-    Ok(())
+    Ok(stmt.query_row(params![key.store.as_str(), key.sku.as_str(), key.actor.as_str(), inc, dec, version], |r| {
+        r.get(0)
+    })?)
 }
 
 /// Merges a peer's slot (per-field max); returns whether the stored slot changed (and so took

@@ -176,6 +176,69 @@ const MIGRATIONS: &[&str] = &[
          WHERE kind IN ('granted', 'fulfilled')
            AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
     ",
+    // 6: the writer's online checks read only what is open, not a SKU's whole order history: a
+    // reservation row says whether it still waits for pickup (`open`: not cancelled, not handed
+    // over; kept by `allocation::write_row`), indexed for the open ones only, and each SKU's sum
+    // of reserved units is kept as one row (reservations never change size).
+    "
+    ALTER TABLE escrow ADD COLUMN open INTEGER NOT NULL DEFAULT 0 CHECK (open IN (0, 1));
+    UPDATE escrow SET open = 1
+     WHERE kind = 'reservation' AND cancelled = 0
+       AND NOT EXISTS (SELECT 1 FROM escrow f
+                        WHERE f.sku = escrow.sku AND f.kind = 'fulfilled' AND f.order_id = escrow.order_id);
+    CREATE INDEX escrow_open ON escrow (sku, seq) WHERE open = 1;
+
+    CREATE TABLE escrow_reserved (
+        sku   TEXT    PRIMARY KEY,
+        units INTEGER NOT NULL CHECK (units >= 0)  -- sum of the SKU's reservations, ever
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO escrow_reserved (sku, units)
+        SELECT sku, sum(units) FROM escrow WHERE kind = 'reservation' GROUP BY sku;
+    ",
+    // 7: stock slots in a rowid table with an integer key. The writer updates the store's own
+    // slots by `id` (it keeps each slot's id in memory beside its value), so a slot write seeks
+    // one integer instead of three text columns, and the version index (the outbox's cursor)
+    // holds (version, id) instead of repeating the text key; `stock_slots_key` keeps the text
+    // key unique. Rows are copied unchanged; the outbox view is recreated as it was.
+    "
+    CREATE TABLE stock_slots_v7 (
+        id      INTEGER PRIMARY KEY,
+        store   TEXT    NOT NULL,
+        sku     TEXT    NOT NULL,
+        actor   TEXT    NOT NULL,
+        inc     INTEGER NOT NULL CHECK (inc >= 0),
+        dec     INTEGER NOT NULL CHECK (dec >= 0),
+        version INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO stock_slots_v7 (store, sku, actor, inc, dec, version)
+        SELECT store, sku, actor, inc, dec, version FROM stock_slots ORDER BY store, sku, actor;
+    DROP VIEW outbox;
+    DROP TABLE stock_slots;
+    ALTER TABLE stock_slots_v7 RENAME TO stock_slots;
+    CREATE UNIQUE INDEX stock_slots_key ON stock_slots (store, sku, actor);
+    CREATE INDEX stock_slots_by_version ON stock_slots (version);
+    CREATE VIEW outbox AS
+        SELECT 'stock' AS entity, store || '/' || sku || '/' || actor AS entity_key, version
+          FROM stock_slots
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'price', sku || '/' || scope || '/' || slot, version
+          FROM prices
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND scope = 'store:' || (SELECT value FROM meta WHERE key = 'store')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'catalog', sku || '/' || field, version
+          FROM catalog
+         WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'escrow', sku || '/' || kind || '/' || order_id, version
+          FROM escrow
+         WHERE kind IN ('granted', 'fulfilled')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
+    ",
 ];
 
 pub fn latest_version() -> i64 {

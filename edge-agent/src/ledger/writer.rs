@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::chain::{event_hash, Hash};
 use super::command::{Command, EventBody, IdempotencyKey, Rejection, StoreContext};
-use super::{allocation, online, order_views, projection, LedgerError, WallClock};
+use super::{online, order_views, projection, LedgerError, WallClock};
 use crate::orders::{OnlinePolicy, ShortageAlert};
 
 /// The result of a command: its place in the log and what was recorded.
@@ -465,7 +465,7 @@ impl Writer {
             Err(e) => tracing::error!(
                 error = %e,
                 error_code = "ONLINE_TOP_UP_FAILED",
-                "Topping up the online allocation at start failed; it is retried with the next change"
+                "Topping up the online allocation at start failed; each SKU is topped up again when its stock or allocation next moves, and every SKU at the next start"
             ),
         }
     }
@@ -491,7 +491,7 @@ impl Writer {
                 promised = alert.promised,
                 orders = %orders.join(","),
                 error_code = "ORDERS_AT_RISK",
-                "Till sales ate into units promised online: these pickup orders are at risk; restock, or ask HQ to contact the customers"
+                "Stock on hand no longer covers units promised online (after sales, counts, adjustments, merged changes or new reservations): these pickup orders are at risk; restock, or ask HQ to contact the customers"
             );
             let _ = alerts.send(alert);
         }
@@ -513,8 +513,12 @@ impl Writer {
         }
         let mut head = self.head.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let now_ms = i64::try_from((self.clock)()).unwrap_or(i64::MAX);
-        let was_bootstrapped = bootstrapped(&tx)?;
+        // Never behind the last stamp: a store clock reset by a dead battery must not make
+        // expired orders collectable again.
+        let now_ms = i64::try_from((self.clock)().max(self.hlc.last().0)).unwrap_or(i64::MAX);
+        // The online checks cost nothing until the policy grants or allocation rows exist.
+        let online = self.policy.enabled || self.escrow_seen;
+        let was_bootstrapped = self.policy.enabled && bootstrapped(&tx)?;
         let mut results = Vec::with_capacity(batch.len());
         let mut aftermath = Aftermath::default();
         let mut touched: BTreeSet<Sku> = BTreeSet::new();
@@ -561,18 +565,19 @@ impl Writer {
                 let body = match body {
                     Ok(body) => body,
                     Err(rejection) => {
-                        results.push(Outcome::Event(first_result_or(&tx, key, rejection.clone())?));
+                        results.push(Outcome::Event(first_result_or(&tx, key, None, rejection.clone())?));
                         continue;
                     }
                 };
                 let input = PlanInput { now_ms, code };
                 let outcome = match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body.clone(), input)? {
-                    Err(rejection) => first_result_or(&tx, key, rejection)?,
-                    Ok((body, planned)) => {
-                        match append(&mut insert_event, &mut self.hlc, &self.clock, &mut head, key, &body)? {
+                    Err(rejection) => first_result_or(&tx, key, Some(body), rejection)?,
+                    Ok((planned_body, planned)) => {
+                        match append(&mut insert_event, &mut self.hlc, &self.clock, &mut head, key, &planned_body)? {
                             // Seen before (in an earlier batch or earlier in this one).
-                            None => Ok(replay(&tx, key)?),
+                            None => same_command(replay(&tx, key)?, key, body),
                             Some((seq, stamp)) => {
+                                let body = planned_body;
                                 slots.commit(planned);
                                 apply_registers(&tx, &mut head, &body, &stamp)?;
                                 if let EventBody::SyncMerge { rows, .. } = &body {
@@ -581,7 +586,10 @@ impl Writer {
                                 aftermath.new_orders +=
                                     online::apply(&tx, &mut head.change_version, &self.ctx.store, &body, seq)?;
                                 aftermath.handovers += u64::from(matches!(body, EventBody::Handover { .. }));
-                                touched.extend(body.touched_skus().into_iter().cloned());
+                                self.escrow_seen |= body.carries_allocation();
+                                if online || self.escrow_seen {
+                                    touched.extend(body.touched_skus().into_iter().cloned());
+                                }
                                 Ok(Applied { seq, stamp, body, replayed: false })
                             }
                         }
@@ -608,16 +616,18 @@ impl Writer {
                     {
                         online::apply(&tx, &mut head.change_version, &self.ctx.store, &grant, seq)?;
                         aftermath.grants += 1;
+                        self.escrow_seen = true;
                     }
                 }
             }
 
-            // Then the orders those SKUs no longer cover.
-            self.escrow_seen = self.escrow_seen || allocation::any_rows(&tx)?;
+            // Then the orders those SKUs no longer cover (none before allocation rows exist:
+            // `escrow_seen` is set at open and by every event that writes such rows).
             let mut risk = Vec::new();
             if self.escrow_seen {
                 for sku in &touched {
-                    risk.push((sku.clone(), order_views::at_risk_of(&tx, &self.ctx.store, sku)?.map(|(s, _)| s)));
+                    let now = order_views::at_risk_of(&tx, &self.ctx.store, sku, now_ms)?.map(|(s, _)| s);
+                    risk.push((sku.clone(), now));
                 }
             }
             risk_now = risk;
@@ -723,7 +733,8 @@ pub const OWN_SLOT_CACHE_MAX: usize = 200_000;
 /// exact, and a sale needs no SELECT to find the slot it moves.
 #[derive(Default)]
 pub(super) struct OwnSlots {
-    slots: HashMap<Sku, Slot>,
+    /// Each slot with its row id (`None` while the slot has no row).
+    slots: HashMap<Sku, (Slot, Option<i64>)>,
 }
 
 /// The store's own slots touched by the current batch: read once, written once at the end of
@@ -731,40 +742,51 @@ pub(super) struct OwnSlots {
 /// slot write per fsync, not one per sale). Dropped unapplied if the batch fails.
 #[derive(Default)]
 struct BatchSlots {
-    slots: BTreeMap<Sku, (Slot, bool)>,
+    slots: BTreeMap<Sku, BatchSlot>,
+}
+
+/// One own slot within a batch: its value, its row id, and whether the batch changed it.
+#[derive(Clone, Copy)]
+struct BatchSlot {
+    slot: Slot,
+    id: Option<i64>,
+    dirty: bool,
 }
 
 impl BatchSlots {
     fn get(&mut self, conn: &Connection, cache: &OwnSlots, key: &SlotKey) -> Result<Slot, LedgerError> {
-        if let Some((slot, _)) = self.slots.get(&key.sku) {
-            return Ok(*slot);
+        if let Some(entry) = self.slots.get(&key.sku) {
+            return Ok(entry.slot);
         }
-        let slot = match cache.slots.get(&key.sku) {
-            Some(slot) => *slot,
-            None => projection::slot(conn, key)?,
+        let (slot, id) = match cache.slots.get(&key.sku) {
+            Some(cached) => *cached,
+            None => projection::slot_with_id(conn, key)?,
         };
-        self.slots.insert(key.sku.clone(), (slot, false));
+        self.slots.insert(key.sku.clone(), BatchSlot { slot, id, dirty: false });
         Ok(slot)
     }
 
+    /// Records the planned values; every planned slot was read through [`BatchSlots::get`].
     fn commit(&mut self, planned: Vec<(SlotKey, Slot)>) {
         for (key, slot) in planned {
-            self.slots.insert(key.sku, (slot, true));
+            let entry = self.slots.entry(key.sku).or_insert(BatchSlot { slot, id: None, dirty: true });
+            entry.slot = slot;
+            entry.dirty = true;
         }
     }
 
     fn flush(
-        &self,
+        &mut self,
         conn: &Connection,
         ctx: &StoreContext,
         actor: &ActorId,
         head: &mut Head,
     ) -> Result<(), LedgerError> {
-        for (sku, (slot, dirty)) in &self.slots {
-            if *dirty {
+        for (sku, entry) in self.slots.iter_mut() {
+            if entry.dirty {
                 head.change_version += 1;
                 let key = SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
-                projection::write_slot(conn, &key, *slot, head.change_version)?;
+                entry.id = Some(projection::write_slot(conn, &key, entry.id, entry.slot, head.change_version)?);
             }
         }
         Ok(())
@@ -775,7 +797,7 @@ impl BatchSlots {
         if cache.slots.len() + self.slots.len() > OWN_SLOT_CACHE_MAX {
             cache.slots.clear();
         }
-        cache.slots.extend(self.slots.into_iter().map(|(sku, (slot, _))| (sku, slot)));
+        cache.slots.extend(self.slots.into_iter().map(|(sku, e)| (sku, (e.slot, e.id))));
     }
 }
 
@@ -981,13 +1003,34 @@ fn replay(conn: &Connection, key: &IdempotencyKey) -> Result<Applied, LedgerErro
 }
 
 /// A command refused now may have been applied before (a retry after the configuration
-/// changed, or after stock moved): the first result wins over today's refusal.
+/// changed, or after stock moved): the first result wins over today's refusal, if the key's
+/// event is this command (`request`, when it passed validation) and not another one.
 fn first_result_or(
     conn: &Connection,
     key: &IdempotencyKey,
+    request: Option<&EventBody>,
     rejection: Rejection,
 ) -> Result<Result<Applied, Rejection>, LedgerError> {
-    Ok(first_result(conn, key)?.ok_or(rejection))
+    match (first_result(conn, key)?, request) {
+        (None, _) => Ok(Err(rejection)),
+        (Some(first), Some(request)) => Ok(same_command(first, key, request)),
+        (Some(first), None) => Ok(Ok(first)),
+    }
+}
+
+/// The first result of a key, if the request is the same command (a genuine retry); a key
+/// reused for another command (another order, another SKU, another kind) is refused, naming
+/// the event the key already stands for.
+fn same_command(first: Applied, key: &IdempotencyKey, request: &EventBody) -> Result<Applied, Rejection> {
+    if first.body.same_command(request) {
+        return Ok(first);
+    }
+    Err(Rejection::new(format!(
+        "idempotency key {} already names event {} ({}); use a new key",
+        key.as_str(),
+        first.seq,
+        first.body.describe()
+    )))
 }
 
 pub(super) fn shared_clock() -> WallClock {

@@ -218,7 +218,7 @@ impl Router {
         }
         if topic.kind == DeviceKind::Esl {
             let sent = SentAs { boot: env.boot_id, seq: env.seq };
-            let input = match env.body {
+            let input = match &env.body {
                 fp::Body::LabelCheckIn(c) => {
                     Some(LabelInput::CheckIn { label: topic.device.clone(), shown_hash: c.shown_hash, sent })
                 }
@@ -243,7 +243,8 @@ impl Router {
             }
         }
         if topic.kind == DeviceKind::Rfid {
-            match env.body {
+            // By reference: a body is up to ~800 bytes (a full `TagReads`), not worth moving.
+            match &env.body {
                 fp::Body::TagReads(batch) => {
                     let reads = batch.reads.iter().map(|r| (r.antenna, r.epc.as_slice()));
                     self.tag_reads(topic.device.as_str(), reads, now, &mut out);

@@ -50,8 +50,12 @@ pub fn hub_subscriptions(store: &StoreId) -> Vec<String> {
 
 /// Parses a device topic of this store; `Err` says what is wrong with it.
 pub fn parse(store: &StoreId, topic: &str) -> Result<DeviceTopic, String> {
-    let parts: Vec<&str> = topic.split('/').collect();
-    let [se, v1, s, dev, kind, id, leaf] = parts[..] else {
+    // Split into exactly seven parts without allocating (this runs for every message).
+    let mut parts = topic.split('/');
+    let mut next = || parts.next();
+    let (Some(se), Some(v1), Some(s), Some(dev), Some(kind), Some(id), Some(leaf), None) =
+        (next(), next(), next(), next(), next(), next(), next(), next())
+    else {
         return Err(format!("topic {topic:?} is not se/v1/{{store}}/dev/{{kind}}/{{id}}/{{leaf}}"));
     };
     if se != "se" || v1 != "v1" || dev != "dev" {

@@ -151,9 +151,11 @@ impl SweepScope {
 /// `min(target - rights, free)`, or 0 when that is not positive. `rights` and `free` are as this
 /// replica sees them (`granted - reserved - released`; `on_hand - committed - safety_stock`),
 /// which is what makes the grant safe offline (see `shared::escrow`).
-pub fn top_up(allocation: &Allocation, escrow: &Escrow, on_hand: i128) -> u64 {
-    let wanted = i128::from(allocation.target) - escrow.cloud_rights();
-    let free = escrow.free(on_hand, allocation.safety_stock);
+/// `rights` and `committed` are the SKU's (`Escrow::cloud_rights`, `Escrow::committed`), read by
+/// the writer from its counters without loading the SKU's order history.
+pub fn top_up(allocation: &Allocation, rights: i128, committed: i128, on_hand: i128) -> u64 {
+    let wanted = i128::from(allocation.target) - rights;
+    let free = on_hand - committed - i128::from(allocation.safety_stock);
     let units = wanted.min(free).min(i128::from(Escrow::MAX));
     u64::try_from(units.max(0)).unwrap_or(0)
 }
@@ -229,20 +231,20 @@ mod tests {
     fn top_up_fills_to_the_target_from_free_stock_only() {
         let a = Allocation { target: 10, safety_stock: 3, rule: None };
         // 20 on hand, nothing granted: 10 wanted, 17 free.
-        assert_eq!(top_up(&a, &escrow(), 20), 10);
+        assert_eq!(top_up(&a, escrow().cloud_rights(), escrow().committed(), 20), 10);
         // 8 on hand: only 5 free above the safety stock.
-        assert_eq!(top_up(&a, &escrow(), 8), 5);
+        assert_eq!(top_up(&a, escrow().cloud_rights(), escrow().committed(), 8), 5);
         // At or below the safety stock, or negative after till sales: nothing.
-        assert_eq!(top_up(&a, &escrow(), 3), 0);
-        assert_eq!(top_up(&a, &escrow(), -4), 0);
+        assert_eq!(top_up(&a, escrow().cloud_rights(), escrow().committed(), 3), 0);
+        assert_eq!(top_up(&a, escrow().cloud_rights(), escrow().committed(), -4), 0);
         // Granted 10, the cloud reserved 4: rights 6, so 4 more; promised units stay committed.
         let mut e = escrow();
         e.grant(&store(), 10, 20, 3).unwrap();
         e.reserve(&Side::Cloud, OrderId::new("W-1").unwrap(), 4).unwrap();
         // Free: 20 - (6 rights + 4 promised) - 3 safety = 7; wanted: 10 - 6 = 4.
-        assert_eq!(top_up(&a, &e, 20), 4);
+        assert_eq!(top_up(&a, e.cloud_rights(), e.committed(), 20), 4);
         // 12 on hand: free 12 - 10 - 3 < 0, so nothing even though 4 are wanted.
-        assert_eq!(top_up(&a, &e, 12), 0);
+        assert_eq!(top_up(&a, e.cloud_rights(), e.committed(), 12), 0);
     }
 
     #[test]
@@ -252,11 +254,11 @@ mod tests {
             for reserved in 0..6u64 {
                 let mut e = escrow();
                 if reserved > 0 {
-                    let granted = top_up(&a, &e, 40);
+                    let granted = top_up(&a, e.cloud_rights(), e.committed(), 40);
                     e.grant(&store(), granted, 40, 2).unwrap();
                     e.reserve(&Side::Cloud, OrderId::new(format!("W-{reserved}")).unwrap(), reserved).unwrap();
                 }
-                let units = top_up(&a, &e, on_hand);
+                let units = top_up(&a, e.cloud_rights(), e.committed(), on_hand);
                 if units > 0 {
                     let rights = e.cloud_rights();
                     e.grant(&store(), units, on_hand, 2).unwrap();

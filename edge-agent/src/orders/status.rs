@@ -141,7 +141,8 @@ impl OrderList {
     pub const LIMIT: usize = 1_000;
 }
 
-/// A waiting order whose units the store no longer has (till sales ate into them).
+/// A waiting order whose units the store no longer has on hand (sales, a count or an
+/// adjustment lowered the stock, a merge changed it, or more reservations arrived than it holds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AtRiskOrder {
     pub order: OrderId,
@@ -208,16 +209,38 @@ pub struct OnlineRow {
 /// says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderRefusal {
+    /// A new or restored ledger that has not caught up with the cloud once: it may not know a
+    /// cancellation or a handover made elsewhere.
+    #[error(
+        "order {order}: this ledger is still catching up with the cloud; run `storectl sync now` and retry; \
+         nothing was taken from stock"
+    )]
+    CatchingUp { order: OrderId },
     #[error("order {order} is not synced to this store yet; run `storectl sync now`, then retry")]
     NotSynced { order: OrderId },
     #[error(
         "order {order}: its reservation of {sku} has not reached this store yet; run `storectl sync now`, then retry"
     )]
     Incomplete { order: OrderId, sku: Sku },
+    /// The reservation did reach the store but was refused as conflicting with what it holds:
+    /// syncing again brings the same refusal, so the counter must not keep retrying.
+    #[error(
+        "order {order}: its reservation of {sku} was refused by this store at sync (event {seq}: {reason}); syncing \
+         again will not change that: ask HQ to check the order; nothing was taken from stock"
+    )]
+    ReservationRefused { order: OrderId, sku: Sku, seq: u64, reason: String },
     #[error(
         "wrong pickup code for order {order}: nothing was handed over (check the code in the customer's confirmation)"
     )]
     WrongCode { order: OrderId },
+    /// Not a pickup code at all (a typo). The code is never repeated: not in the reply, not in
+    /// the journal; it is the customer's proof of purchase.
+    #[error(
+        "order {order}: a pickup code is {} digits and the code given is not one; nothing was handed over (check \
+         the code in the customer's confirmation)",
+        shared::orders::PICKUP_CODE_DIGITS
+    )]
+    MistypedCode { order: OrderId },
     #[error("order {order} was already handed over at {at}; nothing was taken from stock again")]
     AlreadyHandedOver { order: OrderId, at: String },
     #[error(

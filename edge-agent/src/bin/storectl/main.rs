@@ -89,7 +89,9 @@ enum Cmd {
     /// Check this store PC: ledger file, free disk, daemon, clock against the cloud, broker,
     /// serial ports. Each check gives a verdict and a hint; exit 1 when one fails.
     Doctor,
-    /// Copy the ledger while the daemon runs (online, consistent), then verify the copy.
+    /// Copy the ledger while the daemon runs (online, consistent), then verify the copy. A
+    /// store restored from the copy catches up with the cloud before it grants units online or
+    /// hands orders over (it may have missed cancellations and handovers since).
     Backup {
         /// The backup file to create (it must not exist).
         path: PathBuf,
@@ -749,9 +751,16 @@ fn devices(cli: &Cli, socket: &Path) -> Result<(), Failure> {
 }
 
 /// `storectl backup PATH`: an online copy, then the copy's integrity check and chain verify.
+/// The copy is marked as not caught up with the cloud (`meta.bootstrapped = 0`): whenever it is
+/// restored, the cloud has moved on (orders reserved, cancelled, handed over), so the restored
+/// store neither grants nor hands over until its first complete sync.
 fn backup(cli: &Cli, data_dir: &Path, target: &Path) -> Result<(), Failure> {
     let reader = LedgerReader::open(data_dir)?;
     reader.backup_to(target)?;
+    let copy = rusqlite::Connection::open(target).map_err(|e| Failure::Ledger(LedgerError::Sqlite(e)))?;
+    copy.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('bootstrapped', 0)", [])
+        .map_err(|e| Failure::Ledger(LedgerError::Sqlite(e)))?;
+    drop(copy);
     let copy = LedgerReader::open_file(target)?;
     if let Err(problem) = copy.integrity_check()? {
         return Err(Failure::Verify(format!("the backup {} is damaged: {problem}", target.display())));

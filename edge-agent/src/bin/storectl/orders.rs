@@ -9,7 +9,9 @@ use clap::Subcommand;
 use edge_agent::control::client::{call, ClientError};
 use edge_agent::control::protocol::Cmd as ControlCmd;
 use edge_agent::ledger::{LedgerError, LedgerReader};
-use edge_agent::orders::{format_utc, AtRiskReport, OnlineRow, OrderList, OrderSummary, PickupStatus, StatusFilter};
+use edge_agent::orders::{
+    format_utc, AtRiskReport, OnlineRow, OrderList, OrderRefusal, OrderSummary, PickupStatus, StatusFilter,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -42,7 +44,8 @@ pub enum OrdersCmd {
         #[command(flatten)]
         key: KeyArg,
     },
-    /// Orders whose units the store no longer has (till sales ate into them).
+    /// Orders whose units the store no longer has on hand (after sales, counts, adjustments,
+    /// merged changes or reservations beyond the stock).
     AtRisk,
 }
 
@@ -155,7 +158,7 @@ pub fn run(json: bool, data_dir: &Path, socket: &Path, command: &OrdersCmd) -> R
         OrdersCmd::Handover { order, code, key } => {
             let order = parse_order(order)?;
             shared::orders::check_pickup_code_format(code)
-                .map_err(|e| Failure::Usage(format!("order {order}: {e}")))?;
+                .map_err(|_| Failure::Usage(OrderRefusal::MistypedCode { order: order.clone() }.to_string()))?;
             let key = key.key.clone().unwrap_or_else(random_key);
             let cmd = ControlCmd::OrdersHandover { key: key.clone(), order: order.to_string(), code: code.clone() };
             let answer = write(socket, cmd, &key)?;
@@ -180,7 +183,8 @@ pub fn run(json: bool, data_dir: &Path, socket: &Path, command: &OrdersCmd) -> R
             Ok(())
         }
         OrdersCmd::AtRisk => {
-            let report: AtRiskReport = read(socket, data_dir, ControlCmd::OrdersAtRisk, |r| r.orders_at_risk())?;
+            let report: AtRiskReport =
+                read(socket, data_dir, ControlCmd::OrdersAtRisk, |r| r.orders_at_risk(now_ms()))?;
             if json {
                 println!("{}", serde_json::to_string(&report).map_err(|e| Failure::Io(e.to_string()))?);
             } else {
