@@ -85,6 +85,7 @@ impl DemoStore {
             "[mqtt]\nembedded_listen = \"127.0.0.1:{broker_port}\"\n\
              [labels]\nbindings = \"{}\"\nincrease_deadline_ms = 10000\n\
              [[rfid.count_zone]]\nreader = \"{COUNT_READER}\"\nantennas = [1]\n\
+             [online]\nenabled = true\n[[online.rule]]\nsku = \"BREAD\"\ntarget = 5\nsafety_stock = 2\n\
              [cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 300\ntimeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n",
             bindings.display(),
             proxy.url(),
