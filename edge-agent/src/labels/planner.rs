@@ -86,6 +86,8 @@ struct Desired {
     stage: Stage,
     command_id: Option<u32>,
     due_ms: u64,
+    /// Made due by a check-in (not by the retry interval), for [`SendCounts`].
+    after_check_in: bool,
 }
 
 impl Desired {
@@ -99,6 +101,7 @@ impl Desired {
             stage: Stage::Pending,
             command_id: None,
             due_ms: now_ms,
+            after_check_in: false,
         }
     }
 }
@@ -124,9 +127,23 @@ pub struct StageCounts {
     pub expired: usize,
 }
 
+/// Render commands sent, by why (on the label board: tells a re-send after a check-in from a
+/// retry when labels are told something twice).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SendCounts {
+    /// First attempts toward a content.
+    pub first: u64,
+    /// Attempts after the retry interval passed without an applied ack.
+    pub retries: u64,
+    /// Attempts made at once because the label checked in showing something else.
+    pub after_check_in: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Planner {
     config: PlannerConfig,
+    /// What was sent, and why.
+    pub sends: SendCounts,
     labels: HashMap<DeviceId, Label>,
     by_sku: HashMap<Sku, BTreeSet<DeviceId>>,
     /// (due time, label) of every desired content waiting to be (re)sent.
@@ -251,6 +268,14 @@ impl Planner {
                 d.command_id = None;
                 continue;
             }
+            if d.after_check_in {
+                self.sends.after_check_in += 1;
+            } else if d.attempts == 0 {
+                self.sends.first += 1;
+            } else {
+                self.sends.retries += 1;
+            }
+            d.after_check_in = false;
             d.attempts += 1;
             d.stage = Stage::Sent;
             d.command_id = Some(command_id);
@@ -326,7 +351,7 @@ impl Planner {
         if state.desired.is_none() {
             match state.target.clone() {
                 Some((content, hash)) if hash != shown_hash => {
-                    state.desired = Some(Desired::new(content, hash, now_ms));
+                    state.desired = Some(Desired { after_check_in: true, ..Desired::new(content, hash, now_ms) });
                     self.due.insert((now_ms, label.clone()));
                     let sku = state.sku.clone();
                     self.mark(&sku, 1);
@@ -349,6 +374,7 @@ impl Planner {
                 }
                 d.stage = Stage::Pending;
                 d.due_ms = now_ms;
+                d.after_check_in = true;
             }
             self.due.insert((now_ms, label.clone()));
         }
@@ -614,5 +640,19 @@ mod tests {
         assert!(p.settled(&sku));
         p.on_check_in(&id("esl-0"), 0, 2); // rebooted blank
         assert!(!p.settled(&sku));
+    }
+
+    #[test]
+    fn sends_are_counted_by_why() {
+        let mut p = planner(10);
+        let (a, b) = (id("esl-0"), id("esl-1"));
+        p.set_content(&a, content(119), 0);
+        p.set_content(&b, content(119), 0);
+        assert_eq!(p.next_batch(0).len(), 2);
+        // a's check-in crosses its command: sent again at once; b's ack never comes: retried.
+        p.on_check_in(&a, 0, 10);
+        assert_eq!(p.next_batch(10).len(), 1);
+        assert_eq!(p.next_batch(1_000).len(), 1);
+        assert_eq!(p.sends, SendCounts { first: 2, retries: 1, after_check_in: 1 });
     }
 }

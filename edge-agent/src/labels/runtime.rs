@@ -50,6 +50,8 @@ pub struct LabelsView {
     pub stages: super::planner::StageCounts,
     /// Label messages dropped as older than one already handled.
     pub stale_inputs: u64,
+    /// Render commands sent, by why.
+    pub sends: super::planner::SendCounts,
 }
 
 pub type LabelsBoard = Arc<Mutex<LabelsView>>;
@@ -346,6 +348,7 @@ impl LabelTask {
                         labels: self.planner.labels_len(),
                         stages: self.planner.counts(),
                         stale_inputs: self.stale_inputs,
+                        sends: self.planner.sends.clone(),
                     };
                     if let Ok(mut b) = self.board.lock() {
                         *b = view;

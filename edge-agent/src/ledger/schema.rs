@@ -378,3 +378,137 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
     }
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rusqlite::Connection;
+    use shared::{Currency, Money, Sku, StoreId};
+
+    use crate::ledger::{Command, IdempotencyKey, Ledger, LedgerOptions, LedgerReader, SaleLine, Tender};
+
+    fn opts() -> LedgerOptions {
+        LedgerOptions::new(StoreId::new("s1").unwrap(), Currency::new("EUR").unwrap())
+    }
+
+    fn sell(dir: &Path, keys: std::ops::Range<u32>) {
+        let (handle, writer) = Ledger::open(dir, &opts()).unwrap().start_writer(16).unwrap();
+        for i in keys {
+            let sale = Command::Sale {
+                lines: vec![SaleLine {
+                    sku: Sku::new(format!("SKU{}", i % 3)).unwrap(),
+                    quantity: 1,
+                    line_total: Money::new(100, Currency::new("EUR").unwrap()),
+                    price: None,
+                }],
+                tender: Tender::Cash,
+            };
+            handle.blocking_submit(IdempotencyKey::new(format!("sale:{i}")).unwrap(), sale).unwrap();
+        }
+        drop(handle);
+        writer.join();
+    }
+
+    /// Puts the stock slots back into the shape schema 6 had (migration 1's WITHOUT ROWID table
+    /// and version index, migration 5's outbox view), rows unchanged.
+    fn downgrade_to_6(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE old_slots (
+                 store   TEXT    NOT NULL,
+                 sku     TEXT    NOT NULL,
+                 actor   TEXT    NOT NULL,
+                 inc     INTEGER NOT NULL CHECK (inc >= 0),
+                 dec     INTEGER NOT NULL CHECK (dec >= 0),
+                 version INTEGER NOT NULL,
+                 PRIMARY KEY (store, sku, actor)
+             ) STRICT, WITHOUT ROWID;
+             INSERT INTO old_slots SELECT store, sku, actor, inc, dec, version FROM stock_slots;
+             DROP VIEW outbox;
+             DROP TABLE stock_slots;
+             ALTER TABLE old_slots RENAME TO stock_slots;
+             CREATE INDEX stock_slots_by_version ON stock_slots (version);
+             CREATE VIEW outbox AS
+                 SELECT 'stock' AS entity, store || '/' || sku || '/' || actor AS entity_key, version
+                   FROM stock_slots
+                  WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+                    AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+                 UNION ALL
+                 SELECT 'price', sku || '/' || scope || '/' || slot, version
+                   FROM prices
+                  WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+                    AND scope = 'store:' || (SELECT value FROM meta WHERE key = 'store')
+                    AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+                 UNION ALL
+                 SELECT 'catalog', sku || '/' || field, version
+                   FROM catalog
+                  WHERE actor = (SELECT value FROM meta WHERE key = 'actor')
+                    AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+                 UNION ALL
+                 SELECT 'escrow', sku || '/' || kind || '/' || order_id, version
+                   FROM escrow
+                  WHERE kind IN ('granted', 'fulfilled')
+                    AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
+             PRAGMA user_version = 6;
+             COMMIT;",
+        )
+        .unwrap();
+    }
+
+    fn stock(dir: &Path) -> Vec<(String, i64)> {
+        let reader = LedgerReader::open(dir).unwrap();
+        (0..3)
+            .map(|i| {
+                let view = reader.stock(&Sku::new(format!("SKU{i}")).unwrap()).unwrap();
+                (view.sku, view.on_hand)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn migration_7_converts_the_stock_slots_of_an_existing_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        sell(dir.path(), 0..10);
+        let path = Ledger::path_in(dir.path());
+        let outbox = LedgerReader::open(dir.path()).unwrap().outbox_depth().unwrap();
+        downgrade_to_6(&path);
+        let old = Connection::open(&path).unwrap();
+        let before: Vec<(String, i64)> = old
+            .prepare("SELECT sku, inc - dec FROM stock_slots ORDER BY sku")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(before, [("SKU0".into(), -4), ("SKU1".into(), -3), ("SKU2".into(), -3)]);
+        assert_eq!(old.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0)).unwrap(), outbox as i64);
+        drop(old);
+
+        // Opening migrates; the slots, the outbox and the verified chain are as they were.
+        sell(dir.path(), 10..13);
+        let reader = LedgerReader::open(dir.path()).unwrap();
+        let version: i64 = Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, super::latest_version());
+        assert_eq!(stock(dir.path()), [("SKU0".into(), -5), ("SKU1".into(), -4), ("SKU2".into(), -4)]);
+        assert_eq!(reader.outbox_depth().unwrap(), outbox);
+        let report = reader.verify().unwrap().expect("the migrated ledger verifies");
+        assert_eq!((report.events, report.skus_checked), (13, 3));
+        let ids: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(DISTINCT id) FROM stock_slots", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ids, 3);
+    }
+
+    #[test]
+    fn own_slots_written_by_id_survive_a_restart_and_match_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        sell(dir.path(), 0..6);
+        sell(dir.path(), 6..9);
+        let reader = LedgerReader::open(dir.path()).unwrap();
+        assert_eq!(stock(dir.path()), [("SKU0".into(), -3), ("SKU1".into(), -3), ("SKU2".into(), -3)]);
+        assert!(reader.verify().unwrap().is_ok());
+    }
+}
