@@ -15,6 +15,12 @@ pub enum BrokerError {
 
 /// Starts rumqttd listening on `listen` (MQTT 3.1.1) on a thread of its own.
 pub fn start_embedded(listen: SocketAddr, max_payload: usize) -> Result<(), BrokerError> {
+    // rumqttd keeps one log per subscription filter in segments of `max_segment_size` bytes
+    // (4 + topic + payload per message) and drops the oldest segment past `max_segment_count`;
+    // a subscriber that far behind loses messages. A label command or ack is under 200 bytes,
+    // so a 5,000-label change (5,000 commands, 5,000 acks) is about 1 MB, and a subscriber
+    // would have to fall 10 x 100 MiB, some 5 million label messages, behind. (Measured in
+    // the label story: every ack a label sent reached the hub's router.)
     let config = format!(
         r#"
 id = 0
