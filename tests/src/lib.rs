@@ -5,6 +5,7 @@ pub mod cloud;
 pub mod demo;
 pub mod lane;
 pub mod mqtt;
+pub mod output;
 pub mod proxy;
 pub mod store;
 pub mod synced;

@@ -10,6 +10,8 @@
 
 use std::process::Output;
 
+use e2e_tests::output::text;
+
 use e2e_tests::cloud::{backends, Backend, CloudFixture};
 use e2e_tests::proxy::Fault;
 use e2e_tests::synced::{cloud_stock, cloud_stock_of, sell, until, SyncedStore, WAIT};
@@ -34,10 +36,6 @@ category = \"dairy\"
 target = 4
 safety_stock = 2
 ";
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout)

@@ -7,31 +7,18 @@
 //! answer from the ledger file, which verifies.
 
 use std::process::Output;
+
+use e2e_tests::output::{json, ok, text};
 use std::time::Duration;
 
 use e2e_tests::mqtt::free_port;
 use e2e_tests::store::StoreFixture;
 use edge_agent::ledger::{Ledger, LedgerOptions, MergedPage, SyncAck};
-use serde_json::Value;
 use shared::orders::{pickup_code_digest, OrderLine};
 use shared::sync::{Cursor, Rows};
 use shared::{ActorId, Currency, EscrowKey, EscrowRow, HlcStamp, OrderHeader, OrderId, Sku, StoreId};
 
 const CODE: &str = "482913";
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "storectl failed ({}): {}", out.status, text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(out: Output) -> Value {
-    let stdout = ok(out);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
-}
 
 /// Exit code and everything printed.
 fn refused(out: Output) -> (i32, String) {

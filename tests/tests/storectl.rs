@@ -5,6 +5,8 @@
 
 use std::process::Output;
 
+use e2e_tests::output::{json, ok, text};
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -12,20 +14,6 @@ use device_sim::esl::EslFleet;
 use e2e_tests::mqtt::free_port;
 use e2e_tests::store::StoreFixture;
 use serde_json::Value;
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "storectl failed ({}): {}", out.status, text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(out: Output) -> Value {
-    let stdout = ok(out);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
-}
 
 fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)

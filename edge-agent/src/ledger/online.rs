@@ -194,17 +194,27 @@ fn handed_over(status: OrderStatus) -> bool {
     matches!(status, OrderStatus::Fulfilled | OrderStatus::CancelledButFulfilled)
 }
 
-/// Checks a handover against the order as this store holds it and, if it may go ahead, returns
-/// the event that hands every line over (the units each reservation holds leave the store's
-/// own slot). Checked in this order: known, code, already handed over, cancelled, complete,
-/// expired. A refusal writes nothing.
-pub(super) fn resolve_handover(
+/// What staff want to do with an order at the counter.
+enum CounterAction<'a> {
+    Handover { code: Option<&'a str> },
+    Pick,
+}
+
+/// An order that may be handed over or picked, as this store holds it.
+struct OpenOrder {
+    marks: allocation::Marks,
+    lines: LineStates,
+}
+
+/// The checks a handover and a pick share, in this order: caught up, known, (for a handover)
+/// the code, already handed over, complete, cancelled, expired. A refusal writes nothing.
+fn open_order(
     conn: &Connection,
     store: &StoreId,
     order: &OrderId,
-    code: Option<&str>,
+    action: CounterAction<'_>,
     now_ms: i64,
-) -> Result<Result<EventBody, OrderRefusal>, LedgerError> {
+) -> Result<Result<OpenOrder, OrderRefusal>, LedgerError> {
     let refuse = |r| Ok(Err(r));
     if !allocation::caught_up(conn)? {
         return refuse(OrderRefusal::CatchingUp { order: order.clone() });
@@ -212,11 +222,13 @@ pub(super) fn resolve_handover(
     let Some(header) = allocation::header(conn, order)? else {
         return refuse(OrderRefusal::NotSynced { order: order.clone() });
     };
-    let Some(code) = code else {
-        return refuse(OrderRefusal::Invalid { order: order.clone(), reason: "no pickup code was given".into() });
-    };
-    if !header.code_matches(code) {
-        return refuse(OrderRefusal::WrongCode { order: order.clone() });
+    if let CounterAction::Handover { code } = action {
+        let Some(code) = code else {
+            return refuse(OrderRefusal::Invalid { order: order.clone(), reason: "no pickup code was given".into() });
+        };
+        if !header.code_matches(code) {
+            return refuse(OrderRefusal::WrongCode { order: order.clone() });
+        }
     }
     let marks = allocation::marks(conn, order)?;
     if let Some(at) = marks.handed_over_at_ms {
@@ -238,13 +250,30 @@ pub(super) fn resolve_handover(
     if header.is_expired(now_ms) {
         return refuse(OrderRefusal::Expired { order: order.clone(), at: format_utc(header.expires_at_ms) });
     }
+    Ok(Ok(OpenOrder { marks, lines }))
+}
+
+/// Checks a handover against the order as this store holds it and, if it may go ahead, returns
+/// the event that hands every line over (the units each reservation holds leave the store's
+/// own slot). A refusal writes nothing.
+pub(super) fn resolve_handover(
+    conn: &Connection,
+    store: &StoreId,
+    order: &OrderId,
+    code: Option<&str>,
+    now_ms: i64,
+) -> Result<Result<EventBody, OrderRefusal>, LedgerError> {
+    let open = match open_order(conn, store, order, CounterAction::Handover { code }, now_ms)? {
+        Ok(open) => open,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
     let side = Side::Store(store.clone());
-    let mut out = Vec::with_capacity(lines.len());
-    for (line, mut escrow, _) in lines {
+    let mut out = Vec::with_capacity(open.lines.len());
+    for (line, mut escrow, _) in open.lines {
         match escrow.fulfil(&side, order) {
             Ok(applied) if applied.stock_out > 0 => out.push(OrderLine { sku: line.sku, units: applied.stock_out }),
             Ok(_) => {}
-            Err(e) => return refuse(OrderRefusal::Invalid { order: order.clone(), reason: e.to_string() }),
+            Err(e) => return Ok(Err(OrderRefusal::Invalid { order: order.clone(), reason: e.to_string() })),
         }
     }
     Ok(Ok(EventBody::Handover { order: order.clone(), lines: out, at_ms: now_ms }))
@@ -257,33 +286,12 @@ pub(super) fn resolve_pick(
     order: &OrderId,
     now_ms: i64,
 ) -> Result<Result<EventBody, OrderRefusal>, LedgerError> {
-    let refuse = |r| Ok(Err(r));
-    if !allocation::caught_up(conn)? {
-        return refuse(OrderRefusal::CatchingUp { order: order.clone() });
-    }
-    let Some(header) = allocation::header(conn, order)? else {
-        return refuse(OrderRefusal::NotSynced { order: order.clone() });
+    let open = match open_order(conn, store, order, CounterAction::Pick, now_ms)? {
+        Ok(open) => open,
+        Err(refusal) => return Ok(Err(refusal)),
     };
-    let marks = allocation::marks(conn, order)?;
-    if let Some(at) = marks.handed_over_at_ms {
-        return refuse(OrderRefusal::AlreadyHandedOver { order: order.clone(), at: format_utc(at) });
-    }
-    let lines = match line_escrows(conn, store, &header)? {
-        Ok(lines) => lines,
-        Err(refusal) => return refuse(refusal),
-    };
-    if lines.iter().any(|(_, _, s)| handed_over(*s)) {
-        let at = "an earlier time (before this ledger was rebuilt)".to_owned();
-        return refuse(OrderRefusal::AlreadyHandedOver { order: order.clone(), at });
-    }
-    if lines.iter().any(|(_, _, s)| *s == OrderStatus::Cancelled) {
-        return refuse(OrderRefusal::Cancelled { order: order.clone(), picked: false });
-    }
-    if header.is_expired(now_ms) {
-        return refuse(OrderRefusal::Expired { order: order.clone(), at: format_utc(header.expires_at_ms) });
-    }
-    if let Some(at) = marks.picked_at_ms {
-        return refuse(OrderRefusal::AlreadyPicked { order: order.clone(), at: format_utc(at) });
+    if let Some(at) = open.marks.picked_at_ms {
+        return Ok(Err(OrderRefusal::AlreadyPicked { order: order.clone(), at: format_utc(at) }));
     }
     Ok(Ok(EventBody::Pick { order: order.clone(), at_ms: now_ms }))
 }
