@@ -5,7 +5,7 @@
 //! acknowledgement, and `batch_max` of that size. Prints a table.
 //!
 //! Run: `cargo bench -p edge-agent --bench ledger_append` (`BENCH_EVENTS` sets the events per
-//! row, default 100,000).
+//! row, default 100,000; `BENCH_BATCHES=64,1024` picks the batch sizes).
 
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,15 @@ fn key(i: usize) -> String {
 /// A plain table with the event table's columns and row sizes, filled `batch` rows per
 /// transaction with `synchronous=FULL` and the ledger's page-cache settings: the fastest
 /// durable insert loop rusqlite offers. With `unique_key`, the idempotency key gets the
-/// unique index the ledger needs, to show what that alone costs.
+/// unique index the ledger needs, to show what that alone costs; with `slots` as well, each
+/// transaction also updates the stock slot of every SKU its rows sold (a table shaped like
+/// `stock_slots`, with its key and version indexes): the SQLite work of the ledger's
+/// projection in the same transaction, without the ledger's channel, hashing and planning.
 fn bare_loop(events: usize, batch: usize, body_len: usize, unique_key: bool) -> Duration {
+    bare_loop_with(events, batch, body_len, unique_key, false)
+}
+
+fn bare_loop_with(events: usize, batch: usize, body_len: usize, unique_key: bool, slots: bool) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let conn = Connection::open(dir.path().join("bare.db")).unwrap();
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(())).unwrap();
@@ -50,6 +57,23 @@ fn bare_loop(events: usize, batch: usize, body_len: usize, unique_key: bool) -> 
     if unique_key {
         conn.execute_batch("CREATE UNIQUE INDEX bare_key ON bare (idem_key)").unwrap();
     }
+    if slots {
+        conn.execute_batch(
+            "CREATE TABLE slots (id INTEGER PRIMARY KEY, store TEXT NOT NULL, sku TEXT NOT NULL, actor TEXT NOT NULL,
+                                 inc INTEGER NOT NULL, dec INTEGER NOT NULL, version INTEGER NOT NULL);
+             CREATE UNIQUE INDEX slots_key ON slots (store, sku, actor);
+             CREATE INDEX slots_by_version ON slots (version);",
+        )
+        .unwrap();
+        for s in 0..SKUS {
+            conn.execute(
+                "INSERT INTO slots (id, store, sku, actor, inc, dec, version) VALUES (?1, 'bench', ?2, 'store:bench', 0, 0, 0)",
+                params![s as i64 + 1, format!("SKU-{s:06}")],
+            )
+            .unwrap();
+        }
+    }
+    let mut version = 0i64;
     let body = vec![7u8; body_len];
     let hash = [9u8; 32];
     let started = Instant::now();
@@ -72,6 +96,15 @@ fn bare_loop(events: usize, batch: usize, body_len: usize, unique_key: bool) -> 
                     &hash[..]
                 ])
                 .unwrap();
+            }
+        }
+        if slots {
+            let mut stmt = tx.prepare_cached("UPDATE slots SET dec = dec + 1, version = ?1 WHERE id = ?2").unwrap();
+            let first = i - batch.min(i);
+            let touched: std::collections::BTreeSet<usize> = (first..i).map(|e| e % SKUS).collect();
+            for s in touched {
+                version += 1;
+                stmt.execute(params![version, s as i64 + 1]).unwrap();
             }
         }
         tx.commit().unwrap();
@@ -127,16 +160,32 @@ fn main() {
         "durable appends, WAL, synchronous=FULL, {events} events per row, event body {body_len} bytes, {SKUS} SKUs"
     );
     println!(
-        "{:>6} {:>12} {:>12} {:>9} {:>12} {:>9} {:>10} {:>9}",
-        "batch", "bare ev/s", "+uniq ev/s", "+uniq x", "ledger ev/s", "ledger x", "mean batch", "target"
+        "{:>6} {:>12} {:>12} {:>9} {:>12} {:>9} {:>12} {:>9} {:>10} {:>11} {:>9}",
+        "batch",
+        "bare ev/s",
+        "+uniq ev/s",
+        "+uniq x",
+        "+slots ev/s",
+        "+slots x",
+        "ledger ev/s",
+        "ledger x",
+        "mean batch",
+        "writer busy",
+        "target"
     );
-    for batch in BATCH_SIZES {
+    let batches: Vec<usize> = match std::env::var("BENCH_BATCHES") {
+        Ok(list) => list.split(',').filter_map(|b| b.trim().parse().ok()).collect(),
+        Err(_) => BATCH_SIZES.to_vec(),
+    };
+    for batch in batches {
         // Two rounds each, alternating, best kept: the disk's mood affects both sides alike.
-        let (mut bare, mut unique, mut led) = (Duration::MAX, Duration::MAX, Duration::MAX);
+        let (mut bare, mut unique, mut with_slots, mut led) =
+            (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
         let mut stats = WriterStats::default();
         for _ in 0..2 {
             bare = bare.min(bare_loop(events, batch, body_len, false));
             unique = unique.min(bare_loop(events, batch, body_len, true));
+            with_slots = with_slots.min(bare_loop_with(events, batch, body_len, true, true));
             let (d, s) = ledger(events, batch, batch * 2);
             if d < led {
                 led = d;
@@ -146,14 +195,17 @@ fn main() {
         let ratio = rate(led) / rate(bare);
         let met = ratio >= 0.5 && rate(led) >= 100_000.0;
         println!(
-            "{:>6} {:>12.0} {:>12.0} {:>8.2}x {:>12.0} {:>8.2}x {:>10.0} {:>9}",
+            "{:>6} {:>12.0} {:>12.0} {:>8.2}x {:>12.0} {:>8.2}x {:>12.0} {:>8.2}x {:>10.0} {:>10.0}% {:>9}",
             batch,
             rate(bare),
             rate(unique),
             rate(unique) / rate(bare),
+            rate(with_slots),
+            rate(with_slots) / rate(bare),
             rate(led),
             ratio,
             stats.events as f64 / stats.batches.max(1) as f64,
+            100.0 * stats.busy_micros as f64 / led.as_micros().max(1) as f64,
             if met { "met" } else { "NOT met" }
         );
     }

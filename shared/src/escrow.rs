@@ -135,9 +135,16 @@ pub enum EscrowError {
 }
 
 /// An online order's id, as HQ's order system names it. Validated like the ids of [`crate::ids`].
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct OrderId(String);
+
+// Written as the bare string, borrowed (as the ids of `crate::ids`).
+impl Serialize for OrderId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 impl OrderId {
     pub const MAX_LEN: usize = 64;

@@ -37,9 +37,16 @@ fn validate(what: &'static str, value: &str, max_len: usize, extra: &[char]) -> 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $extra:expr) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        // Written as the bare string, borrowed: no copy per id in every event body encoded.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             pub const MAX_LEN: usize = $max;
@@ -146,5 +153,15 @@ mod tests {
         assert_eq!(ok.as_str(), "A-1");
         let bad = postcard::to_allocvec("bad sku").unwrap();
         assert!(postcard::from_bytes::<Sku>(&bad).is_err());
+    }
+
+    #[test]
+    fn serialises_as_the_bare_string() {
+        let sku = Sku::new("A-1").unwrap();
+        assert_eq!(postcard::to_allocvec(&sku).unwrap(), postcard::to_allocvec("A-1").unwrap());
+        assert_eq!(serde_json::to_string(&sku).unwrap(), "\"A-1\"");
+        let eur = crate::Currency::new("EUR").unwrap();
+        assert_eq!(postcard::to_allocvec(&eur).unwrap(), postcard::to_allocvec("EUR").unwrap());
+        assert_eq!(serde_json::to_string(&eur).unwrap(), "\"EUR\"");
     }
 }

@@ -18,9 +18,16 @@ pub enum MoneyError {
 }
 
 /// ISO 4217 alphabetic code.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Currency([u8; 3]);
+
+// Written as the code string, borrowed: no allocation per amount in every event body encoded.
+impl Serialize for Currency {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.code())
+    }
+}
 
 impl Currency {
     pub fn new(code: &str) -> Result<Self, MoneyError> {

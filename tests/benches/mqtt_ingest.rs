@@ -4,8 +4,13 @@
 //! - a chain-wide price change to 50,000 labels planned, encoded and published through the
 //!   broker until every PUBACK (target < 2 s), and label acks tracked per second (target >= 20k/s).
 //!
+//! Both RFID consumers receive from a publisher running at the same time, so one round of each
+//! mostly measures how fast the broker and publisher went that moment (single rounds ranged from
+//! 0.69x to 1.40x on this machine). The table gives the fastest, median and slowest of several
+//! alternating rounds; the ratio and the target compare medians.
+//!
 //! Run: `cargo bench -p e2e-tests --bench mqtt_ingest` (`BENCH_MESSAGES` sets the RFID messages,
-//! each of 10 reads; default 20,000).
+//! each of 10 reads, default 20,000; `BENCH_ROUNDS` the rounds of each consumer, default 7).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -58,8 +63,9 @@ async fn publish_all(port: u16, messages: &[Vec<u8>]) {
 }
 
 /// A plain subscriber counting messages: the reference.
-async fn bare_subscriber(port: u16, messages: &[Vec<u8>]) -> Duration {
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("bench-bare", "127.0.0.1", port), 10_000);
+async fn bare_subscriber(port: u16, messages: &[Vec<u8>], round: usize) -> Duration {
+    let opts = MqttOptions::new(format!("bench-bare-{round}"), "127.0.0.1", port);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     client.subscribe(TOPIC, QoS::AtLeastOnce).await.unwrap();
     while !matches!(eventloop.poll().await, Ok(Event::Incoming(Packet::SubAck(_)))) {}
     let total = messages.len();
@@ -79,14 +85,14 @@ async fn bare_subscriber(port: u16, messages: &[Vec<u8>]) -> Duration {
 }
 
 /// The hub's own link and router: decoded, deduplicated, SGTIN-decoded and tracked per zone.
-async fn hub_router(port: u16, messages: &[Vec<u8>]) -> Duration {
+async fn hub_router(port: u16, messages: &[Vec<u8>], round: usize) -> Duration {
     let store = StoreId::new("s1").unwrap();
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
     let mut l = link::spawn(
         link::LinkSettings {
             host: "127.0.0.1".into(),
             port,
-            client_id: "bench-hub".into(),
+            client_id: format!("bench-hub-{round}"),
             credentials: None,
             max_payload: 65_536,
             state_topic: "se/v1/s1/hub/state".into(),
@@ -215,32 +221,46 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let stream = tag_messages(messages);
     let reads = (messages * READS_PER_MESSAGE) as f64;
-    let (bare, hub) = rt.block_on(async { (bare_subscriber(port, &stream).await, hub_router(port, &stream).await) });
-    println!("RFID tag reads through the embedded broker ({messages} messages of {READS_PER_MESSAGE} reads)");
-    println!("{:<48} {:>10} {:>14} {:>8}", "", "seconds", "reads/s", "ratio");
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(7).max(1);
+    let (mut bare, mut hub) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        for round in 0..rounds {
+            bare.push(bare_subscriber(port, &stream, round).await);
+            hub.push(hub_router(port, &stream, round).await);
+        }
+    });
+    bare.sort();
+    hub.sort();
+    let rate = |d: Duration| reads / d.as_secs_f64();
+    let median = |v: &[Duration]| v[v.len() / 2];
     println!(
-        "{:<48} {:>10.3} {:>14.0} {:>7.2}x",
-        "bare rumqttc subscriber (receive only)",
-        bare.as_secs_f64(),
-        reads / bare.as_secs_f64(),
-        1.0
+        "RFID tag reads through the embedded broker ({messages} messages of {READS_PER_MESSAGE} reads, {rounds} rounds each, alternating)"
     );
+    println!("{:<48} {:>12} {:>12} {:>12} {:>8}", "reads/s", "fastest", "median", "slowest", "ratio");
+    let row = |name: &str, v: &[Duration], ratio: f64| {
+        println!(
+            "{:<48} {:>12.0} {:>12.0} {:>12.0} {:>7.2}x",
+            name,
+            rate(v[0]),
+            rate(median(v)),
+            rate(v[v.len() - 1]),
+            ratio
+        );
+    };
+    row("bare rumqttc subscriber (receive only)", &bare, 1.0);
+    let ratio = rate(median(&hub)) / rate(median(&bare));
+    row("hub link + router (decode, dedup, SGTIN, zones)", &hub, ratio);
+    let mut alone: Vec<Duration> = (0..rounds).map(|_| router_alone(&stream)).collect();
+    alone.sort();
     println!(
-        "{:<48} {:>10.3} {:>14.0} {:>7.2}x",
-        "hub link + router (decode, dedup, SGTIN, zones)",
-        hub.as_secs_f64(),
-        reads / hub.as_secs_f64(),
-        bare.as_secs_f64() / hub.as_secs_f64()
-    );
-    let alone = router_alone(&stream);
-    println!(
-        "{:<48} {:>10.3} {:>14.0} {:>8}",
+        "{:<48} {:>12.0} {:>12.0} {:>12.0}",
         "(hub router alone, no broker: its share)",
-        alone.as_secs_f64(),
-        reads / alone.as_secs_f64(),
-        ""
+        rate(alone[0]),
+        rate(median(&alone)),
+        rate(alone[alone.len() - 1])
     );
-    println!("target: hub >= 0.8x bare and >= 100000 reads/s");
+    let met = ratio >= 0.8 && rate(median(&hub)) >= 100_000.0;
+    println!("target: hub >= 0.8x bare and >= 100000 reads/s (medians): {}", if met { "met" } else { "NOT met" });
 
     let (planned, acks, payloads) = labels_bench(50_000);
     let n = payloads.len();

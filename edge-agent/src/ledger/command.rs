@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use shared::sync::{Cursor, Rows};
 use shared::{
     ActorId, CatalogField, Currency, EscrowRow, Money, OrderId, OrderLine, PriceKey, PriceScope, PriceValue,
-    PriceVersion, Side, Sku, SlotRow, StoreId,
+    PriceVersion, Side, Sku, Slot, StoreId,
 };
 
 /// Longest accepted idempotency key, in bytes.
@@ -307,11 +307,14 @@ impl EventBody {
     /// The store's own slots as a cloud page brought them back (a store rebuilding its ledger
     /// pulls from the start): merged per-slot max into the own slot, by the writer and by
     /// `ledger verify` alike.
-    pub fn own_slot_merges<'a>(&'a self, store: &'a StoreId, actor: &'a ActorId) -> Vec<SlotRow> {
+    pub fn own_slot_merges<'a>(&'a self, store: &StoreId, actor: &ActorId) -> Vec<(&'a Sku, Slot)> {
         match self {
-            EventBody::SyncMerge { rows, .. } => {
-                rows.slot_rows().filter(|r| r.key.store == *store && r.key.actor == *actor).collect()
-            }
+            EventBody::SyncMerge { rows, .. } => rows
+                .stock
+                .iter()
+                .filter(|g| g.store == *store && g.actor == *actor)
+                .flat_map(|g| g.slots.iter().map(|s| (&s.sku, Slot { inc: s.inc, dec: s.dec })))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -319,7 +322,10 @@ impl EventBody {
     pub fn encode(&self) -> Vec<u8> {
         // postcard only fails for types serde cannot size (none here) or a full fixed buffer
         // (a Vec grows), so this cannot fail on any value of this type.
-        postcard::to_extend(self, vec![BODY_VERSION]).expect("EventBody serialises into a Vec")
+        // Room for a typical sale up front: growing from one byte reallocated four times.
+        let mut out = Vec::with_capacity(64);
+        out.push(BODY_VERSION);
+        postcard::to_extend(self, out).expect("EventBody serialises into a Vec")
     }
 
     pub fn decode(bytes: &[u8]) -> Result<EventBody, String> {

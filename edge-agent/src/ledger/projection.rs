@@ -46,11 +46,16 @@ pub fn slot(conn: &Connection, key: &SlotKey) -> Result<Slot, LedgerError> {
 }
 
 /// A slot and its row id (`None`: no row yet), for the writer, which then writes it by id.
-pub fn slot_with_id(conn: &Connection, key: &SlotKey) -> Result<(Slot, Option<i64>), LedgerError> {
+pub fn slot_with_id(
+    conn: &Connection,
+    store: &StoreId,
+    sku: &Sku,
+    actor: &ActorId,
+) -> Result<(Slot, Option<i64>), LedgerError> {
     let mut stmt =
         conn.prepare_cached("SELECT id, inc, dec FROM stock_slots WHERE store = ?1 AND sku = ?2 AND actor = ?3")?;
     let found = stmt
-        .query_row(params![key.store.as_str(), key.sku.as_str(), key.actor.as_str()], |r| {
+        .query_row(params![store.as_str(), sku.as_str(), actor.as_str()], |r| {
             Ok((r.get::<_, i64>(0)?, Slot { inc: u64_col(r, 1)?, dec: u64_col(r, 2)? }))
         })
         .optional()?;
@@ -65,7 +70,7 @@ pub fn slot_with_id(conn: &Connection, key: &SlotKey) -> Result<(Slot, Option<i6
 /// version index changes besides the row.
 pub fn write_slot(
     conn: &Connection,
-    key: &SlotKey,
+    (store, sku, actor): (&StoreId, &Sku, &ActorId),
     id: Option<i64>,
     slot: Slot,
     version: u64,
@@ -84,9 +89,7 @@ pub fn write_slot(
          ON CONFLICT (store, sku, actor) DO UPDATE SET inc = excluded.inc, dec = excluded.dec, version = excluded.version
          RETURNING id",
     )?;
-    Ok(stmt.query_row(params![key.store.as_str(), key.sku.as_str(), key.actor.as_str(), inc, dec, version], |r| {
-        r.get(0)
-    })?)
+    Ok(stmt.query_row(params![store.as_str(), sku.as_str(), actor.as_str(), inc, dec, version], |r| r.get(0))?)
 }
 
 /// Merges a peer's slot (per-field max); returns whether the stored slot changed (and so took

@@ -92,9 +92,9 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
             )));
         }
         if stamp.actor == actor {
-            for row in decoded.own_slot_merges(&store, &actor) {
-                let slot = replayed.entry(row.key.sku).or_default();
-                *slot = slot.merge(row.slot);
+            for (sku, merged) in decoded.own_slot_merges(&store, &actor) {
+                let slot = replayed.entry(sku.clone()).or_default();
+                *slot = slot.merge(merged);
             }
             for (sku, movement) in decoded.stock_movements() {
                 let slot = replayed.entry(sku.clone()).or_default();

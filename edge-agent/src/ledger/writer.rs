@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, CachedStatement, Connection, OptionalExtension, TransactionBehavior};
 use shared::sync::{Cursor, Rows};
-use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, OrderId, PriceEntry, Sku, Slot, SlotKey, StoreId};
+use shared::{ActorId, CatalogUpdate, ClockJump, Hlc, HlcStamp, OrderId, PriceEntry, Sku, Slot, StoreId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::chain::{event_hash, Hash};
@@ -545,29 +545,39 @@ impl Writer {
                     }
                 };
                 let input = PlanInput { now_ms, code };
-                let outcome = match plan(&tx, &self.ctx, self.hlc.actor(), cache, &mut slots, body.clone(), input)? {
-                    Err(rejection) => first_result_or(&tx, key, Some(body), rejection)?,
-                    Ok((planned_body, planned)) => {
-                        match append(&mut insert_event, &mut self.hlc, &self.clock, &mut head, key, &planned_body)? {
-                            // Seen before (in an earlier batch or earlier in this one).
-                            None => same_command(replay(&tx, key)?, key, body),
-                            Some((seq, stamp)) => {
-                                let body = planned_body;
-                                slots.commit(planned);
-                                apply_registers(&tx, &mut head, &body, &stamp)?;
-                                if let EventBody::SyncMerge { rows, .. } = &body {
-                                    merge_cloud_rows(&tx, &mut head, rows, &self.ctx.store, self.hlc.actor())?;
-                                }
-                                aftermath.new_orders +=
-                                    online::apply(&tx, &mut head.change_version, &self.ctx.store, &body, seq)?;
-                                aftermath.handovers += u64::from(matches!(body, EventBody::Handover { .. }));
-                                self.escrow_seen |= body.carries_allocation();
-                                if online || self.escrow_seen {
-                                    touched.extend(body.touched_skus().into_iter().cloned());
-                                }
-                                Ok(Applied { seq, stamp, body, replayed: false })
-                            }
+                let own = OwnView { store: &self.ctx.store, actor: self.hlc.actor(), committed: cache };
+                let resolved = match resolve(&tx, &own, &mut slots, body.clone(), input)? {
+                    Ok(resolved) => resolved,
+                    Err(rejection) => {
+                        results.push(Outcome::Event(first_result_or(&tx, key, Some(body), rejection)?));
+                        continue;
+                    }
+                };
+                let planned = match plan_slots(&tx, &own, &mut slots, &resolved)? {
+                    Ok(planned) => planned,
+                    Err(rejection) => {
+                        results.push(Outcome::Event(first_result_or(&tx, key, Some(body), rejection)?));
+                        continue;
+                    }
+                };
+                let outcome = match append(&mut insert_event, &mut self.hlc, &self.clock, &mut head, key, &resolved)? {
+                    // Seen before (in an earlier batch or earlier in this one).
+                    None => same_command(replay(&tx, key)?, key, body),
+                    Some((seq, stamp)) => {
+                        slots.commit(planned);
+                        let body = resolved;
+                        apply_registers(&tx, &mut head, &body, &stamp)?;
+                        if let EventBody::SyncMerge { rows, .. } = &body {
+                            merge_cloud_rows(&tx, &mut head, rows, &self.ctx.store, self.hlc.actor())?;
                         }
+                        aftermath.new_orders +=
+                            online::apply(&tx, &mut head.change_version, &self.ctx.store, &body, seq)?;
+                        aftermath.handovers += u64::from(matches!(body, EventBody::Handover { .. }));
+                        self.escrow_seen |= body.carries_allocation();
+                        if online || self.escrow_seen {
+                            touched.extend(body.touched_skus().into_iter().cloned());
+                        }
+                        Ok(Applied { seq, stamp, body, replayed: false })
                     }
                 };
                 results.push(Outcome::Event(outcome));
@@ -824,24 +834,30 @@ struct BatchSlot {
 }
 
 impl BatchSlots {
-    fn get(&mut self, conn: &Connection, cache: &OwnSlots, key: &SlotKey) -> Result<Slot, LedgerError> {
-        if let Some(entry) = self.slots.get(&key.sku) {
+    fn get(&mut self, conn: &Connection, own: &OwnView<'_>, sku: &Sku) -> Result<Slot, LedgerError> {
+        if let Some(entry) = self.slots.get(sku) {
             return Ok(entry.slot);
         }
-        let (slot, id) = match cache.slots.get(&key.sku) {
+        let (slot, id) = match own.committed.slots.get(sku) {
             Some(cached) => *cached,
-            None => projection::slot_with_id(conn, key)?,
+            None => projection::slot_with_id(conn, own.store, sku, own.actor)?,
         };
-        self.slots.insert(key.sku.clone(), BatchSlot { slot, id, dirty: false });
+        self.slots.insert(sku.clone(), BatchSlot { slot, id, dirty: false });
         Ok(slot)
     }
 
     /// Records the planned values; every planned slot was read through [`BatchSlots::get`].
-    fn commit(&mut self, planned: Vec<(SlotKey, Slot)>) {
-        for (key, slot) in planned {
-            let entry = self.slots.entry(key.sku).or_insert(BatchSlot { slot, id: None, dirty: true });
-            entry.slot = slot;
-            entry.dirty = true;
+    fn commit(&mut self, planned: Vec<(&Sku, Slot)>) {
+        for (sku, slot) in planned {
+            match self.slots.get_mut(sku) {
+                Some(entry) => {
+                    entry.slot = slot;
+                    entry.dirty = true;
+                }
+                None => {
+                    self.slots.insert(sku.clone(), BatchSlot { slot, id: None, dirty: true });
+                }
+            }
         }
     }
 
@@ -855,8 +871,8 @@ impl BatchSlots {
         for (sku, entry) in self.slots.iter_mut() {
             if entry.dirty {
                 head.change_version += 1;
-                let key = SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
-                entry.id = Some(projection::write_slot(conn, &key, entry.id, entry.slot, head.change_version)?);
+                let key = (&ctx.store, sku, actor);
+                entry.id = Some(projection::write_slot(conn, key, entry.id, entry.slot, head.change_version)?);
             }
         }
         Ok(())
@@ -871,8 +887,13 @@ impl BatchSlots {
     }
 }
 
-/// A resolved event body and the own-slot values it leaves.
-type Planned = (EventBody, Vec<(SlotKey, Slot)>);
+/// Whose slots a batch moves (this store's, under the writer's actor) and their committed
+/// values: borrowed, so planning a sale copies no id.
+struct OwnView<'a> {
+    store: &'a StoreId,
+    actor: &'a ActorId,
+    committed: &'a OwnSlots,
+}
 
 /// What resolving a command needs beyond the ledger: the batch's time, a handover's code.
 #[derive(Clone, Copy)]
@@ -881,80 +902,84 @@ struct PlanInput<'a> {
     code: Option<&'a str>,
 }
 
-/// Reads what the command needs (a count's observed stock, current slots, an order's state)
-/// and plans its slot writes, refusing it if one would overflow or the order does not allow
-/// it; a sync page loses the rows that conflict with what the store holds (named as refused).
-/// Nothing is written here.
-fn plan(
+/// Reads what the command needs (a count's observed stock, an order's state) and completes
+/// its body, or refuses it if the order does not allow it; a sync page loses the rows that
+/// conflict with what the store holds (named as refused). Nothing is written here.
+fn resolve(
     conn: &Connection,
-    ctx: &StoreContext,
-    actor: &ActorId,
-    cache: &OwnSlots,
+    own: &OwnView<'_>,
     slots: &mut BatchSlots,
     body: EventBody,
     input: PlanInput<'_>,
-) -> Result<Result<Planned, Rejection>, LedgerError> {
-    let own = |sku: &Sku| SlotKey { store: ctx.store.clone(), sku: sku.clone(), actor: actor.clone() };
-    let body = match body {
+) -> Result<Result<EventBody, Rejection>, LedgerError> {
+    Ok(Ok(match body {
         EventBody::SyncMerge { from, to, mut rows, mut refused } => {
-            online::screen_page(conn, &ctx.store, &mut rows, &mut refused)?;
+            online::screen_page(conn, own.store, &mut rows, &mut refused)?;
             EventBody::SyncMerge { from, to, rows, refused }
         }
         EventBody::Handover { order, .. } => {
-            match online::resolve_handover(conn, &ctx.store, &order, input.code, input.now_ms)? {
+            match online::resolve_handover(conn, own.store, &order, input.code, input.now_ms)? {
                 Ok(body) => body,
                 Err(refusal) => return Ok(Err(Rejection::new(refusal.to_string()))),
             }
         }
-        EventBody::Pick { order, .. } => match online::resolve_pick(conn, &ctx.store, &order, input.now_ms)? {
+        EventBody::Pick { order, .. } => match online::resolve_pick(conn, own.store, &order, input.now_ms)? {
             Ok(body) => body,
             Err(refusal) => return Ok(Err(Rejection::new(refusal.to_string()))),
         },
         EventBody::Count { sku, counted, .. } => {
             // Every actor's slot as stored, with our own slot as this batch left it.
-            let key = own(&sku);
-            let others: i128 = projection::slots_of(conn, &ctx.store, &sku)?
+            let others: i128 = projection::slots_of(conn, own.store, &sku)?
                 .iter()
-                .filter(|(a, _)| a != actor)
+                .filter(|(a, _)| a != own.actor)
                 .map(|(_, s)| s.value())
                 .sum();
-            let seen = (others + slots.get(conn, cache, &key)?.value())
-                .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+            let seen =
+                (others + slots.get(conn, own, &sku)?.value()).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
             let Some(movement) = counted.checked_sub(seen) else {
                 return Ok(Err(Rejection::new(format!("count of {sku}: movement from {seen} to {counted} overflows"))));
             };
             EventBody::Count { sku, counted, seen, movement }
         }
         other => other,
-    };
-    let mut planned: Vec<(SlotKey, Slot)> = Vec::new();
-    for row in body.own_slot_merges(&ctx.store, actor) {
-        let current = match planned.iter().find(|(k, _)| *k == row.key) {
+    }))
+}
+
+/// The own-slot values a resolved body leaves, or its refusal if one would overflow. Nothing
+/// is written here.
+fn plan_slots<'b>(
+    conn: &Connection,
+    own: &OwnView<'_>,
+    slots: &mut BatchSlots,
+    body: &'b EventBody,
+) -> Result<Result<Vec<(&'b Sku, Slot)>, Rejection>, LedgerError> {
+    let mut planned: Vec<(&Sku, Slot)> = Vec::new();
+    for (sku, merged) in body.own_slot_merges(own.store, own.actor) {
+        let current = match planned.iter().find(|(k, _)| *k == sku) {
             Some((_, s)) => *s,
-            None => slots.get(conn, cache, &row.key)?,
+            None => slots.get(conn, own, sku)?,
         };
-        let next = current.merge(row.slot);
-        match planned.iter_mut().find(|(k, _)| *k == row.key) {
+        let next = current.merge(merged);
+        match planned.iter_mut().find(|(k, _)| *k == sku) {
             Some(entry) => entry.1 = next,
-            None if next != current => planned.push((row.key, next)),
+            None if next != current => planned.push((sku, next)),
             None => {}
         }
     }
     for (sku, movement) in body.stock_movements() {
-        let key = own(sku);
-        let current = match planned.iter().find(|(k, _)| *k == key) {
+        let current = match planned.iter().find(|(k, _)| *k == sku) {
             Some((_, s)) => *s,
-            None => slots.get(conn, cache, &key)?,
+            None => slots.get(conn, own, sku)?,
         };
         let Some(next) = current.apply(movement) else {
             return Ok(Err(Rejection::new(format!("stock of {sku} would overflow with a movement of {movement}"))));
         };
-        match planned.iter_mut().find(|(k, _)| *k == key) {
+        match planned.iter_mut().find(|(k, _)| *k == sku) {
             Some(entry) => entry.1 = next,
-            None => planned.push((key, next)),
+            None => planned.push((sku, next)),
         }
     }
-    Ok(Ok((body, planned)))
+    Ok(Ok(planned))
 }
 
 /// Price and catalog registers take the event's stamp and merge at once (they are rare).

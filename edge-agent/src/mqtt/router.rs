@@ -296,12 +296,14 @@ impl Router {
         {
             let Ok(mut presence) = self.presence.lock() else { return };
             let sold = &self.sold;
+            // A message's reads are mostly of one antenna: its zone is made once, not per read.
+            let mut zone = Zone { reader: reader.clone(), antenna: 0 };
             for (antenna, epc) in reads {
                 self.stats.tag_reads += 1;
                 if counting {
                     closed.merge(self.cycles.on_read(&reader, antenna, epc, wall));
                 }
-                let zone = Zone { reader: reader.clone(), antenna };
+                zone.antenna = antenna;
                 let outcome = presence.on_read(TagRead { epc, zone: &zone, at_ms: now }, |e| {
                     sold.as_ref().is_some_and(|r| r.is_sold(e).unwrap_or(false))
                 });

@@ -6,6 +6,7 @@
 //! recorded as sold. A read is taken by reference and costs no allocation unless the tag is new
 //! (this is the hot path of RFID ingest).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -80,59 +81,43 @@ impl Default for PresenceConfig {
     }
 }
 
-/// An EPC as a table key: the 12 bytes of an SGTIN-96 (nearly every retail tag) held inline,
-/// longer EPCs on the heap. Inline keys spare an allocation per new tag and a pointer chase per
-/// lookup (measured: `cargo bench -p e2e-tests --bench mqtt_ingest`). Hashes and compares as
-/// its bytes, so the table is searched with a plain `&[u8]`.
-#[derive(Debug, Clone)]
-enum EpcKey {
-    Inline([u8; 12]),
-    Heap(Box<[u8]>),
-}
+/// A zone's place in [`Presence`]'s zone list: what a tag's entry holds instead of the zone.
+type ZoneIx = u32;
 
-impl EpcKey {
-    fn new(epc: &[u8]) -> EpcKey {
-        match <[u8; 12]>::try_from(epc) {
-            Ok(bytes) => EpcKey::Inline(bytes),
-            Err(_) => EpcKey::Heap(epc.into()),
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            EpcKey::Inline(b) => b,
-            EpcKey::Heap(b) => b,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for EpcKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl PartialEq for EpcKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for EpcKey {}
-
-impl std::hash::Hash for EpcKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // Exactly as `[u8]` hashes, as `Borrow` requires.
-        self.as_slice().hash(state);
-    }
-}
-
-#[derive(Debug, Clone)]
+/// Where and when a tag was last seen. Small on purpose: a store tracks up to `max_tags` of
+/// these, and a read of a new tag writes one into a table of that size (the hot path).
+#[derive(Debug, Clone, Copy)]
 struct Seen {
-    zone: Zone,
+    zone: ZoneIx,
     last_ms: u64,
     /// When the tag arrived in `zone`, in the order of arrivals (see [`Presence::arrival_mark`]).
     arrival: u64,
+}
+
+/// What a read did to its tag's entry.
+enum Step {
+    Duplicate,
+    Again,
+    /// From the zone of this index.
+    Moved(ZoneIx),
+    Arrived,
+    Dropped,
+}
+
+/// A read of a tracked tag: in its zone (within the dedup window or not), or moved to `new`'s.
+fn step_tracked(seen: &mut Seen, new: Seen, dedup_window_ms: u64) -> Step {
+    if seen.zone != new.zone {
+        let from = seen.zone;
+        *seen = new;
+        return Step::Moved(from);
+    }
+    let duplicate = new.last_ms.saturating_sub(seen.last_ms) < dedup_window_ms;
+    seen.last_ms = seen.last_ms.max(new.last_ms);
+    if duplicate {
+        Step::Duplicate
+    } else {
+        Step::Again
+    }
 }
 
 /// Totals for metrics.
@@ -143,10 +128,24 @@ pub struct PresenceStats {
     pub dropped: u64,
 }
 
+/// The tag table. 96-bit EPCs (SGTIN-96, nearly every retail tag) are keyed by their 12 bytes
+/// inline, other lengths on the heap: an entry of a 96-bit tag is 40 bytes with no pointer to
+/// chase, and a new tag costs no allocation. Zones are listed once and entries name them by
+/// index. Keys are hashed with the standard keyed hasher: EPCs are written by whoever holds a
+/// tag, so a table keyed by them must not be open to chosen collisions.
 #[derive(Debug, Default)]
 pub struct Presence {
     config: PresenceConfig,
-    tags: HashMap<EpcKey, Seen>,
+    tags: HashMap<[u8; 12], Seen>,
+    other_tags: HashMap<Box<[u8]>, Seen>,
+    /// Every zone seen, each once; bounded by the readers the router accepts times their
+    /// antennas.
+    zones: Vec<Zone>,
+    /// Whether the zone of the same index is an exit zone.
+    exit: Vec<bool>,
+    zone_ix: HashMap<Zone, ZoneIx>,
+    /// The zone of the last read: reads come in batches of one reader's antenna.
+    last_zone: Option<(Zone, ZoneIx)>,
     exit_zones: HashSet<Zone>,
     /// Arrivals and moves so far: an ordering of "came into its zone" that needs no clock.
     arrivals: u64,
@@ -165,50 +164,88 @@ impl Presence {
         Presence { config, exit_zones: exit_zones.into_iter().collect(), ..Presence::default() }
     }
 
+    /// The index of `zone`, listing it on first sight.
+    fn zone_ix(&mut self, zone: &Zone) -> ZoneIx {
+        if let Some((last, ix)) = &self.last_zone {
+            if last.antenna == zone.antenna && (Arc::ptr_eq(&last.reader, &zone.reader) || last.reader == zone.reader) {
+                return *ix;
+            }
+        }
+        let ix = match self.zone_ix.get(zone) {
+            Some(ix) => *ix,
+            None => {
+                let ix = self.zones.len() as ZoneIx;
+                self.zones.push(zone.clone());
+                self.exit.push(self.exit_zones.contains(zone));
+                self.zone_ix.insert(zone.clone(), ix);
+                ix
+            }
+        };
+        self.last_zone = Some((zone.clone(), ix));
+        ix
+    }
+
+    /// The index of `zone` if any tag was ever seen there.
+    fn known_zone(&self, zone: &Zone) -> Option<ZoneIx> {
+        self.zone_ix.get(zone).copied()
+    }
+
+    /// Every tracked tag with where it was seen.
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &Seen)> {
+        self.tags.iter().map(|(e, s)| (&e[..], s)).chain(self.other_tags.iter().map(|(e, s)| (&e[..], s)))
+    }
+
     /// One read; `sold` says whether an EPC was recorded as sold (for the exit gate, asked only
     /// when the tag came into an exit zone).
     pub fn on_read(&mut self, read: TagRead<'_>, sold: impl Fn(&[u8]) -> bool) -> ReadOutcome {
         self.stats.reads += 1;
-        let sighting = match self.tags.get_mut(read.epc) {
-            Some(seen) if seen.zone == *read.zone => {
-                let duplicate = read.at_ms.saturating_sub(seen.last_ms) < self.config.dedup_window_ms;
-                seen.last_ms = seen.last_ms.max(read.at_ms);
-                let sighting = if duplicate {
-                    self.stats.duplicates += 1;
-                    Sighting::Duplicate
-                } else {
-                    Sighting::Again
-                };
-                return ReadOutcome { sighting, alarm: None };
-            }
-            Some(seen) => {
-                let from = std::mem::replace(&mut seen.zone, read.zone.clone());
-                seen.last_ms = read.at_ms;
-                self.arrivals += 1;
-                seen.arrival = self.arrivals;
-                Sighting::Moved { from }
-            }
-            None => {
-                if self.tags.len() >= self.config.max_tags {
-                    self.stats.dropped += 1;
-                    return ReadOutcome { sighting: Sighting::Dropped, alarm: None };
+        let zone = self.zone_ix(read.zone);
+        let (dedup_window_ms, max_tags) = (self.config.dedup_window_ms, self.config.max_tags);
+        let arrival = self.arrivals + 1;
+        let new = Seen { zone, last_ms: read.at_ms, arrival };
+        let room = self.tags.len() + self.other_tags.len() < max_tags;
+        // One probe of the table per read, found or not.
+        let step = match <[u8; 12]>::try_from(read.epc) {
+            Ok(key) => match self.tags.entry(key) {
+                Entry::Occupied(mut tracked) => step_tracked(tracked.get_mut(), new, dedup_window_ms),
+                Entry::Vacant(free) if room => {
+                    free.insert(new);
+                    Step::Arrived
                 }
-                self.arrivals += 1;
-                let seen = Seen { zone: read.zone.clone(), last_ms: read.at_ms, arrival: self.arrivals };
-                self.tags.insert(EpcKey::new(read.epc), seen);
-                Sighting::Arrived
-            }
+                Entry::Vacant(_) => Step::Dropped,
+            },
+            Err(_) => match self.other_tags.get_mut(read.epc) {
+                Some(tracked) => step_tracked(tracked, new, dedup_window_ms),
+                None if room => {
+                    self.other_tags.insert(read.epc.into(), new);
+                    Step::Arrived
+                }
+                None => Step::Dropped,
+            },
         };
-        let alarm =
-            (!self.exit_zones.is_empty() && self.exit_zones.contains(read.zone) && !sold(read.epc)).then(|| {
-                let decoded = decode_sgtin96(read.epc).ok();
-                PresenceEvent::ExitAlarm {
-                    epc: read.epc.to_vec(),
-                    zone: read.zone.clone(),
-                    gtin: decoded.map(|s| s.gtin),
-                    serial: decoded.map(|s| s.serial),
-                }
-            });
+        let sighting = match step {
+            Step::Duplicate => {
+                self.stats.duplicates += 1;
+                return ReadOutcome { sighting: Sighting::Duplicate, alarm: None };
+            }
+            Step::Again => return ReadOutcome { sighting: Sighting::Again, alarm: None },
+            Step::Dropped => {
+                self.stats.dropped += 1;
+                return ReadOutcome { sighting: Sighting::Dropped, alarm: None };
+            }
+            Step::Moved(from) => Sighting::Moved { from: self.zones[from as usize].clone() },
+            Step::Arrived => Sighting::Arrived,
+        };
+        self.arrivals = arrival;
+        let alarm = (self.exit[zone as usize] && !sold(read.epc)).then(|| {
+            let decoded = decode_sgtin96(read.epc).ok();
+            PresenceEvent::ExitAlarm {
+                epc: read.epc.to_vec(),
+                zone: read.zone.clone(),
+                gtin: decoded.map(|s| s.gtin),
+                serial: decoded.map(|s| s.serial),
+            }
+        });
         ReadOutcome { sighting, alarm }
     }
 
@@ -216,21 +253,24 @@ impl Presence {
     pub fn poll(&mut self, now_ms: u64) -> Vec<PresenceEvent> {
         let depart_after_ms = self.config.depart_after_ms;
         let mut gone = Vec::new();
-        self.tags.retain(|epc, s| {
+        let zones = &self.zones;
+        let mut keep = |epc: &[u8], s: &Seen| {
             let stays = now_ms.saturating_sub(s.last_ms) < depart_after_ms;
             if !stays {
-                gone.push((epc.as_slice().to_vec(), s.zone.clone()));
+                gone.push((epc.to_vec(), zones[s.zone as usize].clone()));
             }
             stays
-        });
+        };
+        self.tags.retain(|epc, s| keep(epc, s));
+        self.other_tags.retain(|epc, s| keep(epc, s));
         gone.sort();
         gone.into_iter().map(|(epc, zone)| PresenceEvent::Departed { epc, zone }).collect()
     }
 
     /// The tags present in `zone` now.
     pub fn tags_in(&self, zone: &Zone) -> Vec<Vec<u8>> {
-        let mut tags: Vec<Vec<u8>> =
-            self.tags.iter().filter(|(_, s)| &s.zone == zone).map(|(e, _)| e.as_slice().to_vec()).collect();
+        let Some(ix) = self.known_zone(zone) else { return Vec::new() };
+        let mut tags: Vec<Vec<u8>> = self.entries().filter(|(_, s)| s.zone == ix).map(|(e, _)| e.to_vec()).collect();
         tags.sort();
         tags
     }
@@ -243,12 +283,9 @@ impl Presence {
 
     /// Tags in `zone` that arrived there after `mark`.
     pub fn tags_arrived_since(&self, zone: &Zone, mark: u64) -> Vec<Vec<u8>> {
-        let mut tags: Vec<Vec<u8>> = self
-            .tags
-            .iter()
-            .filter(|(_, s)| &s.zone == zone && s.arrival > mark)
-            .map(|(e, _)| e.as_slice().to_vec())
-            .collect();
+        let Some(ix) = self.known_zone(zone) else { return Vec::new() };
+        let mut tags: Vec<Vec<u8>> =
+            self.entries().filter(|(_, s)| s.zone == ix && s.arrival > mark).map(|(e, _)| e.to_vec()).collect();
         tags.sort();
         tags
     }
@@ -256,11 +293,9 @@ impl Presence {
     /// What a cycle count of `zone` finds now.
     pub fn count(&self, zone: &Zone) -> ZoneCount {
         let mut c = ZoneCount::default();
-        for (epc, seen) in &self.tags {
-            if &seen.zone != zone {
-                continue;
-            }
-            match decode_sgtin96(epc.as_slice()) {
+        let Some(ix) = self.known_zone(zone) else { return c };
+        for (epc, _) in self.entries().filter(|(_, s)| s.zone == ix) {
+            match decode_sgtin96(epc) {
                 Ok(s) => *c.by_gtin.entry(s.gtin).or_default() += 1,
                 Err(_) => c.not_sgtin += 1,
             }
