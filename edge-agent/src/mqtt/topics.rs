@@ -48,14 +48,27 @@ pub fn hub_subscriptions(store: &StoreId) -> Vec<String> {
     ["status", "evt", "ack"].iter().map(|leaf| format!("se/v1/{store}/dev/+/+/{leaf}")).collect()
 }
 
+/// The seven '/'-separated parts of `topic`, or `None` if it has another number of parts.
+fn split_seven(topic: &str) -> Option<[&str; 7]> {
+    let mut parts = [""; 7];
+    let (mut n, mut start) = (0, 0);
+    for (i, b) in topic.bytes().enumerate() {
+        if b == b'/' {
+            // '/' is ASCII: slicing beside it keeps to character boundaries.
+            *parts.get_mut(n)? = &topic[start..i];
+            n += 1;
+            start = i + 1;
+        }
+    }
+    *parts.get_mut(n)? = &topic[start..];
+    (n == 6).then_some(parts)
+}
+
 /// Parses a device topic of this store; `Err` says what is wrong with it.
 pub fn parse(store: &StoreId, topic: &str) -> Result<DeviceTopic, String> {
-    // Split into exactly seven parts without allocating (this runs for every message).
-    let mut parts = topic.split('/');
-    let mut next = || parts.next();
-    let (Some(se), Some(v1), Some(s), Some(dev), Some(kind), Some(id), Some(leaf), None) =
-        (next(), next(), next(), next(), next(), next(), next(), next())
-    else {
+    // Split into exactly seven parts without allocating, scanning bytes once (this runs for
+    // every message; `str::split` cost as much as the rest of the topic's checks together).
+    let Some([se, v1, s, dev, kind, id, leaf]) = split_seven(topic) else {
         return Err(format!("topic {topic:?} is not se/v1/{{store}}/dev/{{kind}}/{{id}}/{{leaf}}"));
     };
     if se != "se" || v1 != "v1" || dev != "dev" {
@@ -91,5 +104,12 @@ mod tests {
         assert!(parse(&s1, "se/v1/s1/dev/toaster/t1/evt").unwrap_err().contains("toaster"));
         assert!(parse(&s1, "se/v1/s1/dev/esl/bad id/evt").is_err());
         assert!(parse(&s1, "a/b").is_err());
+        assert!(parse(&s1, "se/v1/s1/dev/esl/esl-42/evt/").is_err(), "eight parts");
+        assert!(parse(&s1, "se/v1/s1/dev/esl/esl-42").is_err(), "six parts");
+        assert!(parse(&s1, "se/v1/s1/dev/esl//evt").is_err(), "an empty id");
+        assert_eq!(split_seven("a/b/c/d/e/f/g"), Some(["a", "b", "c", "d", "e", "f", "g"]));
+        assert_eq!(split_seven("é/b/c/d/e/f/ü"), Some(["é", "b", "c", "d", "e", "f", "ü"]));
+        assert_eq!(split_seven("//////"), Some([""; 7]));
+        assert_eq!(split_seven("///////"), None);
     }
 }
