@@ -120,7 +120,10 @@ fn ledger(events: usize, batch_max: usize, callers: usize) -> (Duration, WriterS
     let mut opts = LedgerOptions::new(StoreId::new("bench").unwrap(), eur);
     opts.batch_max = batch_max;
     let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(8192).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    // Callers run on the daemon's own runtime shape (`[runtime] worker_threads`, default 1: the
+    // writer and replier threads have the other core).
+    let workers = edge_agent::config::RuntimeSection::default().worker_threads;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).build().unwrap();
     let started = Instant::now();
     rt.block_on(async {
         let mut tasks = Vec::new();

@@ -13,6 +13,7 @@
 //! each of 10 reads, default 20,000; `BENCH_ROUNDS` the rounds of each consumer, default 7).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e_tests::mqtt::free_port;
@@ -23,6 +24,7 @@ use edge_agent::rfid::presence::{Presence, PresenceConfig};
 use firmware_proto as fp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use shared::{Currency, DeviceId, Money, Sku, StoreId};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,27 +52,34 @@ fn tag_messages(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn publish_all(port: u16, messages: &[Vec<u8>]) {
+async fn publish_all(port: u16, messages: Arc<Vec<Vec<u8>>>) {
     let mut opts = MqttOptions::new(format!("bench-pub-{}", rand::random::<u32>()), "127.0.0.1", port);
     opts.set_inflight(1000);
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-    for m in messages {
+    for m in messages.iter() {
         client.publish(TOPIC, QoS::AtLeastOnce, false, m.clone()).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     poller.abort();
 }
 
-/// A plain subscriber counting messages: the reference.
-async fn bare_subscriber(port: u16, messages: &[Vec<u8>], round: usize) -> Duration {
+/// The devices: another runtime (another machine's work in a store), publishing the stream
+/// while a consumer receives it.
+fn publish(devices: &Handle, port: u16, messages: &Arc<Vec<Vec<u8>>>) -> tokio::task::JoinHandle<()> {
+    devices.spawn(publish_all(port, messages.clone()))
+}
+
+/// A plain subscriber counting messages: the reference. Its receive loop runs as a task, as the
+/// hub's router does.
+async fn bare_subscriber(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Duration {
     let opts = MqttOptions::new(format!("bench-bare-{round}"), "127.0.0.1", port);
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     client.subscribe(TOPIC, QoS::AtLeastOnce).await.unwrap();
     while !matches!(eventloop.poll().await, Ok(Event::Incoming(Packet::SubAck(_)))) {}
     let total = messages.len();
-    let publisher = publish_all(port, messages);
-    let receiver = async {
+    let publisher = publish(&devices, port, &messages);
+    let receiver = tokio::spawn(async move {
         let started = Instant::now();
         let mut got = 0;
         while got < total {
@@ -79,13 +88,15 @@ async fn bare_subscriber(port: u16, messages: &[Vec<u8>], round: usize) -> Durat
             }
         }
         started.elapsed()
-    };
-    let (_, elapsed) = tokio::join!(publisher, receiver);
+    });
+    let elapsed = receiver.await.unwrap();
+    publisher.await.unwrap();
     elapsed
 }
 
 /// The hub's own link and router: decoded, deduplicated, SGTIN-decoded and tracked per zone.
-async fn hub_router(port: u16, messages: &[Vec<u8>], round: usize) -> Duration {
+/// The router runs as a task beside the link's, as in the daemon.
+async fn hub_router(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Duration {
     let store = StoreId::new("s1").unwrap();
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
     let mut l = link::spawn(
@@ -111,8 +122,8 @@ async fn hub_router(port: u16, messages: &[Vec<u8>], round: usize) -> Duration {
         HashMap::new(),
     );
     let total_reads = (messages.len() * READS_PER_MESSAGE) as u64;
-    let publisher = publish_all(port, messages);
-    let receiver = async {
+    let publisher = publish(&devices, port, &messages);
+    let receiver = tokio::spawn(async move {
         let started = Instant::now();
         while r.stats.tag_reads < total_reads {
             match l.incoming.recv().await {
@@ -125,8 +136,9 @@ async fn hub_router(port: u16, messages: &[Vec<u8>], round: usize) -> Duration {
             }
         }
         started.elapsed()
-    };
-    let (_, elapsed) = tokio::join!(publisher, receiver);
+    });
+    let elapsed = receiver.await.unwrap();
+    publisher.await.unwrap();
     stop.cancel();
     elapsed
 }
@@ -218,15 +230,19 @@ fn main() {
     let port = free_port();
     broker::start_embedded(format!("127.0.0.1:{port}").parse().unwrap(), 65_536).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let stream = tag_messages(messages);
+    // The consumers run on a runtime shaped like the daemon's (`[runtime] worker_threads`); the
+    // publisher, standing in for the devices, on one of its own.
+    let workers = edge_agent::config::RuntimeSection::default().worker_threads;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
+    let devices = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let stream = Arc::new(tag_messages(messages));
     let reads = (messages * READS_PER_MESSAGE) as f64;
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(7).max(1);
     let (mut bare, mut hub) = (Vec::new(), Vec::new());
     rt.block_on(async {
         for round in 0..rounds {
-            bare.push(bare_subscriber(port, &stream, round).await);
-            hub.push(hub_router(port, &stream, round).await);
+            bare.push(bare_subscriber(port, stream.clone(), round, devices.handle().clone()).await);
+            hub.push(hub_router(port, stream.clone(), round, devices.handle().clone()).await);
         }
     });
     bare.sort();
