@@ -339,7 +339,14 @@ pub struct CountZoneSection {
     pub reader: DeviceId,
     pub antennas: Vec<u8>,
     pub cycle_seconds: Option<u64>,
+    /// The products this zone holds all of the store's stock of: one not seen in a whole cycle
+    /// is counted as 0 (its tags are gone), not left at what the ledger says.
+    #[serde(default)]
+    pub skus: Vec<shared::Sku>,
 }
+
+/// Most products one counting zone may hold.
+pub const COUNT_ZONE_SKUS_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -361,12 +368,14 @@ impl RfidSection {
                 reader: z.reader.to_string(),
                 antennas: z.antennas.clone(),
                 window_ms: z.cycle_seconds.map(|s| s.saturating_mul(1_000)),
+                holds: z.skus.clone(),
             })
             .collect()
     }
 
     fn validate_count_zones(&self, mqtt: bool) -> Result<(), (String, String)> {
         let mut taken = std::collections::BTreeSet::new();
+        let mut held: std::collections::BTreeMap<&shared::Sku, usize> = std::collections::BTreeMap::new();
         for (i, z) in self.count_zone.iter().enumerate() {
             let key = |field: &str| format!("rfid.count_zone[{i}].{field}");
             if !mqtt {
@@ -381,6 +390,20 @@ impl RfidSection {
             for a in &z.antennas {
                 if !taken.insert((z.reader.clone(), *a)) {
                     return Err((key("antennas"), format!("{}:{a} is already in a counting zone", z.reader)));
+                }
+            }
+            if z.skus.len() > COUNT_ZONE_SKUS_MAX {
+                return Err((key("skus"), format!("at most {COUNT_ZONE_SKUS_MAX} products, got {}", z.skus.len())));
+            }
+            for sku in &z.skus {
+                // Two zones holding all of a product's stock would zero each other's counts.
+                if let Some(other) = held.insert(sku, i) {
+                    let place = if other == i {
+                        "twice in this list".to_owned()
+                    } else {
+                        format!("in rfid.count_zone[{other}].skus too")
+                    };
+                    return Err((key("skus"), format!("{sku} is {place}: a product is held by one counting zone")));
                 }
             }
             match z.cycle_seconds {
@@ -821,6 +844,16 @@ mod tests {
         let e =
             zone("antennas = [1]\n[[rfid.impinj]]\ntopic = \"impinj/shelf-1\"\nreader = \"shelf-1\"\n").unwrap_err();
         assert!(e.key.as_deref() == Some("rfid.count_zone[0].cycle_seconds") && e.message.contains("Impinj"), "{e}");
+        let held = zone("antennas = [1]\nskus = [\"MILK\", \"BREAD\"]\n").unwrap();
+        let holds: Vec<String> = held.rfid.count_zones()[0].holds.iter().map(|s| s.to_string()).collect();
+        assert_eq!(holds, ["MILK", "BREAD"]);
+        let e = zone("antennas = [1]\nskus = [\"MILK\"]\n[[rfid.count_zone]]\nreader = \"shelf-1\"\nantennas = [2]\nskus = [\"MILK\"]\n")
+            .unwrap_err();
+        assert!(e.key.as_deref() == Some("rfid.count_zone[1].skus") && e.message.contains("count_zone[0]"), "{e}");
+        let e = zone("antennas = [1]\nskus = [\"MILK\", \"MILK\"]\n").unwrap_err();
+        assert!(e.key.as_deref() == Some("rfid.count_zone[0].skus") && e.message.contains("twice"), "{e}");
+        let e = zone("antennas = [1]\nskus = [\"bad sku\"]\n").unwrap_err();
+        assert!(e.message.contains("bad sku"), "an invalid SKU is named: {e}");
     }
 
     #[test]

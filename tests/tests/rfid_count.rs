@@ -2,7 +2,8 @@
 //! mosquitto). A native reader runs an inventory cycle over the milk shelf: 7 tagged packs of
 //! milk (each read three times), 2 tags of a product the store does not sell, 1 tag that is not
 //! SGTIN-96, and a pack on another antenna; the ledger held 10, so a count of 7 is recorded and
-//! stock is 7, and the stray tags are reported, not recorded. A repeated cycle end counts
+//! stock is 7, and the stray tags are reported, not recorded. The zone also holds bread, of
+//! which the ledger says 3 but the cycle saw no tag: bread is counted as 0. A repeated cycle end counts
 //! nothing; a cycle sent again after a restart of the hub is recognised and changes nothing.
 //! An Impinj reader, which marks no cycles, is counted per configured window.
 
@@ -48,7 +49,7 @@ async fn a_zone_cycle_count_reconciles_stock_once() {
         let broker = Broker::start(kind, dir.path());
         let extra = format!(
             "{}[[rfid.impinj]]\ntopic = \"impinj/backroom/events\"\nreader = \"backroom-1\"\n\
-             [[rfid.count_zone]]\nreader = \"shelf-1\"\nantennas = [1]\n\
+             [[rfid.count_zone]]\nreader = \"shelf-1\"\nantennas = [1]\nskus = [\"MILK\", \"BREAD\"]\n\
              [[rfid.count_zone]]\nreader = \"backroom-1\"\nantennas = [1]\ncycle_seconds = {WINDOW_S}\n",
             broker.config_section()
         );
@@ -57,6 +58,7 @@ async fn a_zone_cycle_count_reconciles_stock_once() {
         let mut watcher = TestClient::connect(broker.port, "watcher", &["se/v1/s1/hub/#"]).await;
         watcher.wait_for("se/v1/s1/hub/state", WAIT, |p| p == b"online").await;
         storectl_ok(&store, &["stock", "count", "MILK", "10", "--key", "before-rfid"]);
+        storectl_ok(&store, &["stock", "count", "BREAD", "3", "--key", "bread-before-rfid"]);
         assert_eq!(store.on_hand("MILK"), 10);
 
         // The cycle: 7 packs of milk, read three times each; two tags of a GTIN no product has;
@@ -79,6 +81,12 @@ async fn a_zone_cycle_count_reconciles_stock_once() {
         assert_eq!(report["unknown_gtins"]["80614141123458"], 2, "{kind:?}: {report}");
         assert_eq!(report["not_sgtin"], 1, "{kind:?}: {report}");
         assert_eq!(store.on_hand("MILK"), 7, "{kind:?}");
+        assert_eq!(
+            (&report["recorded"]["BREAD"]["counted"], &report["recorded"]["BREAD"]["movement"]),
+            (&Value::from(0), &Value::from(-3)),
+            "{kind:?}: bread held by the zone and not seen is counted as 0: {report}"
+        );
+        assert_eq!(store.on_hand("BREAD"), 0, "{kind:?}");
         let key = format!("rfid-count:{}:{}:MILK", report["zone"].as_str().unwrap(), report["cycle"].as_str().unwrap());
         match store.reader().event_by_key(&key).unwrap() {
             Some((_, EventBody::Count { counted: 7, seen: 10, movement: -3, .. })) => {}

@@ -3,8 +3,11 @@
 //! index, and each product's number of distinct tags recorded with the ledger's `Count` command
 //! (an observation: it stores what the ledger held and the movement, DESIGN 13.2) under a key
 //! made of the zone, the reader's cycle and the product, so a cycle is counted once whatever
-//! is repeated or restarted. Tags of GTINs no product has (or that several claim), and tags
-//! that are not SGTIN-96, are counted and reported, never recorded. Every cycle's outcome is
+//! is repeated or restarted. A product the zone holds (`skus` of its configuration) whose tags
+//! the cycle did not see at all is counted as 0: its stock is gone from the shelf, and a count
+//! of only the products seen would leave the ledger believing in it. Tags of GTINs no product
+//! has (or that several claim), and tags that are not SGTIN-96, are counted and reported, never
+//! recorded. Every cycle's outcome is
 //! one journal line and a JSON report on `se/v1/{store}/hub/count`. It runs apart from the
 //! router so that waiting for the ledger never slows tag ingest.
 
@@ -71,6 +74,9 @@ impl CountTask {
                 [sku] => *per_sku.entry(sku.clone()).or_default() += n,
                 _ => *outcome.ambiguous.entry(gtin.to_string()).or_default() += n,
             }
+        }
+        for sku in &count.zone.holds {
+            per_sku.entry(sku.clone()).or_insert(0);
         }
         for (sku, n) in per_sku {
             let counted = i64::try_from(n).unwrap_or(i64::MAX);

@@ -23,6 +23,9 @@ pub struct CountZone {
     pub antennas: Vec<u8>,
     /// `Some`: cycles are windows of this many ms; `None`: the reader's own cycle messages.
     pub window_ms: Option<u64>,
+    /// Products whose whole stock is in this zone: a whole cycle that saw none of their tags
+    /// counts them as 0.
+    pub holds: Vec<shared::Sku>,
 }
 
 impl CountZone {
@@ -315,7 +318,7 @@ mod tests {
         Gtin::parse("80614141123458").unwrap()
     }
     fn zone(window_ms: Option<u64>) -> CountZone {
-        CountZone { reader: "shelf-1".into(), antennas: vec![1, 2], window_ms }
+        CountZone { reader: "shelf-1".into(), antennas: vec![1, 2], window_ms, holds: Vec::new() }
     }
 
     #[test]
