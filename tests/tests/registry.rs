@@ -1,6 +1,7 @@
 //! Story: the device registry survives a restart of the hub (embedded broker and mosquitto). A
-//! label says hello and sends a heartbeat, a stranger not on the allow-list is quarantined; the
-//! daemon restarts and, before either speaks again, `storectl devices` shows the label (offline,
+//! label says hello and sends a heartbeat, a stranger not on the allow-list is quarantined; with
+//! the daemon stopped, `storectl devices` shows what it last saved (and exits 3); the daemon
+//! restarts and, before either speaks again, `storectl devices` shows the label (offline,
 //! with its firmware, battery and last-seen time) and the stranger still quarantined. Then the
 //! registry file is damaged: the daemon says so in its journal, starts with an empty registry
 //! and the ledger is untouched.
@@ -74,6 +75,22 @@ async fn the_registry_is_known_after_a_restart_and_a_damaged_file_only_empties_i
         let now = edge_agent::labels::runtime::wall_ms();
         assert!(now >= seen && now - seen < 60_000, "{kind:?}: last seen is wall-clock time: {seen} (now {now})");
         daemon.stop();
+
+        // The daemon down: storectl reads what it last saved, says so, and exits 3 (as status).
+        let out = store.storectl(&["devices"]);
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{kind:?}: {table}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            table.contains("NOT running") && table.contains("devices.db") && table.contains("1 devices"),
+            "{kind:?}: {table}"
+        );
+        assert!(table.contains("esl-1") && table.contains("2.4.1") && table.contains("esl-666"), "{kind:?}: {table}");
+        let out = store.storectl(&["--json", "devices"]);
+        let saved: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(saved["daemon"], "not running", "{kind:?}: {saved}");
+        let esl = device(&saved, "esl-1").unwrap();
+        assert_eq!((&esl["online"], &esl["battery_pct"]), (&Value::Null, &Value::from(77)), "{kind:?}: {saved}");
+        assert_eq!(quarantined(&saved), ["esl-666"], "{kind:?}");
 
         // After the restart, before anything speaks: known, offline, still quarantined.
         let daemon = store.start();

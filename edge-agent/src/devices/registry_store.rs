@@ -120,6 +120,32 @@ impl RegistryStore {
         Ok((RegistryStore { conn, path: path.to_owned() }, loaded))
     }
 
+    /// Reads the registry file of `data_dir` without changing anything (storectl with the daemon
+    /// down): `None` when there is none. A damaged or foreign file is an error naming it (only
+    /// the daemon moves such a file aside).
+    pub fn read(data_dir: &Path) -> Result<Option<Loaded>, StoreError> {
+        let path = data_dir.join(FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(|e| classify(e, &path))?;
+        let header = conn
+            .query_row("SELECT (SELECT application_id FROM pragma_application_id), (SELECT user_version FROM pragma_user_version)", [], |r| {
+                Ok((r.get::<_, i32>(0)?, r.get::<_, i32>(1)?))
+            })
+            .map_err(|e| classify(e, &path))?;
+        let unusable = |reason: String| StoreError::Unusable { path: path.clone(), reason };
+        match header {
+            (APPLICATION_ID, SCHEMA_VERSION) => {}
+            (APPLICATION_ID, v) => {
+                return Err(unusable(format!("schema version {v}, this build reads {SCHEMA_VERSION}")))
+            }
+            (id, _) => return Err(unusable(format!("not a device registry (application_id 0x{id:08x})"))),
+        }
+        load(&conn).map(Some).map_err(|e| classify(e, &path))
+    }
+
     /// Writes one batch of changed entries in one transaction (a quarantined entry with 0
     /// messages is deleted).
     pub fn save(&mut self, changes: &Changes) -> Result<(), StoreError> {
@@ -307,5 +333,24 @@ mod tests {
         let (_, loaded) = RegistryStore::open(other.path()).unwrap();
         assert!(loaded.devices.is_empty());
         assert!(other.path().join(format!("{FILE}.corrupt")).exists(), "another application's file is kept aside");
+    }
+
+    #[test]
+    fn reading_changes_nothing_and_names_a_file_it_cannot_use() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(RegistryStore::read(dir.path()).unwrap().is_none(), "no file yet");
+        let (mut store, _) = RegistryStore::open(dir.path()).unwrap();
+        let esl = DeviceId::new("esl-1").unwrap();
+        store.save(&Changes { devices: vec![(esl.clone(), info("esl"))], quarantined: vec![] }).unwrap();
+        let saved = RegistryStore::read(dir.path()).unwrap().unwrap();
+        assert_eq!(saved.devices.iter().map(|(id, _)| id).collect::<Vec<_>>(), [&esl], "read beside the writer");
+        drop(store);
+        assert_eq!(RegistryStore::read(dir.path()).unwrap().unwrap().devices.len(), 1);
+
+        std::fs::write(dir.path().join(FILE), vec![0x5a; 8192]).unwrap();
+        let e = RegistryStore::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(FILE), "{e}");
+        assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), vec![0x5a; 8192], "left where it is");
+        assert!(!dir.path().join(format!("{FILE}.corrupt")).exists());
     }
 }

@@ -4,7 +4,8 @@
 //! with the daemon up or down (down, they read the ledger file read-only and say so). Human
 //! tables by default, `--json` for scripts.
 //!
-//! Exit codes: 0 ok; 1 the ledger failed verification; 3 `status`: the daemon is not running;
+//! Exit codes: 0 ok; 1 the ledger failed verification; 3 `status` or `devices`: the daemon is
+//! not running (what its files hold is shown, read-only);
 //! 64 bad arguments (an invalid SKU, GTIN or price); 65 the ledger file is not usable, or the
 //! ledger refused the command (a wrong pickup code, an order cancelled by HQ, ...); 66 no ledger in the data folder; 69 the daemon is not running
 //! (a write needs it); 74 I/O error; 75 the daemon could not do it now (retry); 77 no
@@ -20,6 +21,7 @@ mod orders;
 
 use edge_agent::control::client::{call, ClientError};
 use edge_agent::control::protocol::{Cmd as ControlCmd, ErrorCode};
+use edge_agent::devices::registry_store::{self, RegistryStore};
 use edge_agent::ledger::{LedgerError, LedgerReader};
 use serde_json::json;
 use shared::{effective_price, Gtin, Sku};
@@ -505,7 +507,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             );
             return Ok(());
         }
-        Cmd::Devices => return devices(cli, &socket),
+        Cmd::Devices => return devices(cli, &socket, &data_dir),
         Cmd::Orders { command } => return orders::run(cli.json, &data_dir, &socket, command),
         Cmd::Online { command } => return orders::online(cli.json, &data_dir, &socket, command),
         Cmd::Doctor => {
@@ -710,15 +712,33 @@ fn repush(cli: &Cli, socket: &Path, sku: Option<String>, no_wait: bool) -> Resul
     }
 }
 
-fn devices(cli: &Cli, socket: &Path) -> Result<(), Failure> {
-    let answer = call(socket, ControlCmd::Devices, CONTROL_TIMEOUT).map_err(Failure::Control)?;
+fn devices(cli: &Cli, socket: &Path, data_dir: &Path) -> Result<(), Failure> {
+    let (answer, running) = match call(socket, ControlCmd::Devices, CONTROL_TIMEOUT) {
+        Ok(answer) => (answer, true),
+        // With the daemon down, what it last saved: a technician still sees which devices the
+        // store has, their firmware and when each was last heard.
+        Err(ClientError::NotRunning { path, reason }) => {
+            let saved = RegistryStore::read(data_dir).map_err(|e| Failure::Io(e.to_string()))?;
+            let answer = saved_registry(saved.unwrap_or_default());
+            if !cli.json {
+                println!("edge-agent is NOT running (no answer on {path}: {reason})");
+                println!("devices as last saved in {}, read-only:", data_dir.join(registry_store::FILE).display());
+            }
+            (answer, false)
+        }
+        Err(e) => return Err(Failure::Control(e)),
+    };
     if cli.json {
         println!("{answer}");
-        return Ok(());
+        return if running { Ok(()) } else { Err(Failure::NotRunning) };
     }
     let devices = answer["devices"].as_array().cloned().unwrap_or_default();
     let online = devices.iter().filter(|d| d["online"].as_bool() == Some(true)).count();
-    println!("{} devices, {online} online", devices.len());
+    if running {
+        println!("{} devices, {online} online", devices.len());
+    } else {
+        println!("{} devices", devices.len());
+    }
     if !devices.is_empty() {
         println!(
             "  {:<28} {:<6} {:<8} {:<12} {:>7} {:>7} {:>10} {:>7}",
@@ -733,7 +753,11 @@ fn devices(cli: &Cli, socket: &Path) -> Result<(), Failure> {
             "  {:<28} {:<6} {:<8} {:<12} {:>7} {:>7} {:>10} {:>7}",
             d["id"].as_str().unwrap_or("?"),
             d["kind"].as_str().unwrap_or("?"),
-            if d["online"].as_bool() == Some(true) { "online" } else { "OFFLINE" },
+            match d["online"].as_bool() {
+                Some(true) => "online",
+                Some(false) => "OFFLINE",
+                None => "-",
+            },
             d["firmware"].as_str().unwrap_or("-"),
             opt(&d["battery_pct"], "%"),
             opt(&d["rssi_dbm"], "dBm"),
@@ -747,7 +771,27 @@ fn devices(cli: &Cli, socket: &Path) -> Result<(), Failure> {
             println!("  {} ({} messages)", d["id"].as_str().unwrap_or("?"), d["messages"]);
         }
     }
-    Ok(())
+    if running {
+        Ok(())
+    } else {
+        Err(Failure::NotRunning)
+    }
+}
+
+/// The saved registry in the daemon's answer's shape; `online` is null: nobody is listening.
+fn saved_registry(saved: registry_store::Loaded) -> serde_json::Value {
+    let devices: Vec<serde_json::Value> = saved
+        .devices
+        .iter()
+        .map(|(id, d)| {
+            json!({ "id": id.as_str(), "kind": d.kind, "online": null, "firmware": d.firmware, "boot_id": d.boot_id,
+                    "last_seen_ms": d.last_seen_ms, "missed_heartbeats": d.missed_heartbeats,
+                    "battery_pct": d.battery_pct, "rssi_dbm": d.rssi_dbm })
+        })
+        .collect();
+    let quarantined: Vec<serde_json::Value> =
+        saved.quarantined.iter().map(|(id, n)| json!({ "id": id.as_str(), "messages": n })).collect();
+    json!({ "daemon": "not running", "read_only": true, "devices": devices, "quarantined": quarantined })
 }
 
 /// `storectl backup PATH`: an online copy, then the copy's integrity check and chain verify.
