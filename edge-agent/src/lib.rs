@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod mqtt;
 pub mod orders;
+pub mod read_only;
 pub mod rfid;
 pub mod sync;
 pub mod telemetry;

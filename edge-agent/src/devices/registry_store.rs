@@ -128,8 +128,7 @@ impl RegistryStore {
         if !path.exists() {
             return Ok(None);
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&path, flags).map_err(|e| classify(e, &path))?;
+        let conn = crate::read_only::open(&path).map_err(|e| classify(e, &path))?;
         let header = conn
             .query_row("SELECT (SELECT application_id FROM pragma_application_id), (SELECT user_version FROM pragma_user_version)", [], |r| {
                 Ok((r.get::<_, i32>(0)?, r.get::<_, i32>(1)?))

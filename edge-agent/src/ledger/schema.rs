@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 
 use super::LedgerError;
 
@@ -369,9 +369,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
             ),
         });
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| classify(path, e))?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let conn = crate::read_only::open(path).map_err(|e| classify(path, e))?;
     let version = check_identity(&conn, path)?;
     if version < latest_version() {
         return Err(LedgerError::TooOld { path: path.to_owned(), found: version, known: latest_version() });

@@ -67,16 +67,38 @@ impl CountTask {
     pub async fn record(&mut self, count: &CycleCount) -> Result<Outcome, String> {
         let mut outcome = Outcome { not_sgtin: count.not_sgtin, ..Outcome::default() };
         let mut per_sku: BTreeMap<Sku, u64> = BTreeMap::new();
+        // Products named by a GTIN several products claim, of which tags were read.
+        let mut claimed: BTreeMap<Sku, String> = BTreeMap::new();
         for (gtin, n) in &count.by_gtin {
             let skus = self.reader.skus_by_gtin(gtin).map_err(|e| format!("looking up GTIN {gtin}: {e}"))?;
             match skus.as_slice() {
                 [] => *outcome.unknown.entry(gtin.to_string()).or_default() += n,
                 [sku] => *per_sku.entry(sku.clone()).or_default() += n,
-                _ => *outcome.ambiguous.entry(gtin.to_string()).or_default() += n,
+                several => {
+                    *outcome.ambiguous.entry(gtin.to_string()).or_default() += n;
+                    claimed.extend(several.iter().map(|sku| (sku.clone(), gtin.to_string())));
+                }
             }
         }
+        // A held product none of whose tags were read counts 0, but only if its tags would
+        // have been told apart: it has a GTIN of its own in the catalog and no tags of a GTIN
+        // it shares were read. Otherwise its count is refused, not guessed.
         for sku in &count.zone.holds {
-            per_sku.entry(sku.clone()).or_insert(0);
+            if per_sku.contains_key(sku) {
+                continue;
+            }
+            if let Some(gtin) = claimed.get(sku) {
+                let why = format!("tags of GTIN {gtin}, which several products claim, were read: not counted as 0");
+                outcome.failed.insert(sku.clone(), why);
+                continue;
+            }
+            let item = self.reader.catalog_item(sku).map_err(|e| format!("looking up product {sku}: {e}"))?;
+            if item.and_then(|i| i.gtins).is_none_or(|g| g.value.is_empty()) {
+                let why = "it has no GTIN in the catalog, so its tags cannot be told apart: not counted as 0";
+                outcome.failed.insert(sku.clone(), why.to_owned());
+                continue;
+            }
+            per_sku.insert(sku.clone(), 0);
         }
         for (sku, n) in per_sku {
             let counted = i64::try_from(n).unwrap_or(i64::MAX);
@@ -180,5 +202,69 @@ impl CountTask {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Ledger, LedgerOptions};
+    use crate::rfid::cycle::{CountZone, CycleId};
+    use shared::{CatalogField, Currency, Gtin};
+
+    fn sku(s: &str) -> Sku {
+        Sku::new(s).unwrap()
+    }
+
+    /// Held products are counted 0 only when their tags would have been told apart.
+    #[tokio::test]
+    async fn a_held_product_unseen_counts_zero_unless_its_tags_could_not_be_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreId::new("s1").unwrap();
+        let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
+        let (ledger, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(64).unwrap();
+        let shared_gtin = Gtin::parse("4006381333931").unwrap();
+        let catalog = [
+            ("MILK", Some(Gtin::parse("96385074").unwrap())),
+            ("TEA", Some(shared_gtin)),
+            ("COFFEE", Some(shared_gtin)),
+            ("LOOSE", None),
+        ];
+        for (i, (name, gtin)) in catalog.iter().enumerate() {
+            let field = match gtin {
+                Some(g) => CatalogField::Gtins(vec![*g]),
+                None => CatalogField::Name("sold loose, untagged".into()),
+            };
+            let key = IdempotencyKey::new(format!("catalog-{i}")).unwrap();
+            ledger.submit(key, Command::CatalogChange { sku: sku(name), field }).await.unwrap();
+            let key = IdempotencyKey::new(format!("stock-{i}")).unwrap();
+            ledger.submit(key, Command::Count { sku: sku(name), counted: 5 }).await.unwrap();
+        }
+        let mut task =
+            CountTask { store, reader: LedgerReader::open(dir.path()).unwrap(), ledger: ledger.clone(), client: None };
+        let zone = CountZone {
+            reader: "shelf-1".into(),
+            antennas: vec![1],
+            window_ms: None,
+            holds: ["MILK", "TEA", "LOOSE"].map(sku).to_vec(),
+        };
+        // Two tags of the GTIN tea and coffee share; none of milk's.
+        let count = CycleCount {
+            zone,
+            cycle: CycleId::Native { boot: 1, cycle: 1 },
+            by_gtin: [(shared_gtin, 2)].into_iter().collect(),
+            not_sgtin: 0,
+        };
+        let outcome = task.record(&count).await.unwrap();
+        assert_eq!(outcome.recorded.keys().collect::<Vec<_>>(), [&sku("MILK")], "{outcome:?}");
+        assert_eq!((outcome.recorded[&sku("MILK")].counted, outcome.recorded[&sku("MILK")].movement), (0, -5));
+        assert!(outcome.failed[&sku("TEA")].contains("several products claim"), "{outcome:?}");
+        assert!(outcome.failed[&sku("LOOSE")].contains("no GTIN"), "{outcome:?}");
+        assert_eq!(outcome.ambiguous.get("04006381333931").copied(), Some(2), "{outcome:?}");
+        let reader = LedgerReader::open(dir.path()).unwrap();
+        let on_hand = |s: &str| reader.stock(&sku(s)).unwrap().on_hand;
+        assert_eq!((on_hand("MILK"), on_hand("TEA"), on_hand("LOOSE")), (0, 5, 5));
+        drop((task, ledger));
+        writer.join();
     }
 }
