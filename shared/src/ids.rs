@@ -25,8 +25,13 @@ fn validate(what: &'static str, value: &str, max_len: usize, extra: &[char]) -> 
     // Bytes, not chars: every allowed character is ASCII, so the first byte refused starts a
     // character (a multi-byte one starts with a byte that is not ASCII). This runs for every
     // device message's topic.
-    let allowed =
-        |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || extra.contains(&(b as char));
+    let allowed = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || b == b'-'
+            || b == b'_'
+            || b == b'.'
+            || (b.is_ascii() && extra.contains(&(b as char)))
+    };
     if let Some((pos, c)) =
         value.bytes().position(|b| !allowed(b)).and_then(|pos| value[pos..].chars().next().map(|c| (pos, c)))
     {
