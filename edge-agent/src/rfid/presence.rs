@@ -128,6 +128,10 @@ pub struct PresenceStats {
     pub dropped: u64,
 }
 
+/// Most zones (reader antennas) tracked: zones are listed for good, and readers are devices
+/// that could name any antenna; reads in further zones are dropped and counted (`dropped`).
+pub const MAX_ZONES: usize = 4_096;
+
 /// Hashes EPCs for the tag table: keyed per process (see [`Presence`]).
 type EpcHasher = foldhash::fast::RandomState;
 
@@ -168,15 +172,16 @@ impl Presence {
         Presence { config, exit_zones: exit_zones.into_iter().collect(), ..Presence::default() }
     }
 
-    /// The index of `zone`, listing it on first sight.
-    fn zone_ix(&mut self, zone: &Zone) -> ZoneIx {
+    /// The index of `zone`, listing it on first sight; `None` when [`MAX_ZONES`] are listed.
+    fn zone_ix(&mut self, zone: &Zone) -> Option<ZoneIx> {
         if let Some((last, ix)) = &self.last_zone {
             if last.antenna == zone.antenna && (Arc::ptr_eq(&last.reader, &zone.reader) || last.reader == zone.reader) {
-                return *ix;
+                return Some(*ix);
             }
         }
         let ix = match self.zone_ix.get(zone) {
             Some(ix) => *ix,
+            None if self.zones.len() >= MAX_ZONES => return None,
             None => {
                 let ix = self.zones.len() as ZoneIx;
                 self.zones.push(zone.clone());
@@ -186,7 +191,7 @@ impl Presence {
             }
         };
         self.last_zone = Some((zone.clone(), ix));
-        ix
+        Some(ix)
     }
 
     /// The index of `zone` if any tag was ever seen there.
@@ -203,7 +208,10 @@ impl Presence {
     /// when the tag came into an exit zone).
     pub fn on_read(&mut self, read: TagRead<'_>, sold: impl Fn(&[u8]) -> bool) -> ReadOutcome {
         self.stats.reads += 1;
-        let zone = self.zone_ix(read.zone);
+        let Some(zone) = self.zone_ix(read.zone) else {
+            self.stats.dropped += 1;
+            return ReadOutcome { sighting: Sighting::Dropped, alarm: None };
+        };
         let (dedup_window_ms, max_tags) = (self.config.dedup_window_ms, self.config.max_tags);
         let arrival = self.arrivals + 1;
         let new = Seen { zone, last_ms: read.at_ms, arrival };
@@ -374,6 +382,24 @@ mod tests {
         );
         let outcome = p.on_read(read(&sold, &gate, 0), |e| e == sold.as_slice());
         assert_eq!(outcome, ReadOutcome { sighting: Sighting::Arrived, alarm: None }, "a sold item passes");
+    }
+
+    #[test]
+    fn the_zone_list_is_bounded() {
+        let mut p = Presence::new(PresenceConfig::default(), []);
+        for r in 0..MAX_ZONES / 256 {
+            for a in 0..=255u8 {
+                let outcome = p.on_read(read(&epc(1), &zone(&format!("r{r}"), a), 0), |_| false);
+                assert_ne!(outcome.sighting, Sighting::Dropped, "zone {r}:{a} is within the bound");
+            }
+        }
+        assert_eq!(p.on_read(read(&epc(2), &zone("one-too-many", 1), 0), |_| false).sighting, Sighting::Dropped);
+        assert_eq!(p.stats.dropped, 1);
+        assert_eq!(
+            p.on_read(read(&epc(3), &zone("r0", 7), 0), |_| false).sighting,
+            Sighting::Arrived,
+            "known zones go on"
+        );
     }
 
     #[test]
