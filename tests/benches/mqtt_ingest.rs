@@ -7,7 +7,11 @@
 //! Both RFID consumers receive from a publisher running at the same time, so one round of each
 //! mostly measures how fast the broker and publisher went that moment (single rounds ranged from
 //! 0.69x to 1.40x on this machine). The table gives the fastest, median and slowest of several
-//! alternating rounds; the ratio and the target compare medians.
+//! alternating rounds; the ratio and the target compare medians. `worker ns/read` is the median
+//! CPU time the consumer's runtime worker spent per read: what each consumer costs, apart from
+//! how fast the broker and publisher went; `router ns/read` the part of it in the hub's router
+//! (beside the broker and publisher it runs slower than alone, on a machine whose caches they
+//! share).
 //!
 //! Run: `cargo bench -p e2e-tests --bench mqtt_ingest` (`BENCH_MESSAGES` sets the RFID messages,
 //! each of 10 reads, default 20,000; `BENCH_ROUNDS` the rounds of each consumer, default 7).
@@ -64,6 +68,26 @@ async fn publish_all(port: u16, messages: Arc<Vec<Vec<u8>>>) {
     poller.abort();
 }
 
+/// CPU time of the calling thread. Both consumers' tasks run on a one-worker runtime, so the
+/// worker's CPU time over a round is what the consumer cost, whatever the publisher and broker
+/// did meanwhile (wall time mixes in their speed of the moment).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A consumer's round: wall time to receive the stream, the worker's CPU time meanwhile, and
+/// the part of it spent in the hub's router (zero for the bare subscriber).
+#[derive(Clone, Copy)]
+struct Round {
+    wall: Duration,
+    cpu: Duration,
+    router: Duration,
+}
+
 /// The devices: another runtime (another machine's work in a store), publishing the stream
 /// while a consumer receives it.
 fn publish(devices: &Handle, port: u16, messages: &Arc<Vec<Vec<u8>>>) -> tokio::task::JoinHandle<()> {
@@ -72,7 +96,7 @@ fn publish(devices: &Handle, port: u16, messages: &Arc<Vec<Vec<u8>>>) -> tokio::
 
 /// A plain subscriber counting messages: the reference. Its receive loop runs as a task, as the
 /// hub's router does.
-async fn bare_subscriber(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Duration {
+async fn bare_subscriber(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Round {
     let opts = MqttOptions::new(format!("bench-bare-{round}"), "127.0.0.1", port);
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     client.subscribe(TOPIC, QoS::AtLeastOnce).await.unwrap();
@@ -80,14 +104,14 @@ async fn bare_subscriber(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, d
     let total = messages.len();
     let publisher = publish(&devices, port, &messages);
     let receiver = tokio::spawn(async move {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), thread_cpu());
         let mut got = 0;
         while got < total {
             if let Ok(Event::Incoming(Packet::Publish(_))) = eventloop.poll().await {
                 got += 1;
             }
         }
-        started.elapsed()
+        Round { wall: started.elapsed(), cpu: thread_cpu() - cpu, router: Duration::ZERO }
     });
     let elapsed = receiver.await.unwrap();
     publisher.await.unwrap();
@@ -96,7 +120,7 @@ async fn bare_subscriber(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, d
 
 /// The hub's own link and router: decoded, deduplicated, SGTIN-decoded and tracked per zone.
 /// The router runs as a task beside the link's, as in the daemon.
-async fn hub_router(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Duration {
+async fn hub_router(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Round {
     let store = StoreId::new("s1").unwrap();
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
     let mut l = link::spawn(
@@ -124,18 +148,21 @@ async fn hub_router(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, device
     let total_reads = (messages.len() * READS_PER_MESSAGE) as u64;
     let publisher = publish(&devices, port, &messages);
     let receiver = tokio::spawn(async move {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), thread_cpu());
+        let mut in_router = Duration::ZERO;
         while r.stats.tag_reads < total_reads {
             match l.incoming.recv().await {
                 Some(batch) => {
+                    let t = thread_cpu();
                     for m in batch {
                         r.handle(m);
                     }
+                    in_router += thread_cpu() - t;
                 }
                 None => break,
             }
         }
-        started.elapsed()
+        Round { wall: started.elapsed(), cpu: thread_cpu() - cpu, router: in_router }
     });
     let elapsed = receiver.await.unwrap();
     publisher.await.unwrap();
@@ -154,7 +181,7 @@ fn router_alone(messages: &[Vec<u8>]) -> Duration {
         HashMap::new(),
     );
     let incoming: Vec<link::Incoming> =
-        messages.iter().map(|m| link::Incoming { topic: TOPIC.into(), payload: m.clone() }).collect();
+        messages.iter().map(|m| link::Incoming { topic: TOPIC.into(), payload: m.clone().into() }).collect();
     let started = Instant::now();
     for m in incoming {
         r.handle(m);
@@ -233,8 +260,18 @@ fn main() {
     // The consumers run on a runtime shaped like the daemon's (`[runtime] worker_threads`); the
     // publisher, standing in for the devices, on one of its own.
     let workers = edge_agent::config::RuntimeSection::default().worker_threads;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
-    let devices = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("consumer")
+        .enable_all()
+        .build()
+        .unwrap();
+    let devices = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("devices")
+        .enable_all()
+        .build()
+        .unwrap();
     let stream = Arc::new(tag_messages(messages));
     let reads = (messages * READS_PER_MESSAGE) as f64;
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(7).max(1);
@@ -245,27 +282,43 @@ fn main() {
             hub.push(hub_router(port, stream.clone(), round, devices.handle().clone()).await);
         }
     });
-    bare.sort();
-    hub.sort();
+    let walls = |v: &[Round]| {
+        let mut w: Vec<Duration> = v.iter().map(|r| r.wall).collect();
+        w.sort();
+        w
+    };
+    let per_read = |v: &[Round], part: fn(&Round) -> Duration| {
+        let mut c: Vec<Duration> = v.iter().map(part).collect();
+        c.sort();
+        c[c.len() / 2].as_nanos() as f64 / reads
+    };
+    let (bare_cpu, hub_cpu) = (per_read(&bare, |r| r.cpu), per_read(&hub, |r| r.cpu));
+    let hub_router_cpu = per_read(&hub, |r| r.router);
+    let (bare, hub) = (walls(&bare), walls(&hub));
     let rate = |d: Duration| reads / d.as_secs_f64();
     let median = |v: &[Duration]| v[v.len() / 2];
     println!(
         "RFID tag reads through the embedded broker ({messages} messages of {READS_PER_MESSAGE} reads, {rounds} rounds each, alternating)"
     );
-    println!("{:<48} {:>12} {:>12} {:>12} {:>8}", "reads/s", "fastest", "median", "slowest", "ratio");
-    let row = |name: &str, v: &[Duration], ratio: f64| {
+    println!(
+        "{:<48} {:>12} {:>12} {:>12} {:>8} {:>14} {:>14}",
+        "reads/s", "fastest", "median", "slowest", "ratio", "worker ns/read", "router ns/read"
+    );
+    let row = |name: &str, v: &[Duration], ratio: f64, cpu: f64, router: f64| {
         println!(
-            "{:<48} {:>12.0} {:>12.0} {:>12.0} {:>7.2}x",
+            "{:<48} {:>12.0} {:>12.0} {:>12.0} {:>7.2}x {:>14.0} {:>14.0}",
             name,
             rate(v[0]),
             rate(median(v)),
             rate(v[v.len() - 1]),
-            ratio
+            ratio,
+            cpu,
+            router
         );
     };
-    row("bare rumqttc subscriber (receive only)", &bare, 1.0);
+    row("bare rumqttc subscriber (receive only)", &bare, 1.0, bare_cpu, 0.0);
     let ratio = rate(median(&hub)) / rate(median(&bare));
-    row("hub link + router (decode, dedup, SGTIN, zones)", &hub, ratio);
+    row("hub link + router (decode, dedup, SGTIN, zones)", &hub, ratio, hub_cpu, hub_router_cpu);
     let mut alone: Vec<Duration> = (0..rounds).map(|_| router_alone(&stream)).collect();
     alone.sort();
     println!(

@@ -31,6 +31,15 @@ pub struct DeviceInfo {
     pub rssi_dbm: Option<i8>,
 }
 
+/// What the registry keeps of one message: its sender's boot and sequence, and the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Heard<'a> {
+    pub boot_id: u32,
+    pub seq: u32,
+    /// `None` when the body was not decoded into a [`fp::Body`] (tag reads read in place).
+    pub body: Option<&'a fp::Body>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
     /// A known device spoke; `came_online` when it had been offline or was new.
@@ -118,6 +127,13 @@ impl Registry {
 
     /// A device's message arrived at `now`.
     pub fn on_message(&mut self, kind: DeviceKind, id: &DeviceId, env: &fp::Envelope, now: Now) -> Seen {
+        self.on_heard(kind, id, Heard { boot_id: env.boot_id, seq: env.seq, body: Some(&env.body) }, now)
+    }
+
+    /// [`Registry::on_message`] for a message known only by its header (a reader's tag reads,
+    /// decoded in place): what the registry keeps of a body (firmware, battery, signal) comes
+    /// only with hello, heartbeat and check-in messages.
+    pub fn on_heard(&mut self, kind: DeviceKind, id: &DeviceId, heard: Heard<'_>, now: Now) -> Seen {
         if !self.admits(id) {
             if let Some(n) = self.quarantined.get_mut(id) {
                 *n += 1;
@@ -140,7 +156,7 @@ impl Registry {
             let info = DeviceInfo {
                 kind: kind.as_str(),
                 firmware: None,
-                boot_id: env.boot_id,
+                boot_id: heard.boot_id,
                 last_seq: 0,
                 last_seen_ms: now.wall_ms,
                 online: false,
@@ -151,10 +167,10 @@ impl Registry {
             self.devices.insert(id.clone(), info);
         }
         let Some(info) = self.devices.get_mut(id) else { return Seen::Refused };
-        let new_boot = info.boot_id != env.boot_id;
+        let new_boot = info.boot_id != heard.boot_id;
         info.kind = kind.as_str();
-        info.boot_id = env.boot_id;
-        info.last_seq = env.seq;
+        info.boot_id = heard.boot_id;
+        info.last_seq = heard.seq;
         // Silence since it was last heard: in this run by the monotonic clock; for a device
         // restored from before a restart, by the wall clock.
         let silent_ms = match self.heard.get_mut(id) {
@@ -166,13 +182,13 @@ impl Registry {
         };
         info.missed_heartbeats += silent_ms / self.heartbeat_timeout_ms.max(1) / 2;
         info.last_seen_ms = now.wall_ms;
-        match &env.body {
-            fp::Body::Hello(h) => info.firmware = Some(h.firmware.to_string()),
-            fp::Body::Heartbeat(hb) => {
+        match heard.body {
+            Some(fp::Body::Hello(h)) => info.firmware = Some(h.firmware.to_string()),
+            Some(fp::Body::Heartbeat(hb)) => {
                 info.battery_pct = hb.battery_pct;
                 info.rssi_dbm = hb.rssi_dbm;
             }
-            fp::Body::LabelCheckIn(c) => {
+            Some(fp::Body::LabelCheckIn(c)) => {
                 info.battery_pct = Some(c.battery_pct);
                 info.rssi_dbm = Some(c.rssi_dbm);
             }

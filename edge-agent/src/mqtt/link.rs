@@ -55,7 +55,9 @@ impl std::fmt::Debug for LinkSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
     pub topic: String,
-    pub payload: Vec<u8>,
+    /// As rumqttc read it (a share of its read buffer, not a copy); the router drops a batch
+    /// as soon as it has handled it.
+    pub payload: bytes::Bytes,
 }
 
 pub struct MqttLink {
@@ -125,7 +127,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let mut batch = vec![Incoming { topic: p.topic, payload: p.payload.to_vec() }];
+                    let mut batch = vec![Incoming { topic: p.topic, payload: p.payload }];
                     // What rumqttc read from the network with this message waits in its state,
                     // and poll() would hand it out next without I/O. Taking the messages among
                     // it now sends them to the router as one batch: one wake-up of the router
@@ -136,7 +138,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                             Some(Event::Incoming(Packet::ConnAck(_))) | None => break,
                             Some(_) => {
                                 if let Some(Event::Incoming(Packet::Publish(p))) = eventloop.state.events.pop_front() {
-                                    batch.push(Incoming { topic: p.topic, payload: p.payload.to_vec() });
+                                    batch.push(Incoming { topic: p.topic, payload: p.payload });
                                 }
                             }
                         }

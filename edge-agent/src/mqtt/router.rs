@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::Incoming;
 use super::topics::{self, DeviceKind, Leaf};
-use crate::devices::registry::{Changes, Now, Registry, Seen};
+use crate::devices::registry::{Changes, Heard, Now, Registry, Seen};
 use crate::labels::planner::AckStage;
 use crate::labels::runtime::{LabelInput, SentAs};
 use crate::ledger::LedgerReader;
@@ -181,6 +181,19 @@ impl Router {
         if topic.leaf == Leaf::Cmd {
             return out; // the hub's own commands
         }
+        // A reader's tag reads, the bulk of the traffic, are read in place; anything the fast
+        // path does not take (other messages, and every malformed payload) gets the full
+        // decoder and its verdict.
+        if topic.kind == DeviceKind::Rfid {
+            if let Some(batch) = fp::tag_reads::decode_tag_reads(&msg.payload) {
+                let heard = Heard { boot_id: batch.boot_id, seq: batch.seq, body: None };
+                if self.admit(&topic, batch.device, heard) {
+                    let reads = batch.reads().map(|r| (r.antenna, r.epc));
+                    self.tag_reads(topic.device.as_str(), reads, now, &mut out);
+                }
+                return out;
+            }
+        }
         let env = match fp::payload::decode(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
@@ -190,31 +203,9 @@ impl Router {
                 return out;
             }
         };
-        if env.device.as_str() != topic.device.as_str() {
-            self.stats.refused_payload += 1;
-            tracing::warn!(device_id = %topic.device, claimed = %env.device, error_code = "MQTT_DEVICE_MISMATCH",
-                "Envelope names another device than its topic; refused");
+        let heard = Heard { boot_id: env.boot_id, seq: env.seq, body: Some(&env.body) };
+        if !self.admit(&topic, env.device.as_str(), heard) {
             return out;
-        }
-        match self.registry.on_message(topic.kind, &topic.device, &env, self.now()) {
-            Seen::Quarantined { first_time } => {
-                self.stats.quarantined += 1;
-                if first_time {
-                    tracing::warn!(device_id = %topic.device, device_kind = topic.kind.as_str(), error_code = "DEVICE_QUARANTINED",
-                        "Unknown device quarantined (not on the allow-list)");
-                }
-                return out;
-            }
-            Seen::Refused => {
-                self.stats.quarantined += 1;
-                return out;
-            }
-            Seen::Adopted { came_online, new_boot } => {
-                self.stats.accepted += 1;
-                if came_online || new_boot {
-                    tracing::info!(device_id = %topic.device, device_kind = topic.kind.as_str(), boot_id = env.boot_id, "Device online");
-                }
-            }
         }
         if topic.kind == DeviceKind::Esl {
             let sent = SentAs { boot: env.boot_id, seq: env.seq };
@@ -265,6 +256,38 @@ impl Router {
             }
         }
         out
+    }
+
+    /// Whether a decoded message is taken: its envelope names the device of its topic, and the
+    /// registry admits the device (not quarantined, room for it). Counts and logs the refusals.
+    fn admit(&mut self, topic: &topics::DeviceTopic, claimed: &str, heard: Heard<'_>) -> bool {
+        if claimed != topic.device.as_str() {
+            self.stats.refused_payload += 1;
+            tracing::warn!(device_id = %topic.device, claimed = %claimed, error_code = "MQTT_DEVICE_MISMATCH",
+                "Envelope names another device than its topic; refused");
+            return false;
+        }
+        match self.registry.on_heard(topic.kind, &topic.device, heard, self.now()) {
+            Seen::Quarantined { first_time } => {
+                self.stats.quarantined += 1;
+                if first_time {
+                    tracing::warn!(device_id = %topic.device, device_kind = topic.kind.as_str(), error_code = "DEVICE_QUARANTINED",
+                        "Unknown device quarantined (not on the allow-list)");
+                }
+                false
+            }
+            Seen::Refused => {
+                self.stats.quarantined += 1;
+                false
+            }
+            Seen::Adopted { came_online, new_boot } => {
+                self.stats.accepted += 1;
+                if came_online || new_boot {
+                    tracing::info!(device_id = %topic.device, device_kind = topic.kind.as_str(), boot_id = heard.boot_id, "Device online");
+                }
+                true
+            }
+        }
     }
 
     /// The reader's shared name (kept for the next reads, up to one per registry entry).
@@ -441,4 +464,62 @@ pub async fn run(
         }
     }
     router.flush_registry().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPIC: &str = "se/v1/s1/dev/rfid/gate-1/evt";
+
+    fn router(allow: &[&str]) -> Router {
+        let allow = (!allow.is_empty()).then(|| allow.iter().map(|d| DeviceId::new(*d).unwrap()).collect());
+        let presence = Arc::new(Mutex::new(Presence::new(Default::default(), [])));
+        Router::new(StoreId::new("s1").unwrap(), 65_536, Registry::new(allow, 60_000), presence, HashMap::new())
+    }
+
+    fn tag_reads(device: &str, epcs: &[[u8; 12]]) -> Vec<u8> {
+        let mut reads = heapless::Vec::new();
+        for epc in epcs {
+            let read =
+                fp::TagRead { epc: heapless::Vec::from_slice(epc).unwrap(), antenna: 1, rssi_cdbm: -4_000, count: 1 };
+            reads.push(read).unwrap();
+        }
+        let env = fp::Envelope::new(device, 3, 1, fp::Body::TagReads(fp::TagReads { reads })).unwrap();
+        fp::payload::encode_vec(&env).unwrap()
+    }
+
+    fn incoming(payload: Vec<u8>) -> Incoming {
+        Incoming { topic: TOPIC.into(), payload: payload.into() }
+    }
+
+    fn tags_at_gate(r: &Router) -> usize {
+        let zone = Zone { reader: "gate-1".into(), antenna: 1 };
+        r.presence.lock().unwrap().tags_in(&zone).len()
+    }
+
+    /// Tag reads take the in-place decoder; what it does not take meets the same checks and
+    /// counters as every other message.
+    #[test]
+    fn tag_reads_read_in_place_are_checked_like_any_message() {
+        let mut r = router(&["gate-1"]);
+        r.handle(incoming(tag_reads("gate-1", &[[1; 12], [2; 12]])));
+        assert_eq!((r.stats.accepted, r.stats.tag_reads, tags_at_gate(&r)), (1, 2, 2));
+        assert_eq!(r.registry.devices().count(), 1);
+
+        // The envelope names another reader than its topic.
+        r.handle(incoming(tag_reads("gate-2", &[[3; 12]])));
+        assert_eq!((r.stats.refused_payload, r.stats.tag_reads), (1, 2));
+
+        // Corrupted on the way: refused with the full decoder's verdict.
+        let mut bad = tag_reads("gate-1", &[[4; 12]]);
+        bad[10] ^= 0xff;
+        r.handle(incoming(bad));
+        assert_eq!((r.stats.refused_payload, r.stats.tag_reads), (2, 2));
+
+        // A reader not on the allow-list is quarantined, its reads not taken.
+        let mut r = router(&["gate-9"]);
+        r.handle(incoming(tag_reads("gate-1", &[[5; 12]])));
+        assert_eq!((r.stats.quarantined, r.stats.tag_reads, tags_at_gate(&r)), (1, 0, 0));
+    }
 }

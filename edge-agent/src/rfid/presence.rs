@@ -81,6 +81,9 @@ impl Default for PresenceConfig {
     }
 }
 
+/// Most tags the 96-bit table is sized for up front (the default `max_tags`).
+const PRESIZED_TAGS: usize = 200_000;
+
 /// A zone's place in [`Presence`]'s zone list: what a tag's entry holds instead of the zone.
 type ZoneIx = u32;
 
@@ -169,7 +172,12 @@ pub struct ZoneCount {
 
 impl Presence {
     pub fn new(config: PresenceConfig, exit_zones: impl IntoIterator<Item = Zone>) -> Presence {
-        Presence { config, exit_zones: exit_zones.into_iter().collect(), ..Presence::default() }
+        let mut presence = Presence { config, exit_zones: exit_zones.into_iter().collect(), ..Presence::default() };
+        // Sized for the tags it may track (up to the default bound) once: growing would move
+        // every tracked tag at each doubling while reads wait. The memory is only touched as
+        // tags arrive (~40 bytes each).
+        presence.tags.reserve(presence.config.max_tags.min(PRESIZED_TAGS));
+        presence
     }
 
     /// The index of `zone`, listing it on first sight; `None` when [`MAX_ZONES`] are listed.
