@@ -78,7 +78,9 @@ pub struct Registry {
     devices: BTreeMap<DeviceId, DeviceInfo>,
     quarantined: BTreeMap<DeviceId, u64>,
     /// When each device was last heard in this run (monotonic ms); restored devices have none.
-    heard: HashMap<DeviceId, u64>,
+    /// Looked up for every message: hashed with foldhash, keyed per process (device names come
+    /// from topics anyone on the broker may publish to).
+    heard: HashMap<DeviceId, u64, foldhash::fast::RandomState>,
     changed: BTreeSet<DeviceId>,
     changed_quarantined: BTreeSet<DeviceId>,
 }
@@ -90,7 +92,7 @@ impl Registry {
             heartbeat_timeout_ms,
             devices: BTreeMap::new(),
             quarantined: BTreeMap::new(),
-            heard: HashMap::new(),
+            heard: HashMap::default(),
             changed: BTreeSet::new(),
             changed_quarantined: BTreeSet::new(),
         }

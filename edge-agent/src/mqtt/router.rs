@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::link::Incoming;
-use super::topics::{self, DeviceKind, Leaf};
+use super::topics::{self, DeviceKind, DeviceTopic, Leaf};
 use crate::devices::registry::{Changes, Heard, Now, Registry, Seen};
 use crate::labels::planner::AckStage;
 use crate::labels::runtime::{LabelInput, SentAs};
@@ -74,6 +74,10 @@ pub struct Router {
     pub counts: Option<mpsc::Sender<CycleCount>>,
     /// Reader names, shared by every zone and tag of the reader (no allocation per read).
     readers: HashSet<Arc<str>>,
+    /// The last device topic and what it parsed to.
+    last_topic: Option<(String, DeviceTopic)>,
+    /// The reader of the last tag reads (one of `readers`).
+    last_reader: Option<Arc<str>>,
     started: Instant,
 }
 
@@ -110,6 +114,8 @@ impl Router {
             cycles: CycleCounter::default(),
             counts: None,
             readers: HashSet::new(),
+            last_topic: None,
+            last_reader: None,
             started: Instant::now(),
         }
     }
@@ -170,7 +176,7 @@ impl Router {
             self.tag_reads(reader.as_str(), reads, now, &mut out);
             return out;
         }
-        let topic = match topics::parse(&self.store, &msg.topic) {
+        let topic = match self.device_topic(&msg.topic) {
             Ok(t) => t,
             Err(e) => {
                 self.stats.refused_topic += 1;
@@ -178,34 +184,51 @@ impl Router {
                 return out;
             }
         };
+        self.device_message(&topic, &msg.payload, now, &mut out);
+        // Kept for the next message: a device sends its stream on one topic.
+        self.last_topic = Some((msg.topic, topic));
+        out
+    }
+
+    /// The device topic named `name`: the last one parsed when it is the same (no parse, no
+    /// allocation), else parsed.
+    fn device_topic(&mut self, name: &str) -> Result<DeviceTopic, String> {
+        match self.last_topic.take() {
+            Some((last, topic)) if last == name => Ok(topic),
+            _ => topics::parse(&self.store, name),
+        }
+    }
+
+    /// A message on a device's topic.
+    fn device_message(&mut self, topic: &DeviceTopic, payload: &[u8], now: u64, out: &mut Vec<Outbound>) {
         if topic.leaf == Leaf::Cmd {
-            return out; // the hub's own commands
+            return; // the hub's own commands
         }
         // A reader's tag reads, the bulk of the traffic, are read in place; anything the fast
         // path does not take (other messages, and every malformed payload) gets the full
         // decoder and its verdict.
         if topic.kind == DeviceKind::Rfid {
-            if let Some(batch) = fp::tag_reads::decode_tag_reads(&msg.payload) {
+            if let Some(batch) = fp::tag_reads::decode_tag_reads(payload) {
                 let heard = Heard { boot_id: batch.boot_id, seq: batch.seq, body: None };
-                if self.admit(&topic, batch.device, heard) {
+                if self.admit(topic, batch.device, heard) {
                     let reads = batch.reads().map(|r| (r.antenna, r.epc));
-                    self.tag_reads(topic.device.as_str(), reads, now, &mut out);
+                    self.tag_reads(topic.device.as_str(), reads, now, out);
                 }
-                return out;
+                return;
             }
         }
-        let env = match fp::payload::decode(&msg.payload) {
+        let env = match fp::payload::decode(payload) {
             Ok(env) => env,
             Err(e) => {
                 self.stats.refused_payload += 1;
                 tracing::warn!(device_id = %topic.device, device_kind = topic.kind.as_str(), error = %e, error_code = "MQTT_PAYLOAD",
                     "Device payload refused");
-                return out;
+                return;
             }
         };
         let heard = Heard { boot_id: env.boot_id, seq: env.seq, body: Some(&env.body) };
-        if !self.admit(&topic, env.device.as_str(), heard) {
-            return out;
+        if !self.admit(topic, env.device.as_str(), heard) {
+            return;
         }
         if topic.kind == DeviceKind::Esl {
             let sent = SentAs { boot: env.boot_id, seq: env.seq };
@@ -238,7 +261,7 @@ impl Router {
             match &env.body {
                 fp::Body::TagReads(batch) => {
                     let reads = batch.reads.iter().map(|r| (r.antenna, r.epc.as_slice()));
-                    self.tag_reads(topic.device.as_str(), reads, now, &mut out);
+                    self.tag_reads(topic.device.as_str(), reads, now, out);
                 }
                 fp::Body::ReaderStatus(s) => {
                     self.cycles.on_overflow(topic.device.as_str(), s.overflow);
@@ -255,12 +278,11 @@ impl Router {
                 _ => {}
             }
         }
-        out
     }
 
     /// Whether a decoded message is taken: its envelope names the device of its topic, and the
     /// registry admits the device (not quarantined, room for it). Counts and logs the refusals.
-    fn admit(&mut self, topic: &topics::DeviceTopic, claimed: &str, heard: Heard<'_>) -> bool {
+    fn admit(&mut self, topic: &DeviceTopic, claimed: &str, heard: Heard<'_>) -> bool {
         if claimed != topic.device.as_str() {
             self.stats.refused_payload += 1;
             tracing::warn!(device_id = %topic.device, claimed = %claimed, error_code = "MQTT_DEVICE_MISMATCH",
@@ -292,6 +314,18 @@ impl Router {
 
     /// The reader's shared name (kept for the next reads, up to one per registry entry).
     fn reader_name(&mut self, name: &str) -> Arc<str> {
+        // A reader's batches come one after another: the last name first, without hashing.
+        if let Some(last) = &self.last_reader {
+            if **last == *name {
+                return last.clone();
+            }
+        }
+        let r = self.known_reader_name(name);
+        self.last_reader = Some(r.clone());
+        r
+    }
+
+    fn known_reader_name(&mut self, name: &str) -> Arc<str> {
         if let Some(r) = self.readers.get(name) {
             return r.clone();
         }
@@ -344,6 +378,9 @@ impl Router {
 
     /// Hands counted cycles to the count task; logs the ones not counted.
     fn cycles_closed(&mut self, closed: Closed) {
+        if closed.counted.is_empty() && closed.skipped.is_empty() {
+            return; // nearly every batch of reads
+        }
         for s in closed.skipped {
             if s.reason.is_expected() {
                 tracing::debug!(zone = %s.zone, cycle = %s.cycle, reason = %s.reason, "RFID zone cycle not counted");
@@ -502,7 +539,7 @@ mod tests {
     /// counters as every other message.
     #[test]
     fn tag_reads_read_in_place_are_checked_like_any_message() {
-        let mut r = router(&["gate-1"]);
+        let mut r = router(&["gate-1", "gate-2"]);
         r.handle(incoming(tag_reads("gate-1", &[[1; 12], [2; 12]])));
         assert_eq!((r.stats.accepted, r.stats.tag_reads, tags_at_gate(&r)), (1, 2, 2));
         assert_eq!(r.registry.devices().count(), 1);
@@ -516,6 +553,17 @@ mod tests {
         bad[10] ^= 0xff;
         r.handle(incoming(bad));
         assert_eq!((r.stats.refused_payload, r.stats.tag_reads), (2, 2));
+
+        // Another reader's topic after the first (the last topic is kept, not reused for it),
+        // then a topic of another store.
+        let mut other = incoming(tag_reads("gate-2", &[[6; 12]]));
+        other.topic = "se/v1/s1/dev/rfid/gate-2/evt".into();
+        r.handle(other);
+        assert_eq!((r.stats.accepted, r.stats.tag_reads, r.registry.devices().count()), (2, 3, 2));
+        let mut foreign = incoming(tag_reads("gate-2", &[[7; 12]]));
+        foreign.topic = "se/v1/s2/dev/rfid/gate-2/evt".into();
+        r.handle(foreign);
+        assert_eq!((r.stats.refused_topic, r.stats.tag_reads), (1, 3));
 
         // A reader not on the allow-list is quarantined, its reads not taken.
         let mut r = router(&["gate-9"]);
