@@ -140,14 +140,19 @@ impl<'a> Cursor<'a> {
     /// `last_max`: postcard's rule for the integer type, so the same bytes pass or fail.
     #[inline]
     fn varint(&mut self, max_bytes: u32, last_max: u8) -> Option<u64> {
-        // The one-byte form first: every value below 128 (antennas, counts, small RSSIs).
-        if let Some((&b, rest)) = self.bytes.split_first() {
-            if b < 0x80 {
+        // The one- and two-byte forms inline (antennas, counts, RSSIs); only the two-byte form
+        // of a type of at least three can skip the last-byte rule, and every type here is.
+        match *self.bytes {
+            [b0, ref rest @ ..] if b0 < 0x80 => {
                 self.bytes = rest;
-                return Some(u64::from(b));
+                Some(u64::from(b0))
             }
+            [b0, b1, ref rest @ ..] if b1 < 0x80 && max_bytes > 2 => {
+                self.bytes = rest;
+                Some(u64::from(b0 & 0x7f) | u64::from(b1) << 7)
+            }
+            _ => self.long_varint(max_bytes, last_max),
         }
-        self.long_varint(max_bytes, last_max)
     }
 
     fn long_varint(&mut self, max_bytes: u32, last_max: u8) -> Option<u64> {
@@ -164,12 +169,15 @@ impl<'a> Cursor<'a> {
 
     #[inline]
     fn take_read(&mut self) -> Option<TagReadRef<'a>> {
-        let epc_len = self.short_len()?;
-        if epc_len > MAX_EPC {
+        // EPC length (a one-byte varint: at most 32), the EPC and the antenna, sliced at once.
+        let (&epc_len, rest) = self.bytes.split_first()?;
+        let epc_len = usize::from(epc_len);
+        if epc_len > MAX_EPC || rest.len() <= epc_len {
             return None;
         }
-        let epc = self.take(epc_len)?;
-        let antenna = self.byte()?;
+        let (epc, rest) = rest.split_at(epc_len);
+        let antenna = rest[0];
+        self.bytes = &rest[1..];
         let zigzag = self.varint(3, 0x03)? as u16;
         let rssi_cdbm = ((zigzag >> 1) as i16) ^ -((zigzag & 1) as i16);
         let count = self.varint(3, 0x03)? as u16;

@@ -181,12 +181,20 @@ impl Presence {
     }
 
     /// The index of `zone`, listing it on first sight; `None` when [`MAX_ZONES`] are listed.
+    #[inline]
     fn zone_ix(&mut self, zone: &Zone) -> Option<ZoneIx> {
+        // Every read asks, and nearly always for the zone of the read before.
         if let Some((last, ix)) = &self.last_zone {
             if last.antenna == zone.antenna && (Arc::ptr_eq(&last.reader, &zone.reader) || last.reader == zone.reader) {
                 return Some(*ix);
             }
         }
+        self.list_zone(zone)
+    }
+
+    /// [`Presence::zone_ix`] for a zone other than the last one.
+    #[inline(never)]
+    fn list_zone(&mut self, zone: &Zone) -> Option<ZoneIx> {
         let ix = match self.zone_ix.get(zone) {
             Some(ix) => *ix,
             None if self.zones.len() >= MAX_ZONES => return None,
@@ -214,6 +222,8 @@ impl Presence {
 
     /// One read; `sold` says whether an EPC was recorded as sold (for the exit gate, asked only
     /// when the tag came into an exit zone).
+    // Inlined into the router's loop over a message's reads: the outcome stays in registers.
+    #[inline]
     pub fn on_read(&mut self, read: TagRead<'_>, sold: impl Fn(&[u8]) -> bool) -> ReadOutcome {
         self.stats.reads += 1;
         let Some(zone) = self.zone_ix(read.zone) else {
