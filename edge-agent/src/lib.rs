@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod mqtt;
 pub mod orders;
+pub mod own_thread;
 pub mod read_only;
 pub mod rfid;
 pub mod sync;

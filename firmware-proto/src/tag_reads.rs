@@ -50,7 +50,7 @@ pub struct TagReadsPayload<'a> {
 
 impl<'a> TagReadsPayload<'a> {
     /// The reads, in order.
-    pub fn reads(&self) -> impl Iterator<Item = TagReadRef<'a>> + '_ {
+    pub fn reads(&self) -> impl Iterator<Item = TagReadRef<'a>> + Clone + '_ {
         self.reads[..self.count].iter().copied()
     }
 

@@ -7,11 +7,14 @@
 //! Both RFID consumers receive from a publisher running at the same time, so one round of each
 //! mostly measures how fast the broker and publisher went that moment (single rounds ranged from
 //! 0.69x to 1.40x on this machine). The table gives the fastest, median and slowest of several
-//! alternating rounds; the ratio and the target compare medians. `worker ns/read` is the median
-//! CPU time the consumer's runtime worker spent per read: what each consumer costs, apart from
-//! how fast the broker and publisher went; `router ns/read` the part of it in the hub's router
-//! (beside the broker and publisher it runs slower than alone, on a machine whose caches they
-//! share).
+//! alternating rounds; the ratio and the target compare medians. Two streams: the tags in the
+//! readers' fields read again and again (what readers send), and every read a tag not seen
+//! before (the worst case for the hub's tag table).
+//!
+//! CPU time per read (medians), what each consumer costs apart from how fast the broker and
+//! publisher went: `worker ns/read` on the runtime's one worker (the bare subscriber's loop; the
+//! hub's MQTT link), `router ns/read` on the hub router's own thread. Beside the broker and the
+//! publisher the router runs slower than alone (the last row): they share the machine's caches.
 //!
 //! Run: `cargo bench -p e2e-tests --bench mqtt_ingest` (`BENCH_MESSAGES` sets the RFID messages,
 //! each of 10 reads, default 20,000; `BENCH_ROUNDS` the rounds of each consumer, default 7).
@@ -24,6 +27,7 @@ use e2e_tests::mqtt::free_port;
 use edge_agent::devices::registry::Registry;
 use edge_agent::labels::planner::{AckStage, LabelContent, Planner, PlannerConfig};
 use edge_agent::mqtt::{broker, link, router};
+use edge_agent::own_thread;
 use edge_agent::rfid::presence::{Presence, PresenceConfig};
 use firmware_proto as fp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -69,9 +73,7 @@ async fn publish_all(port: u16, messages: Arc<Vec<Vec<u8>>>) {
     poller.abort();
 }
 
-/// CPU time of the calling thread. Both consumers' tasks run on a one-worker runtime, so the
-/// worker's CPU time over a round is what the consumer cost, whatever the publisher and broker
-/// did meanwhile (wall time mixes in their speed of the moment).
+/// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
@@ -80,12 +82,19 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// A consumer's round: wall time to receive the stream, the worker's CPU time meanwhile, and
-/// the part of it spent in the hub's router (zero for the bare subscriber).
+/// CPU time of the consumers' runtime worker (one worker: a task spawned there runs on it).
+async fn worker_cpu() -> Duration {
+    tokio::spawn(async { thread_cpu() }).await.unwrap()
+}
+
+/// A consumer's round: wall time to receive the stream, the CPU time the runtime's worker
+/// spent meanwhile (the bare subscriber's loop; the hub's MQTT link), and the hub router's
+/// thread's (zero for the bare subscriber). CPU time is what each consumer costs, whatever
+/// the broker and publisher did meanwhile.
 #[derive(Clone, Copy)]
 struct Round {
     wall: Duration,
-    cpu: Duration,
+    worker: Duration,
     router: Duration,
 }
 
@@ -104,23 +113,26 @@ async fn bare_subscriber(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, d
     while !matches!(eventloop.poll().await, Ok(Event::Incoming(Packet::SubAck(_)))) {}
     let total = messages.len();
     let publisher = publish(&devices, port, &messages);
+    let worker = worker_cpu().await;
     let receiver = tokio::spawn(async move {
-        let (started, cpu) = (Instant::now(), thread_cpu());
+        let started = Instant::now();
         let mut got = 0;
         while got < total {
             if let Ok(Event::Incoming(Packet::Publish(_))) = eventloop.poll().await {
                 got += 1;
             }
         }
-        Round { wall: started.elapsed(), cpu: thread_cpu() - cpu, router: Duration::ZERO }
+        started.elapsed()
     });
-    let elapsed = receiver.await.unwrap();
+    let wall = receiver.await.unwrap();
+    let worker = worker_cpu().await - worker;
     publisher.await.unwrap();
-    elapsed
+    Round { wall, worker, router: Duration::ZERO }
 }
 
 /// The hub's own link and router: decoded, deduplicated, SGTIN-decoded and tracked per zone.
-/// The router runs as a task beside the link's, as in the daemon.
+/// The link runs as a task on the daemon-shaped runtime, the router on a thread of its own,
+/// as in the daemon.
 async fn hub_router(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, devices: Handle) -> Round {
     let store = StoreId::new("s1").unwrap();
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
@@ -148,27 +160,28 @@ async fn hub_router(port: u16, messages: Arc<Vec<Vec<u8>>>, round: usize, device
     );
     let total_reads = (messages.len() * READS_PER_MESSAGE) as u64;
     let publisher = publish(&devices, port, &messages);
-    let receiver = tokio::spawn(async move {
+    let worker = worker_cpu().await;
+    // The router on a thread of its own, as the daemon runs it (`edge_agent::own_thread`).
+    let routed = own_thread::spawn("mqtt-router", async move {
         let (started, cpu) = (Instant::now(), thread_cpu());
-        let mut in_router = Duration::ZERO;
         while r.stats.tag_reads < total_reads {
             match l.incoming.recv().await {
                 Some(batch) => {
-                    let t = thread_cpu();
                     for m in batch {
                         r.handle(m);
                     }
-                    in_router += thread_cpu() - t;
                 }
                 None => break,
             }
         }
-        Round { wall: started.elapsed(), cpu: thread_cpu() - cpu, router: in_router }
-    });
-    let elapsed = receiver.await.unwrap();
+        (started.elapsed(), thread_cpu() - cpu)
+    })
+    .unwrap();
+    let (wall, router) = routed.await.unwrap();
+    let worker = worker_cpu().await - worker;
     publisher.await.unwrap();
     stop.cancel();
-    elapsed
+    Round { wall, worker, router }
 }
 
 /// The hub's router alone on the same messages, without broker or link: what the link adds is
@@ -281,7 +294,7 @@ fn rfid_section(
         c.sort();
         c[c.len() / 2].as_nanos() as f64 / reads
     };
-    let (bare_cpu, hub_cpu) = (per_read(&bare, |r| r.cpu), per_read(&hub, |r| r.cpu));
+    let (bare_cpu, hub_cpu) = (per_read(&bare, |r| r.worker), per_read(&hub, |r| r.worker));
     let hub_router_cpu = per_read(&hub, |r| r.router);
     let (bare, hub) = (walls(&bare), walls(&hub));
     let rate = |d: Duration| reads / d.as_secs_f64();

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 pub enum BrokerError {
     #[error("embedded broker configuration rejected: {0}")]
     Config(String),
-    #[error("cannot start the embedded broker thread: {0}")]
+    #[error("cannot start the embedded broker's or the router's thread: {0}")]
     Thread(std::io::Error),
 }
 

@@ -143,7 +143,20 @@ pub fn start(
     }
     let board = MqttBoard::default();
     router.board = Some(board.clone());
-    tasks.spawn(router::run(router, link.incoming, link.client, stop.child_token()));
+    // On a thread of its own, so the link keeps reading while the router works (`own_thread`).
+    let router =
+        crate::own_thread::spawn("mqtt-router", router::run(router, link.incoming, link.client, stop.child_token()))
+            .map_err(broker::BrokerError::Thread)?;
+    // The daemon waits for its tasks at shutdown; this one ends once the router has saved the
+    // registry's last changes.
+    tasks.spawn(async move {
+        if router.await.is_err() {
+            tracing::error!(
+                error_code = "MQTT_ROUTER_STOPPED",
+                "The MQTT router stopped unexpectedly (see the panic above); device messages are no longer handled"
+            );
+        }
+    });
     Ok(Some(MqttHandles { board, connected, labels }))
 }
 

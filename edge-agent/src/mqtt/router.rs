@@ -341,7 +341,7 @@ impl Router {
     fn tag_reads<'r>(
         &mut self,
         reader: &str,
-        reads: impl Iterator<Item = (u8, &'r [u8])>,
+        reads: impl Iterator<Item = (u8, &'r [u8])> + Clone,
         now: u64,
         out: &mut Vec<Outbound>,
     ) {
@@ -352,6 +352,7 @@ impl Router {
         let (mut closed, mut alarms) = (Closed::default(), Vec::new());
         {
             let Ok(mut presence) = self.presence.lock() else { return };
+            presence.prefetch(reads.clone().map(|(_, epc)| epc));
             let sold = &self.sold;
             // A message's reads are mostly of one antenna: its zone is made once, not per read.
             let mut zone = Zone { reader: reader.clone(), antenna: 0 };
