@@ -470,7 +470,8 @@ impl Router {
     }
 }
 
-/// Runs the router over the link's incoming messages until `stop`.
+/// Runs the router over the link's incoming messages until `stop`. The daemon runs it on a
+/// thread of its own (`crate::own_thread`), beside the link's task on the shared runtime.
 pub async fn run(
     mut router: Router,
     mut incoming: mpsc::Receiver<Vec<Incoming>>,
