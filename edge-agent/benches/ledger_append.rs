@@ -9,10 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-/// The daemon's allocator (`edge-agent/src/main.rs`), for both sides of the comparison.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use edge_agent::ledger::{Command, EventBody, IdempotencyKey, Ledger, LedgerOptions, SaleLine, Tender, WriterStats};
 use rusqlite::{params, Connection};
 use shared::{Currency, Money, Sku, StoreId};

@@ -10,13 +10,6 @@ use edge_agent::daemon::{self, DaemonError};
 use edge_agent::ledger::LedgerError;
 use edge_agent::telemetry;
 
-/// mimalloc instead of glibc's malloc: the ledger's requests are allocated on the runtime's
-/// thread and freed on the writer's, which glibc serialises on its arena locks (durable appends
-/// 170k -> 230k events/s at batch 1024: `cargo bench -p edge-agent --bench ledger_append`, which
-/// uses the same allocator).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// sysexits.h codes, so scripts and systemd can tell a bad config from a bad disk.
 mod exit {
     pub const USAGE: u8 = 64;
