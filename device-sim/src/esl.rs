@@ -20,8 +20,8 @@ pub struct LabelStats {
     pub repeats: u32,
     /// MQTT at-least-once re-deliveries of a command it had received.
     pub redeliveries: u32,
-    /// The command id (the hub's sequence number) of the latest repeat: tells a repeat the hub
-    /// decided late from an early one that arrived late.
+    /// The highest command id (the hub's sequence number) among the repeats: tells a repeat the
+    /// hub decided late from an early one that arrived late.
     pub last_repeat: Option<u32>,
     last_command: Option<(u32, u32)>,
     pub last_price_minor: Option<i64>,
@@ -83,7 +83,7 @@ impl EslFleet {
                                 s.redeliveries += 1;
                             } else if s.shows == Some(render.content_hash) {
                                 s.repeats += 1;
-                                s.last_repeat = Some(env.seq);
+                                s.last_repeat = s.last_repeat.max(Some(env.seq));
                             }
                             s.last_command = Some((env.boot_id, env.seq));
                             s.shows = Some(render.content_hash);
@@ -116,11 +116,6 @@ impl EslFleet {
     /// From now on `label` keeps showing what it shows and answers nothing (a broken display).
     pub fn silence(&self, label: &str) {
         self.silent.lock().unwrap().insert(label.to_owned());
-    }
-
-    /// The hub's command id of the latest command `label` received.
-    pub fn last_command_id(&self, label: &str) -> Option<u32> {
-        self.stats.lock().unwrap().get(label).and_then(|s| s.last_command.map(|(_, id)| id))
     }
 
     /// What each label was told and shows.

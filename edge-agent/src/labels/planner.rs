@@ -440,6 +440,11 @@ impl Planner {
         self.labels.len()
     }
 
+    /// The id of the last command decided (ids go up by one per command, from 1).
+    pub fn last_command_id(&self) -> u32 {
+        self.next_command
+    }
+
     pub fn counts(&self) -> StageCounts {
         let mut c = StageCounts::default();
         for s in self.labels.values() {

@@ -52,6 +52,8 @@ pub struct LabelsView {
     pub stale_inputs: u64,
     /// Render commands sent, by why.
     pub sends: super::planner::SendCounts,
+    /// The id of the last command decided, as of `stages`: every later decision has a higher one.
+    pub last_command_id: u32,
 }
 
 pub type LabelsBoard = Arc<Mutex<LabelsView>>;
@@ -349,6 +351,7 @@ impl LabelTask {
                         stages: self.planner.counts(),
                         stale_inputs: self.stale_inputs,
                         sends: self.planner.sends.clone(),
+                        last_command_id: self.planner.last_command_id(),
                     };
                     if let Ok(mut b) = self.board.lock() {
                         *b = view;
