@@ -10,17 +10,26 @@ use std::future::Future;
 use tokio::sync::oneshot;
 
 /// Runs `work` to completion on a new thread named `name`, in a single-threaded runtime with
-/// timers. The receiver gets its output; it errs if the thread panicked.
+/// timers. The receiver gets its output; it errs if the thread panicked or its runtime could
+/// not be built (logged). `Err` when the thread cannot be started.
 pub fn spawn<F>(name: &str, work: F) -> std::io::Result<oneshot::Receiver<F::Output>>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let (done, output) = oneshot::channel();
-    std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-        let _ = done.send(runtime.block_on(work));
-    })?;
+    let thread = name.to_owned();
+    // The runtime is built on the new thread: one built here and dropped here, should the spawn
+    // fail, would panic when this is called from async code (the daemon's start-up).
+    std::thread::Builder::new().name(name.to_owned()).spawn(
+        move || match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(runtime) => {
+                let _ = done.send(runtime.block_on(work));
+            }
+            Err(e) => tracing::error!(thread = %thread, error = %e, error_code = "THREAD_RUNTIME",
+                "Cannot build the runtime of a thread; its work does not run"),
+        },
+    )?;
     Ok(output)
 }
 

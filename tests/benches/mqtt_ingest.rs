@@ -82,7 +82,8 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// CPU time of the consumers' runtime worker (one worker: a task spawned there runs on it).
+/// CPU time of the consumers' runtime worker (one worker, checked in `main`: a task spawned
+/// there runs on it).
 async fn worker_cpu() -> Duration {
     tokio::spawn(async { thread_cpu() }).await.unwrap()
 }
@@ -341,6 +342,7 @@ fn main() {
     // The consumers run on a runtime shaped like the daemon's (`[runtime] worker_threads`); the
     // publisher, standing in for the devices, on one of its own.
     let workers = edge_agent::config::RuntimeSection::default().worker_threads;
+    assert_eq!(workers, 1, "worker_cpu() reads the one worker's clock; measure otherwise with more");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("consumer")
