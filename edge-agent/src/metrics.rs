@@ -85,6 +85,13 @@ pub fn render(s: &Snapshot) -> String {
         "Time the writer spent applying and committing batches (divide by batches for the mean duration).",
         &one(w.busy_micros as f64 / 1e6),
     );
+    metric(
+        &mut out,
+        "edge_ledger_commit_seconds_total",
+        "counter",
+        "Of the writer's busy time, the time spent committing (writing the WAL and waiting for the disk's fsync); a slow or failing disk shows here first.",
+        &one(w.commit_micros as f64 / 1e6),
+    );
     // The batch-duration histogram (cumulative buckets, as Prometheus wants them).
     let _ =
         writeln!(out, "# HELP edge_ledger_batch_seconds Time to apply and commit one ledger batch (with its fsync).");
@@ -342,6 +349,7 @@ mod tests {
         s.writer.batch_buckets[0] = 3;
         s.writer.batch_buckets[2] = 1;
         s.writer.busy_micros = 1_500;
+        s.writer.commit_micros = 1_250;
         s.labels_mismatched = Some(2);
         s.writer.orders_at_risk = 2;
         s.writer.shortage_alerts = 1;
@@ -350,6 +358,7 @@ mod tests {
         assert!(text.contains("edge_online_shortage_alerts_total{store=\"s1\"} 1\n"), "{text}");
         assert!(text.contains("# TYPE edge_ledger_events_total counter\nedge_ledger_events_total{store=\"s1\"} 42\n"));
         assert!(text.contains("edge_ledger_queue_depth{store=\"s1\"} 3\n"));
+        assert!(text.contains("edge_ledger_commit_seconds_total{store=\"s1\"} 0.00125\n"), "{text}");
         assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"0.00025\"} 3\n"), "{text}");
         assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"0.001\"} 4\n"), "{text}");
         assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"+Inf\"} 4\n"), "{text}");

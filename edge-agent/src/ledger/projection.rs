@@ -65,31 +65,44 @@ pub fn slot_with_id(
     })
 }
 
-/// Writes a slot as it now stands, taking `version`; returns its row id. With `id` (the row's,
-/// as read before), the row is updated by that integer key: no text key to seek, and only the
-/// version index changes besides the row.
-pub fn write_slot(
-    conn: &Connection,
-    (store, sku, actor): (&StoreId, &Sku, &ActorId),
-    id: Option<i64>,
-    slot: Slot,
-    version: u64,
-) -> Result<i64, LedgerError> {
-    let to_i64 = |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
-    let (inc, dec, version) = (to_i64(slot.inc)?, to_i64(slot.dec)?, to_i64(version)?);
-    if let Some(id) = id {
-        let mut stmt = conn.prepare_cached("UPDATE stock_slots SET inc = ?1, dec = ?2, version = ?3 WHERE id = ?4")?;
-        if stmt.execute(params![inc, dec, version, id])? == 1 {
-            return Ok(id);
-        }
-        // The row is gone (the file was edited behind the writer): write it by its key.
+/// Writes own slots as they now stand, each taking a version; one per batch, so the UPDATE is
+/// looked up in the statement cache once, not once per slot.
+pub struct SlotWriter<'c> {
+    conn: &'c Connection,
+    update: rusqlite::CachedStatement<'c>,
+}
+
+impl<'c> SlotWriter<'c> {
+    pub fn new(conn: &'c Connection) -> Result<SlotWriter<'c>, LedgerError> {
+        let update = conn.prepare_cached("UPDATE stock_slots SET inc = ?1, dec = ?2, version = ?3 WHERE id = ?4")?;
+        Ok(SlotWriter { conn, update })
     }
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (store, sku, actor) DO UPDATE SET inc = excluded.inc, dec = excluded.dec, version = excluded.version
-         RETURNING id",
-    )?;
-    Ok(stmt.query_row(params![store.as_str(), sku.as_str(), actor.as_str(), inc, dec, version], |r| r.get(0))?)
+
+    /// Writes one slot, taking `version`; returns its row id. With `id` (the row's, as read
+    /// before), the row is updated by that integer key: no text key to seek, and only the
+    /// version index changes besides the row.
+    pub fn write(
+        &mut self,
+        (store, sku, actor): (&StoreId, &Sku, &ActorId),
+        id: Option<i64>,
+        slot: Slot,
+        version: u64,
+    ) -> Result<i64, LedgerError> {
+        let to_i64 = |v: u64| i64::try_from(v).map_err(|_| corrupt("stock slot", format!("{v} exceeds i64")));
+        let (inc, dec, version) = (to_i64(slot.inc)?, to_i64(slot.dec)?, to_i64(version)?);
+        if let Some(id) = id {
+            if self.update.execute(params![inc, dec, version, id])? == 1 {
+                return Ok(id);
+            }
+            // The row is gone (the file was edited behind the writer): write it by its key.
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO stock_slots (store, sku, actor, inc, dec, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (store, sku, actor) DO UPDATE SET inc = excluded.inc, dec = excluded.dec, version = excluded.version
+             RETURNING id",
+        )?;
+        Ok(stmt.query_row(params![store.as_str(), sku.as_str(), actor.as_str(), inc, dec, version], |r| r.get(0))?)
+    }
 }
 
 /// Merges a peer's slot (per-field max); returns whether the stored slot changed (and so took
