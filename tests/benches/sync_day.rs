@@ -74,13 +74,13 @@ async fn run(skus: usize, changed: usize) {
         .map(|i| (format!("open:{i}"), Command::Receipt { sku: sku(i), quantity: 1_000, reference: "opening".into() }))
         .collect();
     submit_all(&handle, receipts).await;
-    let syncer = Syncer {
-        store: store.clone(),
-        client: SyncClient::new(&format!("http://{addr}"), &store, token.into(), Duration::from_secs(60)).unwrap(),
-        reader: Arc::new(Mutex::new(LedgerReader::open(store_dir.path()).unwrap())),
-        handle: handle.clone(),
-        page_rows: MAX_PAGE_ROWS,
-    };
+    let syncer = Syncer::new(
+        store.clone(),
+        SyncClient::new(&format!("http://{addr}"), &store, token.into(), Duration::from_secs(60)).unwrap(),
+        Arc::new(Mutex::new(LedgerReader::open(store_dir.path()).unwrap())),
+        handle.clone(),
+        MAX_PAGE_ROWS,
+    );
     let first = syncer.session().await.unwrap();
     assert_eq!(first.pushed_rows, skus, "the opening stock reaches the cloud");
 

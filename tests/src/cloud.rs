@@ -100,6 +100,12 @@ pub struct CloudFixture {
 impl CloudFixture {
     /// Migrates a fresh database, creates the HQ credential and starts serving.
     pub fn start(backend: Backend) -> CloudFixture {
+        CloudFixture::start_with(backend, "")
+    }
+
+    /// As [`CloudFixture::start`], with `server` appended to the config's `[server]` section
+    /// (TOML lines, e.g. `max_body_bytes = 4096\n`).
+    pub fn start_with(backend: Backend, server: &str) -> CloudFixture {
         let dir = tempfile::tempdir().unwrap();
         let pg = (backend == Backend::Postgres).then(PgDatabase::create);
         let storage = match &pg {
@@ -110,7 +116,7 @@ impl CloudFixture {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\n{storage}[log]\nlevel = \"info,cloud_sync=debug\"\n"
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server}[storage]\n{storage}[log]\nlevel = \"info,cloud_sync=debug\"\n"
             ),
         )
         .unwrap();

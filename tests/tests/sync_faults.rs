@@ -3,7 +3,8 @@
 //! unreachable, and being killed in the middle of a multi-page sync. After each, the store's
 //! outbox still holds what the cloud has not acknowledged, and once the cloud is back one
 //! session completes and the cloud holds exactly the store's stock: nothing lost, nothing
-//! counted twice. The real cloud-sync binary; the store's ledger and sync client as a library.
+//! counted twice. Also a cloud whose body limit is below the store's page size: the store sends
+//! smaller pages. The real cloud-sync binary; the store's ledger and sync client as a library.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,13 +73,13 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
         .collect();
     submit_all(&handle, receipts).await;
     let reader = Arc::new(Mutex::new(LedgerReader::open(dir.path()).unwrap()));
-    let syncer = Syncer {
-        store: store.clone(),
-        client: SyncClient::new(&proxy.url(), &store, token, Duration::from_millis(1_500)).unwrap(),
-        reader: reader.clone(),
-        handle: handle.clone(),
-        page_rows: PAGE,
-    };
+    let syncer = Syncer::new(
+        store.clone(),
+        SyncClient::new(&proxy.url(), &store, token, Duration::from_millis(1_500)).unwrap(),
+        reader.clone(),
+        handle.clone(),
+        PAGE,
+    );
     let outbox = || reader.lock().unwrap().outbox_depth().unwrap();
 
     // Each fault fails the session; the outbox keeps everything not acknowledged; sales go on.
@@ -132,6 +133,51 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
     let (_, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
     let status = &stores["stores"].as_array().unwrap()[0];
     assert_eq!(status["push_lag_versions"].as_u64(), Some(0), "{status}");
+    drop(syncer);
+    drop(handle);
+    writer.join();
+}
+
+/// An operator set the cloud's body limit below what the store's pages need (413 for the
+/// first push): the store halves its pages until they fit, and one session still moves every
+/// change, acknowledged once and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_too_large_for_the_cloud_are_sent_in_smaller_pages() {
+    const OPENED: usize = 1_500;
+    let cloud = CloudFixture::start_with(Backend::Sqlite, "max_body_bytes = 4096\n");
+    let token = cloud.add_store("s1");
+    let store = StoreId::new("s1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
+    let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(4096).unwrap();
+    let receipts = (0..OPENED)
+        .map(|i| (format!("open:{i}"), Command::Receipt { sku: sku(i), quantity: 50, reference: "opening".into() }))
+        .collect();
+    submit_all(&handle, receipts).await;
+    let reader = Arc::new(Mutex::new(LedgerReader::open(dir.path()).unwrap()));
+    let syncer = Syncer::new(
+        store.clone(),
+        SyncClient::new(&cloud.url(), &store, token, Duration::from_secs(10)).unwrap(),
+        reader.clone(),
+        handle.clone(),
+        PAGE,
+    );
+
+    let report = syncer.session().await.unwrap();
+    assert_eq!(report.pushed_rows, OPENED, "every opening receipt pushed once: {report:?}");
+    assert!(syncer.page_rows() < PAGE / 4, "pages were made smaller: {} rows", syncer.page_rows());
+    assert_eq!(reader.lock().unwrap().outbox_depth().unwrap(), 0, "everything acknowledged");
+    for i in (0..OPENED).step_by(149) {
+        assert_eq!(cloud_on_hand(&cloud, &sku(i)).await, 50, "{}", sku(i));
+    }
+
+    // The smaller size sticks: the next changes go out without another refusal.
+    sell_round(&handle, 0).await;
+    let before = syncer.page_rows();
+    let next = syncer.session().await.unwrap();
+    assert!(next.pushed_rows > 0);
+    assert_eq!(syncer.page_rows(), before);
+    assert_eq!(reader.lock().unwrap().outbox_depth().unwrap(), 0);
     drop(syncer);
     drop(handle);
     writer.join();

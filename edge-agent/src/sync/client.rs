@@ -37,6 +37,7 @@ impl ExchangeError {
             ExchangeError::Refused { status: 401, .. } => "SYNC_BAD_TOKEN",
             ExchangeError::Refused { status: 403, .. } => "SYNC_FORBIDDEN",
             ExchangeError::Refused { status: 409, .. } => "SYNC_CLOCK_SKEW",
+            ExchangeError::Refused { status: 413, .. } => "SYNC_PAGE_TOO_LARGE",
             ExchangeError::Refused { .. } => "SYNC_REFUSED",
             ExchangeError::BadAnswer(_) => "SYNC_BAD_ANSWER",
         }

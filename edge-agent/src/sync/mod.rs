@@ -8,6 +8,7 @@
 pub mod client;
 pub mod screen;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,11 +84,16 @@ impl SessionError {
 
 /// One sync participant: the HTTP client, the ledger to read from and write through.
 pub struct Syncer {
-    pub store: StoreId,
-    pub client: SyncClient,
-    pub reader: Arc<Mutex<LedgerReader>>,
-    pub handle: LedgerHandle,
-    pub page_rows: u32,
+    store: StoreId,
+    client: SyncClient,
+    reader: Arc<Mutex<LedgerReader>>,
+    handle: LedgerHandle,
+    /// Rows per page as configured (at most `MAX_PAGE_ROWS`).
+    page_rows: u32,
+    /// Rows per page now: halved each time the cloud refuses a page as too large (413), so a
+    /// store whose changes outgrew the cloud's body limit still syncs, in smaller pages. Kept
+    /// for the life of the process; a restart tries the configured size again.
+    fitting_rows: AtomicU32,
 }
 
 fn now_ms() -> u64 {
@@ -95,6 +101,22 @@ fn now_ms() -> u64 {
 }
 
 impl Syncer {
+    pub fn new(
+        store: StoreId,
+        client: SyncClient,
+        reader: Arc<Mutex<LedgerReader>>,
+        handle: LedgerHandle,
+        page_rows: u32,
+    ) -> Syncer {
+        let page_rows = page_rows.clamp(1, MAX_PAGE_ROWS);
+        Syncer { store, client, reader, handle, page_rows, fitting_rows: AtomicU32::new(page_rows) }
+    }
+
+    /// Rows per page the next exchange asks for (the configured size, or less after a 413).
+    pub fn page_rows(&self) -> u32 {
+        self.fitting_rows.load(Ordering::Relaxed)
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&LedgerReader) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
@@ -116,9 +138,9 @@ impl Syncer {
     /// go out in the same session.
     pub async fn session(&self) -> Result<SessionReport, SessionError> {
         let mut report = SessionReport::default();
-        let page_rows = self.page_rows.clamp(1, MAX_PAGE_ROWS);
         let mut quiet = false;
         for _ in 0..MAX_PAGES_PER_SESSION {
+            let page_rows = self.page_rows();
             let (position, push) = self.read(move |r| Ok((r.sync_position()?, r.push_page(page_rows)?))).await?;
             if quiet && push.is_none() {
                 return Ok(report);
@@ -134,7 +156,26 @@ impl Syncer {
                 max_rows: page_rows,
                 include_own_slots: !position.bootstrapped,
             };
-            let (answer, bytes) = self.client.exchange(&request).await?;
+            let (answer, bytes) = match self.client.exchange(&request).await {
+                Ok(answered) => answered,
+                Err(ExchangeError::Refused { status: 413, message }) if page_rows > 1 => {
+                    // Nothing was applied: the same changes go again, in a page half the size.
+                    let smaller = page_rows / 2;
+                    tracing::warn!(
+                        store_id = %self.store,
+                        rows = page_rows,
+                        retry_rows = smaller,
+                        cloud_said = %message,
+                        error_code = "SYNC_PAGE_TOO_LARGE",
+                        "The cloud refused a sync page as too large; sending smaller pages (raise the cloud's server.max_body_bytes or lower [cloud] page_rows)"
+                    );
+                    self.fitting_rows.store(smaller, Ordering::Relaxed);
+                    report.exchanges += 1;
+                    quiet = false;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             report.exchanges += 1;
             report.bytes.sent += bytes.sent;
             report.bytes.received += bytes.received;
@@ -186,13 +227,7 @@ pub fn start(
     let token = cloud.read_token()?;
     let client = SyncClient::new(&cloud.url, store, token, Duration::from_millis(cloud.timeout_ms))?;
     let reader = LedgerReader::open(data_dir).map_err(|e| e.to_string())?;
-    let syncer = Syncer {
-        store: store.clone(),
-        client,
-        reader: Arc::new(Mutex::new(reader)),
-        handle: handle.clone(),
-        page_rows: cloud.page_rows,
-    };
+    let syncer = Syncer::new(store.clone(), client, Arc::new(Mutex::new(reader)), handle.clone(), cloud.page_rows);
     let control = SyncControl { status: SharedStatus::default(), now: Arc::new(Notify::new()) };
     let timing = Timing {
         interval: Duration::from_millis(cloud.interval_ms),
