@@ -132,5 +132,17 @@ async fn the_registry_is_known_after_a_restart_and_a_damaged_file_only_empties_i
         send(&label, "esl-1", 4, fp::Body::Heartbeat(heartbeat)).await;
         devices_until(&store, "the label is known again", |d| device(d, "esl-1").is_some()).await;
         daemon.stop();
+
+        // Damaged again with the daemon down: storectl names the file and what will happen,
+        // exits 65 (an unusable file, as for the ledger), and leaves the file where it is.
+        std::fs::write(&file, b"overwritten again").unwrap();
+        let out = store.storectl(&["devices"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(65), "{kind:?}: {stderr}");
+        assert!(
+            stderr.contains("devices.db") && stderr.contains("moves a damaged registry aside"),
+            "{kind:?}: {stderr}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"overwritten again", "{kind:?}: storectl changes nothing");
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! Exit codes: 0 ok; 1 the ledger failed verification; 3 `status` or `devices`: the daemon is
 //! not running (what its files hold is shown, read-only);
-//! 64 bad arguments (an invalid SKU, GTIN or price); 65 the ledger file is not usable, or the
+//! 64 bad arguments (an invalid SKU, GTIN or price); 65 the ledger file (or, for `devices` with
+//! the daemon down, the device registry file) is not usable, or the
 //! ledger refused the command (a wrong pickup code, an order cancelled by HQ, ...); 66 no ledger in the data folder; 69 the daemon is not running
 //! (a write needs it); 74 I/O error; 75 the daemon could not do it now (retry); 77 no
 //! permission to use the control socket; 78 the feature is not configured on this daemon.
@@ -247,6 +248,8 @@ enum Failure {
     Unhealthy,
     /// Refused for a reason the message gives (exit 65, as the daemon's refusals).
     Refused(String),
+    /// A file of the data folder is damaged or not ours (exit 65, as an unusable ledger).
+    Unusable(String),
 }
 
 impl From<LedgerError> for Failure {
@@ -277,7 +280,7 @@ fn main() -> ExitCode {
         }
         Err(Failure::NotRunning) => ExitCode::from(3),
         Err(Failure::Unhealthy) => ExitCode::from(1),
-        Err(Failure::Refused(msg)) => {
+        Err(Failure::Refused(msg)) | Err(Failure::Unusable(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::from(65)
         }
@@ -718,7 +721,12 @@ fn devices(cli: &Cli, socket: &Path, data_dir: &Path) -> Result<(), Failure> {
         // With the daemon down, what it last saved: a technician still sees which devices the
         // store has, their firmware and when each was last heard.
         Err(ClientError::NotRunning { path, reason }) => {
-            let saved = RegistryStore::read(data_dir).map_err(|e| Failure::Io(e.to_string()))?;
+            let saved = RegistryStore::read(data_dir).map_err(|e| match e {
+                registry_store::StoreError::Unusable { .. } => Failure::Unusable(format!(
+                    "{e}; edge-agent moves a damaged registry aside at its next start and learns the devices again (the ledger is not affected)"
+                )),
+                registry_store::StoreError::Sqlite { .. } => Failure::Io(e.to_string()),
+            })?;
             let answer = saved_registry(saved.unwrap_or_default());
             if !cli.json {
                 println!("edge-agent is NOT running (no answer on {path}: {reason})");
