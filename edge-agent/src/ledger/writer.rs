@@ -924,7 +924,8 @@ struct PlanInput<'a> {
 
 /// Reads what the command needs (a count's observed stock, an order's state) and completes
 /// its body, or refuses it if the order does not allow it; a sync page loses the rows that
-/// conflict with what the store holds (named as refused). Nothing is written here.
+/// conflict with what the store holds (named as refused). `None`: the body is recorded as sent
+/// (sales, receipts, prices...). Nothing is written here.
 fn resolve(
     conn: &Connection,
     own: &OwnView<'_>,
@@ -936,7 +937,7 @@ fn resolve(
         EventBody::SyncMerge { from, to, rows, refused } => {
             let (mut rows, mut refused) = (rows.clone(), refused.clone());
             online::screen_page(conn, own.store, &mut rows, &mut refused)?;
-            EventBody::SyncMerge { from: from.clone(), to: to.clone(), rows, refused }
+            EventBody::SyncMerge { from: *from, to: *to, rows, refused }
         }
         EventBody::Handover { order, .. } => {
             match online::resolve_handover(conn, own.store, order, input.code, input.now_ms)? {
@@ -966,6 +967,9 @@ fn resolve(
     })))
 }
 
+/// Own slots a body moves, with the values it leaves them at.
+type PlannedSlots<'b> = Vec<(&'b Sku, Slot)>;
+
 /// The own-slot values a resolved body leaves, or its refusal if one would overflow. Nothing
 /// is written here.
 fn plan_slots<'b>(
@@ -973,7 +977,7 @@ fn plan_slots<'b>(
     own: &OwnView<'_>,
     slots: &mut BatchSlots,
     body: &'b EventBody,
-) -> Result<Result<Vec<(&'b Sku, Slot)>, Rejection>, LedgerError> {
+) -> Result<Result<PlannedSlots<'b>, Rejection>, LedgerError> {
     let mut planned: Vec<(&Sku, Slot)> = Vec::new();
     for (sku, merged) in body.own_slot_merges(own.store, own.actor) {
         let current = match planned.iter().find(|(k, _)| *k == sku) {

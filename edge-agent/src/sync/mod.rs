@@ -88,11 +88,10 @@ pub struct Syncer {
     client: SyncClient,
     reader: Arc<Mutex<LedgerReader>>,
     handle: LedgerHandle,
-    /// Rows per page as configured (at most `MAX_PAGE_ROWS`).
-    page_rows: u32,
-    /// Rows per page now: halved each time the cloud refuses a page as too large (413), so a
-    /// store whose changes outgrew the cloud's body limit still syncs, in smaller pages. Kept
-    /// for the life of the process; a restart tries the configured size again.
+    /// Rows per page: as configured (at most `MAX_PAGE_ROWS`), halved each time the cloud
+    /// refuses a page as too large (413), so a store whose changes outgrew the cloud's body
+    /// limit still syncs, in smaller pages. Kept for the life of the process; a restart tries
+    /// the configured size again.
     fitting_rows: AtomicU32,
 }
 
@@ -109,7 +108,7 @@ impl Syncer {
         page_rows: u32,
     ) -> Syncer {
         let page_rows = page_rows.clamp(1, MAX_PAGE_ROWS);
-        Syncer { store, client, reader, handle, page_rows, fitting_rows: AtomicU32::new(page_rows) }
+        Syncer { store, client, reader, handle, fitting_rows: AtomicU32::new(page_rows) }
     }
 
     /// Rows per page the next exchange asks for (the configured size, or less after a 413).
