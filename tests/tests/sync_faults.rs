@@ -139,11 +139,11 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
 }
 
 /// An operator set the cloud's body limit below what the store's pages need (413 for the
-/// first push): the store halves its pages until they fit, and one session still moves every
-/// change, acknowledged once and counted once.
+/// first push, a full page of ~300 KB): the store halves its pages until they fit, and one
+/// session still moves every change, acknowledged once and counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_too_large_for_the_cloud_are_sent_in_smaller_pages() {
-    const OPENED: usize = 1_500;
+    const OPENED: usize = 20_000;
     let cloud = CloudFixture::start_with(Backend::Sqlite, "max_body_bytes = 4096\n");
     let token = cloud.add_store("s1");
     let store = StoreId::new("s1").unwrap();
@@ -160,23 +160,24 @@ async fn pages_too_large_for_the_cloud_are_sent_in_smaller_pages() {
         SyncClient::new(&cloud.url(), &store, token, Duration::from_secs(10)).unwrap(),
         reader.clone(),
         handle.clone(),
-        PAGE,
+        shared::sync::MAX_PAGE_ROWS,
     );
 
     let report = syncer.session().await.unwrap();
     assert_eq!(report.pushed_rows, OPENED, "every opening receipt pushed once: {report:?}");
-    assert!(syncer.page_rows() < PAGE / 4, "pages were made smaller: {} rows", syncer.page_rows());
+    assert!(report.pages_too_large >= 4, "{report:?}");
+    assert!(syncer.page_rows() <= shared::sync::MAX_PAGE_ROWS / 16, "pages were made smaller: {}", syncer.page_rows());
     assert_eq!(reader.lock().unwrap().outbox_depth().unwrap(), 0, "everything acknowledged");
-    for i in (0..OPENED).step_by(149) {
+    for i in (0..OPENED).step_by(1_499) {
         assert_eq!(cloud_on_hand(&cloud, &sku(i)).await, 50, "{}", sku(i));
     }
 
-    // The smaller size sticks: the next changes go out without another refusal.
+    // The smaller size sticks (for an hour): the next changes go out without a refusal.
     sell_round(&handle, 0).await;
     let before = syncer.page_rows();
     let next = syncer.session().await.unwrap();
     assert!(next.pushed_rows > 0);
-    assert_eq!(syncer.page_rows(), before);
+    assert_eq!((next.pages_too_large, syncer.page_rows()), (0, before), "{next:?}");
     assert_eq!(reader.lock().unwrap().outbox_depth().unwrap(), 0);
     drop(syncer);
     drop(handle);

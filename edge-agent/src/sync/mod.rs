@@ -6,9 +6,9 @@
 //! cloud does: a change leaves the outbox only when an answer says the cloud holds it.
 
 pub mod client;
+pub mod page_size;
 pub mod screen;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use crate::config::CloudSection;
 use crate::devices::serial::next_backoff;
 use crate::ledger::{LedgerHandle, LedgerReader, MergedPage, SyncAck};
 use client::{ExchangeBytes, ExchangeError, SyncClient};
+use page_size::PageSize;
 
 /// Most pages one session moves before it yields to the interval (a runaway guard: a day
 /// offline at 100k SKUs is a handful of pages).
@@ -55,7 +56,10 @@ pub struct SyncControl {
 /// What one session moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionReport {
+    /// Exchanges the cloud answered (pages it refused as too large not counted).
     pub exchanges: usize,
+    /// Pages the cloud refused as too large (413), each sent again in halves.
+    pub pages_too_large: usize,
     pub pushed_rows: usize,
     pub pulled_rows: usize,
     pub refused_rows: usize,
@@ -88,11 +92,9 @@ pub struct Syncer {
     client: SyncClient,
     reader: Arc<Mutex<LedgerReader>>,
     handle: LedgerHandle,
-    /// Rows per page: as configured (at most `MAX_PAGE_ROWS`), halved each time the cloud
-    /// refuses a page as too large (413), so a store whose changes outgrew the cloud's body
-    /// limit still syncs, in smaller pages. Kept for the life of the process; a restart tries
-    /// the configured size again.
-    fitting_rows: AtomicU32,
+    /// Rows per page (at most `MAX_PAGE_ROWS`): smaller for a while after the cloud refused a
+    /// page as too large, so a store whose changes outgrew the cloud's body limit still syncs.
+    page_size: Mutex<PageSize>,
 }
 
 fn now_ms() -> u64 {
@@ -108,12 +110,16 @@ impl Syncer {
         page_rows: u32,
     ) -> Syncer {
         let page_rows = page_rows.clamp(1, MAX_PAGE_ROWS);
-        Syncer { store, client, reader, handle, fitting_rows: AtomicU32::new(page_rows) }
+        Syncer { store, client, reader, handle, page_size: Mutex::new(PageSize::new(page_rows)) }
     }
 
-    /// Rows per page the next exchange asks for (the configured size, or less after a 413).
+    /// Rows per page in use (the configured size, or less after a 413).
     pub fn page_rows(&self) -> u32 {
-        self.fitting_rows.load(Ordering::Relaxed)
+        self.page_size().current()
+    }
+
+    fn page_size(&self) -> std::sync::MutexGuard<'_, PageSize> {
+        self.page_size.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn read<T: Send + 'static>(
@@ -139,7 +145,7 @@ impl Syncer {
         let mut report = SessionReport::default();
         let mut quiet = false;
         for _ in 0..MAX_PAGES_PER_SESSION {
-            let page_rows = self.page_rows();
+            let page_rows = self.page_size().rows(std::time::Instant::now());
             let (position, push) = self.read(move |r| Ok((r.sync_position()?, r.push_page(page_rows)?))).await?;
             if quiet && push.is_none() {
                 return Ok(report);
@@ -158,8 +164,9 @@ impl Syncer {
             let (answer, bytes) = match self.client.exchange(&request).await {
                 Ok(answered) => answered,
                 Err(ExchangeError::Refused { status: 413, message }) if page_rows > 1 => {
-                    // Nothing was applied: the same changes go again, in a page half the size.
-                    let smaller = page_rows / 2;
+                    // Nothing was applied: the same changes go again, in a page half the size
+                    // (kept for an hour; then full pages are tried again).
+                    let smaller = self.page_size().refused(page_rows, std::time::Instant::now()).unwrap_or(1);
                     tracing::warn!(
                         store_id = %self.store,
                         rows = page_rows,
@@ -168,9 +175,7 @@ impl Syncer {
                         error_code = "SYNC_PAGE_TOO_LARGE",
                         "The cloud refused a sync page as too large; sending smaller pages (raise the cloud's server.max_body_bytes or lower [cloud] page_rows)"
                     );
-                    self.fitting_rows.store(smaller, Ordering::Relaxed);
-                    report.exchanges += 1;
-                    quiet = false;
+                    report.pages_too_large += 1;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
