@@ -89,7 +89,7 @@ pub fn render(s: &Snapshot) -> String {
         &mut out,
         "edge_ledger_commit_seconds_total",
         "counter",
-        "Of the writer's busy time, the time spent committing (writing the WAL and waiting for the disk's fsync); a slow or failing disk shows here first.",
+        "Of the writer's busy time, the time spent in successful commits (writing the WAL and waiting for the disk's fsync); a slow disk shows here.",
         &one(w.commit_micros as f64 / 1e6),
     );
     // The batch-duration histogram (cumulative buckets, as Prometheus wants them).

@@ -69,7 +69,7 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_hidden_by_the_old_c
     // needs a new actor for each ledger the store starts (shared, cloud-sync's push check).
     assert_eq!(cloud_on_hand(&cloud, &sku).await, 40, "today's behaviour; should be 35");
     assert_eq!(reader.lock().unwrap().stock(&sku).unwrap().on_hand, 40, "today's behaviour; should be 35");
-    // The sale itself is recorded: the ledger's events still hold it.
+    // The new ledger's own chain is intact.
     assert!(reader.lock().unwrap().verify().unwrap().is_ok());
     drop(sync);
     drop(handle);

@@ -140,7 +140,7 @@ async fn the_registry_is_known_after_a_restart_and_a_damaged_file_only_empties_i
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(65), "{kind:?}: {stderr}");
         assert!(
-            stderr.contains("devices.db") && stderr.contains("moves a damaged registry aside"),
+            stderr.contains("devices.db") && stderr.contains("moves an unusable registry aside"),
             "{kind:?}: {stderr}"
         );
         assert_eq!(std::fs::read(&file).unwrap(), b"overwritten again", "{kind:?}: storectl changes nothing");

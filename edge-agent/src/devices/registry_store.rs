@@ -137,6 +137,8 @@ impl RegistryStore {
         let unusable = |reason: String| StoreError::Unusable { path: path.clone(), reason };
         match header {
             (APPLICATION_ID, SCHEMA_VERSION) => {}
+            // An empty file (created, never written): nothing saved yet, as the daemon sees it.
+            (0, 0) if empty_schema(&conn).map_err(|e| classify(e, &path))? => return Ok(None),
             (APPLICATION_ID, v) => {
                 return Err(unusable(format!("schema version {v}, this build reads {SCHEMA_VERSION}")))
             }
@@ -200,6 +202,11 @@ fn clamp(v: u64) -> i64 {
 
 /// SQLite's "this is not a (sound) database" codes mean the file is unusable; others (I/O,
 /// permissions, a full disk) are reported as they are.
+/// Whether the database holds no schema at all (a file created but never set up).
+fn empty_schema(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0)).map(|n| n == 0)
+}
+
 fn classify(e: rusqlite::Error, path: &Path) -> StoreError {
     use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
     match e.sqlite_error_code() {
@@ -351,5 +358,14 @@ mod tests {
         assert!(e.contains(FILE), "{e}");
         assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), vec![0x5a; 8192], "left where it is");
         assert!(!dir.path().join(format!("{FILE}.corrupt")).exists());
+
+        // An empty file (created, never set up) holds nothing yet; another application's
+        // database is still refused.
+        std::fs::write(dir.path().join(FILE), b"").unwrap();
+        assert!(RegistryStore::read(dir.path()).unwrap().is_none());
+        std::fs::remove_file(dir.path().join(FILE)).unwrap();
+        Connection::open(dir.path().join(FILE)).unwrap().execute_batch("CREATE TABLE other (x)").unwrap();
+        let e = RegistryStore::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a device registry"), "{e}");
     }
 }

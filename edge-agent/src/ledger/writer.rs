@@ -478,8 +478,8 @@ impl Writer {
 
     /// Applies `batch` in one transaction. With `sweep`, also tops up every SKU the policy
     /// covers (at start); the same happens in the batch where a new ledger first catches up.
-    /// Event bodies are taken out of their requests (the answer carries them back); only the
-    /// reply channels are used after this.
+    /// Event bodies are taken out of their requests (an applied event's answer carries its
+    /// body); only the reply channels are used after this.
     fn apply_batch(&mut self, batch: &mut [Request], sweep: bool) -> Result<(Vec<Outcome>, Aftermath), LedgerError> {
         // Money and stock are committed with synchronous=FULL (fsync before the reply). A batch
         // of basket saves only is committed with NORMAL: in WAL mode that survives a crash of
@@ -823,8 +823,9 @@ pub const OWN_SLOT_CACHE_MAX: usize = 200_000;
 /// exact, and a sale needs no SELECT to find the slot it moves.
 #[derive(Default)]
 pub(super) struct OwnSlots {
-    /// Each slot with its row id (`None` while the slot has no row). SKUs are our own keys,
-    /// not an attacker's, so the fast unkeyed hash is fine.
+    /// Each slot with its row id (`None` while the slot has no row). foldhash (randomly
+    /// seeded, not DoS-hardened like SipHash): SKUs come from the store's own lanes and from
+    /// validated cloud pages, and the map is bounded by `OWN_SLOT_CACHE_MAX`.
     slots: HashMap<Sku, (Slot, Option<i64>), foldhash::fast::RandomState>,
 }
 

@@ -723,7 +723,7 @@ fn devices(cli: &Cli, socket: &Path, data_dir: &Path) -> Result<(), Failure> {
         Err(ClientError::NotRunning { path, reason }) => {
             let saved = RegistryStore::read(data_dir).map_err(|e| match e {
                 registry_store::StoreError::Unusable { .. } => Failure::Unusable(format!(
-                    "{e}; edge-agent moves a damaged registry aside at its next start and learns the devices again (the ledger is not affected)"
+                    "{e}; edge-agent moves an unusable registry aside at its next start and learns the devices again (the ledger is not affected)"
                 )),
                 registry_store::StoreError::Sqlite { .. } => Failure::Io(e.to_string()),
             })?;
