@@ -191,6 +191,13 @@ impl CloudFixture {
         format!("http://{}", self.addr)
     }
 
+    /// The chain-wide stock of `sku` as HQ reads it (`chain_total`).
+    pub async fn chain_total(&self, sku: &shared::Sku) -> i64 {
+        let (status, answer) = self.hq("GET", &format!("/v1/hq/stock/{sku}"), None).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["chain_total"].as_i64().unwrap_or_else(|| panic!("no chain_total in {answer}"))
+    }
+
     /// An HQ request with the admin credential: `(status, JSON answer or Null)`.
     pub async fn hq(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.hq_raw(method, path, body.map(|b| ("application/json", b.to_string()))).await

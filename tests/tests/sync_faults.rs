@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use e2e_tests::cloud::{Backend, CloudFixture};
 use e2e_tests::proxy::{Fault, FaultProxy};
-use edge_agent::ledger::{Command, IdempotencyKey, Ledger, LedgerHandle, LedgerOptions, LedgerReader};
+use edge_agent::ledger::{Command, IdempotencyKey, Ledger, LedgerHandle, LedgerOptions, LedgerReader, WriterThread};
 use edge_agent::sync::client::SyncClient;
 use edge_agent::sync::{SessionError, Syncer};
 use shared::{Currency, Sku, StoreId};
@@ -45,10 +45,34 @@ async fn sell_round(handle: &LedgerHandle, round: usize) {
     submit_all(handle, sales).await;
 }
 
-async fn cloud_on_hand(cloud: &CloudFixture, sku: &Sku) -> i64 {
-    let (status, answer) = cloud.hq("GET", &format!("/v1/hq/stock/{sku}"), None).await;
-    assert_eq!(status, 200, "{answer}");
-    answer["chain_total"].as_i64().unwrap_or_else(|| panic!("no chain_total in {answer}"))
+/// Store s1's ledger after `skus` opening receipts of 50 units each, with a reader beside it.
+struct OpenedStore {
+    _dir: tempfile::TempDir,
+    store: StoreId,
+    handle: LedgerHandle,
+    writer: WriterThread,
+    reader: Arc<Mutex<LedgerReader>>,
+}
+
+impl OpenedStore {
+    async fn open(skus: usize) -> OpenedStore {
+        let store = StoreId::new("s1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
+        let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(4096).unwrap();
+        let receipts = (0..skus)
+            .map(|i| (format!("open:{i}"), Command::Receipt { sku: sku(i), quantity: 50, reference: "opening".into() }))
+            .collect();
+        submit_all(&handle, receipts).await;
+        let reader = Arc::new(Mutex::new(LedgerReader::open(dir.path()).unwrap()));
+        OpenedStore { _dir: dir, store, handle, writer, reader }
+    }
+
+    /// A syncer for this store against `url`, with `page_rows` rows per page.
+    fn syncer(&self, url: &str, token: String, timeout: Duration, page_rows: u32) -> Syncer {
+        let client = SyncClient::new(url, &self.store, token, timeout).unwrap();
+        Syncer::new(self.store.clone(), client, self.reader.clone(), self.handle.clone(), page_rows)
+    }
 }
 
 fn expect_failure(outcome: Result<edge_agent::sync::SessionReport, SessionError>, code: &str, fault: Fault) {
@@ -64,22 +88,9 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
     let token = cloud.add_store("s1");
     let proxy = FaultProxy::start(cloud.addr).await;
 
-    let store = StoreId::new("s1").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
-    let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(4096).unwrap();
-    let receipts = (0..SKUS)
-        .map(|i| (format!("open:{i}"), Command::Receipt { sku: sku(i), quantity: 50, reference: "opening".into() }))
-        .collect();
-    submit_all(&handle, receipts).await;
-    let reader = Arc::new(Mutex::new(LedgerReader::open(dir.path()).unwrap()));
-    let syncer = Syncer::new(
-        store.clone(),
-        SyncClient::new(&proxy.url(), &store, token, Duration::from_millis(1_500)).unwrap(),
-        reader.clone(),
-        handle.clone(),
-        PAGE,
-    );
+    let opened = OpenedStore::open(SKUS).await;
+    let syncer = opened.syncer(&proxy.url(), token, Duration::from_millis(1_500), PAGE);
+    let OpenedStore { _dir, store: _, handle, writer, reader } = opened;
     let outbox = || reader.lock().unwrap().outbox_depth().unwrap();
 
     // Each fault fails the session; the outbox keeps everything not acknowledged; sales go on.
@@ -128,7 +139,7 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
     for i in (0..SKUS).step_by(97).chain((0..SKUS).step_by(7).take(50)) {
         let s = sku(i);
         let local = reader.lock().unwrap().stock(&s).unwrap().on_hand;
-        assert_eq!(cloud_on_hand(&cloud, &s).await, local, "{s}");
+        assert_eq!(cloud.chain_total(&s).await, local, "{s}");
     }
     let (_, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
     let status = &stores["stores"].as_array().unwrap()[0];
@@ -146,22 +157,9 @@ async fn pages_too_large_for_the_cloud_are_sent_in_smaller_pages() {
     const OPENED: usize = 20_000;
     let cloud = CloudFixture::start_with(Backend::Sqlite, "max_body_bytes = 4096\n");
     let token = cloud.add_store("s1");
-    let store = StoreId::new("s1").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let opts = LedgerOptions::new(store.clone(), Currency::new("EUR").unwrap());
-    let (handle, writer) = Ledger::open(dir.path(), &opts).unwrap().start_writer(4096).unwrap();
-    let receipts = (0..OPENED)
-        .map(|i| (format!("open:{i}"), Command::Receipt { sku: sku(i), quantity: 50, reference: "opening".into() }))
-        .collect();
-    submit_all(&handle, receipts).await;
-    let reader = Arc::new(Mutex::new(LedgerReader::open(dir.path()).unwrap()));
-    let syncer = Syncer::new(
-        store.clone(),
-        SyncClient::new(&cloud.url(), &store, token, Duration::from_secs(10)).unwrap(),
-        reader.clone(),
-        handle.clone(),
-        shared::sync::MAX_PAGE_ROWS,
-    );
+    let opened = OpenedStore::open(OPENED).await;
+    let syncer = opened.syncer(&cloud.url(), token, Duration::from_secs(10), shared::sync::MAX_PAGE_ROWS);
+    let OpenedStore { _dir, store: _, handle, writer, reader } = opened;
 
     let report = syncer.session().await.unwrap();
     assert_eq!(report.pushed_rows, OPENED, "every opening receipt pushed once: {report:?}");
@@ -169,7 +167,7 @@ async fn pages_too_large_for_the_cloud_are_sent_in_smaller_pages() {
     assert!(syncer.page_rows() <= shared::sync::MAX_PAGE_ROWS / 16, "pages were made smaller: {}", syncer.page_rows());
     assert_eq!(reader.lock().unwrap().outbox_depth().unwrap(), 0, "everything acknowledged");
     for i in (0..OPENED).step_by(1_499) {
-        assert_eq!(cloud_on_hand(&cloud, &sku(i)).await, 50, "{}", sku(i));
+        assert_eq!(cloud.chain_total(&sku(i)).await, 50, "{}", sku(i));
     }
 
     // The smaller size sticks (for an hour): the next changes go out without a refusal.
