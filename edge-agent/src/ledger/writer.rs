@@ -885,6 +885,9 @@ impl BatchSlots {
         // In row-id order (new rows last, by SKU): neighbouring rows share B-tree pages, and
         // the change versions come out in a deterministic order.
         let mut dirty: Vec<(&Sku, &mut BatchSlot)> = self.slots.iter_mut().filter(|(_, e)| e.dirty).collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
         // (Row ids are positive; the SKU only breaks ties between new rows.)
         dirty.sort_unstable_by(|(a_sku, a), (b_sku, b)| {
             let (a_id, b_id) = (a.id.unwrap_or(i64::MAX), b.id.unwrap_or(i64::MAX));

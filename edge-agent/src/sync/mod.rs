@@ -163,10 +163,13 @@ impl Syncer {
             };
             let (answer, bytes) = match self.client.exchange(&request).await {
                 Ok(answered) => answered,
-                Err(ExchangeError::Refused { status: 413, message }) if page_rows > 1 => {
+                Err(ExchangeError::Refused { status: 413, message }) => {
                     // Nothing was applied: the same changes go again, in a page half the size
-                    // (kept for an hour; then full pages are tried again).
-                    let smaller = self.page_size().refused(page_rows, std::time::Instant::now()).unwrap_or(1);
+                    // (kept for an hour; then full pages are tried again). A single row too
+                    // large ends the session with the cloud's refusal.
+                    let Some(smaller) = self.page_size().refused(page_rows, std::time::Instant::now()) else {
+                        return Err(ExchangeError::Refused { status: 413, message }.into());
+                    };
                     tracing::warn!(
                         store_id = %self.store,
                         rows = page_rows,
