@@ -47,6 +47,11 @@ fn own(s: &StoreId) -> ActorId {
     ActorId::for_store(s)
 }
 
+/// What a store's pull leaves out: its own actor's writes, unless it asks for them.
+fn leave_out(s: &StoreId, include_own: bool) -> Option<ActorId> {
+    (!include_own).then(|| own(s))
+}
+
 fn stamp(wall_ms: u64, actor: ActorId) -> HlcStamp {
     HlcStamp { wall_ms, logical: 0, actor }
 }
@@ -124,7 +129,7 @@ fn sorted(mut v: Vec<Item>) -> Vec<Item> {
 
 /// Every row `s` would pull from `cursor`, in one page.
 async fn everything<S: Storage>(storage: &S, s: &StoreId, cursor: Cursor) -> (Vec<Item>, Cursor) {
-    let page = storage.pull(s, cursor, 10_000, cursor.is_start()).await.unwrap();
+    let page = storage.pull(s, cursor, 10_000, leave_out(s, cursor.is_start())).await.unwrap();
     assert!(!page.more);
     (items(&page.rows), page.next_cursor)
 }
@@ -164,14 +169,14 @@ async fn story<S: Storage>(storage: S) {
     assert_eq!(c1, Cursor { chain: 0, store: 3 });
     assert_eq!(storage.push(report(&s1, Some(&first), 3, Cursor::default(), Some(&sent))).await.unwrap(), 3);
     assert_eq!(everything(&storage, &s1, Cursor::default()).await, (from_start, c1), "a re-push takes no version");
-    let page = storage.pull(&s1, c1, 100, c1.is_start()).await.unwrap();
+    let page = storage.pull(&s1, c1, 100, leave_out(&s1, c1.is_start())).await.unwrap();
     assert!(page.rows.is_empty() && !page.more && page.next_cursor == c1);
 
     // A store rebuilding its ledger asks for its own slots on every page of its catch-up, not
     // only the first (the cursor moves after it).
     let (mut cursor, mut rebuilt, mut pages) = (Cursor::default(), Vec::new(), 0);
     loop {
-        let page = storage.pull(&s1, cursor, 1, true).await.unwrap();
+        let page = storage.pull(&s1, cursor, 1, leave_out(&s1, true)).await.unwrap();
         rebuilt.extend(items(&page.rows));
         cursor = page.next_cursor;
         pages += 1;
@@ -200,10 +205,10 @@ async fn story<S: Storage>(storage: S) {
     let (rows, c2) = everything(&storage, &s1, c1).await;
     assert_eq!(rows, vec![Item::Slot(slot_row(&s1, "A", ActorId::cloud(), 4, 0))]);
     assert_eq!(c2.chain, 0);
-    let page = storage.pull(&s1, Cursor::default(), 10_000, false).await.unwrap();
+    let page = storage.pull(&s1, Cursor::default(), 10_000, leave_out(&s1, false)).await.unwrap();
     assert_eq!(page.rows.len(), 1, "without include_own a pull from the start skips own slots: {:?}", page.rows);
     // A cursor beyond the database's versions (it was restored from a backup) starts over.
-    let ahead = storage.pull(&s1, Cursor { chain: 99, store: 0 }, 10_000, false).await.unwrap();
+    let ahead = storage.pull(&s1, Cursor { chain: 99, store: 0 }, 10_000, leave_out(&s1, false)).await.unwrap();
     assert!(ahead.rows.is_empty() && ahead.more && ahead.next_cursor == Cursor::default(), "{ahead:?}");
     let (rows, _) = everything(&storage, &s1, Cursor::default()).await;
     assert_eq!(rows.len(), 4, "own slots A, B, C and the cloud's A: {rows:?}");
@@ -244,7 +249,7 @@ async fn story<S: Storage>(storage: S) {
     let a_prices = storage.prices_of(&sku("A")).await.unwrap();
     assert_eq!(a_prices.len(), 2);
     assert_eq!(a_prices[1].stamp, store_stamp, "HQ's later write stands: {a_prices:?}");
-    assert!(storage.pull(&s1, c4, 100, c4.is_start()).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s1, c4, 100, leave_out(&s1, c4.is_start())).await.unwrap().rows.is_empty());
     let newer = Push {
         from_version: 8,
         to_version: 9,
@@ -255,7 +260,7 @@ async fn story<S: Storage>(storage: S) {
     assert_eq!(rows, vec![Item::Price(store_price(175, NOW + 60_000))]);
     storage.push(report(&s1, Some(&newer), 9, c5, None)).await.unwrap();
     assert!(
-        storage.pull(&s1, c5, 100, c5.is_start()).await.unwrap().rows.is_empty(),
+        storage.pull(&s1, c5, 100, leave_out(&s1, c5.is_start())).await.unwrap().rows.is_empty(),
         "same stamp again: no new version"
     );
 
@@ -279,8 +284,8 @@ async fn story<S: Storage>(storage: S) {
     );
     assert!(storage.catalog_of(&sku("A")).await.unwrap().is_empty());
     assert_eq!(storage.stock_of_store(&s1).await.unwrap(), stock_before);
-    assert!(storage.pull(&s2, c_s2, 100, c_s2.is_start()).await.unwrap().rows.is_empty());
-    assert!(storage.pull(&s1, c5, 100, c5.is_start()).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s2, c_s2, 100, leave_out(&s2, c_s2.is_start())).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s1, c5, 100, leave_out(&s1, c5.is_start())).await.unwrap().rows.is_empty());
 
     // The corrected import applies once; a retry under its op id is reported, not reapplied.
     let import = CloudWrites { stock: vec![], ..import };
@@ -346,7 +351,7 @@ async fn story<S: Storage>(storage: S) {
     let (all, end) = everything(&storage, &s2, Cursor::default()).await;
     let (mut cursor, mut paged, mut pages, mut chain_seen) = (Cursor::default(), Vec::new(), 0, false);
     loop {
-        let page = storage.pull(&s2, cursor, 4, cursor.is_start()).await.unwrap();
+        let page = storage.pull(&s2, cursor, 4, leave_out(&s2, cursor.is_start())).await.unwrap();
         let rows = items(&page.rows);
         assert!(
             rows.len() <= 4 && (rows.len() == 4 || !page.more),
@@ -371,7 +376,7 @@ async fn story<S: Storage>(storage: S) {
     assert_eq!(sorted(paged), sorted(all.clone()));
     assert_eq!(pages, all.len().div_ceil(4));
     assert_eq!(cursor, end);
-    let page = storage.pull(&s2, cursor, 4, cursor.is_start()).await.unwrap();
+    let page = storage.pull(&s2, cursor, 4, leave_out(&s2, cursor.is_start())).await.unwrap();
     assert!(page.rows.is_empty() && !page.more && page.next_cursor == cursor);
 
     // Sync status for HQ: lag, what each store has yet to pull, refusals.
@@ -396,6 +401,41 @@ async fn story<S: Storage>(storage: S) {
     let st3 = &statuses[&s3];
     assert_eq!((st3.last_seen_ms, st3.head_version, st3.cursor), (None, 0, Cursor::default()));
     assert_eq!(st3.pending_rows, everything(&storage, &s3, Cursor::default()).await.0.len() as u64);
+
+    // s3's disk dies after a sync; its new ledger writes as a new actor of the store. Its pulls
+    // leave out only what the new ledger wrote: the old ledger's slots come back to it like
+    // another actor's, so its own sales before catching up add to them. HQ's status counts no
+    // slot of either ledger as pending for the store.
+    let first_ledger = slot_push(&s3, 0, 2, &[("E", 50, 10)]);
+    storage.push(report(&s3, Some(&first_ledger), 2, Cursor::default(), None)).await.unwrap();
+    let rebuilt = ActorId::for_store_ledger(&s3, "0f3a9c").unwrap();
+    let sold_offline = Push {
+        from_version: 0,
+        to_version: 1,
+        rows: Rows {
+            stock: vec![SlotGroup {
+                store: s3.clone(),
+                actor: rebuilt.clone(),
+                slots: vec![SlotValue { sku: sku("E"), inc: 0, dec: 5 }],
+            }],
+            ..Rows::default()
+        },
+    };
+    let sent = stamp(NOW, rebuilt.clone());
+    assert_eq!(storage.push(report(&s3, Some(&sold_offline), 1, Cursor::default(), Some(&sent))).await.unwrap(), 2);
+    let mut e_slots = storage.stock_of_store(&s3).await.unwrap();
+    e_slots.retain(|r| r.key.sku == sku("E"));
+    assert_eq!(e_slots.len(), 2, "both ledgers' slots are kept: {e_slots:?}");
+    assert_eq!(e_slots.iter().map(|r| r.slot.inc as i64 - r.slot.dec as i64).sum::<i64>(), 35);
+    let page = storage.pull(&s3, Cursor::default(), 10_000, Some(rebuilt.clone())).await.unwrap();
+    let pulled: Vec<SlotRow> = page.rows.slot_rows().filter(|r| r.key.sku == sku("E")).collect();
+    assert_eq!(pulled, vec![slot_row(&s3, "E", own(&s3), 50, 10)], "the old ledger's slot, not the new one's");
+    let st3 = storage.stores().await.unwrap().into_iter().find(|s| s.store == s3).unwrap();
+    let everything_but_slots = everything(&storage, &s3, Cursor::default()).await.0;
+    assert_eq!(
+        st3.pending_rows,
+        everything_but_slots.iter().filter(|i| !matches!(i, Item::Slot(r) if r.key.sku == sku("E"))).count() as u64
+    );
 
     // Security events: newest first, only those flagged.
     let events = storage.security_events(10).await.unwrap();
@@ -443,7 +483,7 @@ async fn sqlite_names_a_corrupt_row_instead_of_panicking() {
     assert!(matches!(&err, StorageError::Corrupt(m) if m.contains("price A region:north regular")), "{err}");
     let err = storage.stock_of_store(&store("s1")).await.unwrap_err();
     assert!(matches!(&err, StorageError::Corrupt(m) if m.contains("s1/bad sku/cloud")), "{err}");
-    let err = storage.pull(&store("s1"), Cursor::default(), 10, Cursor::default().is_start()).await.unwrap_err();
+    let err = storage.pull(&store("s1"), Cursor::default(), 10, leave_out(&store("s1"), true)).await.unwrap_err();
     assert!(matches!(err, StorageError::Corrupt(_)), "{err}");
 }
 
@@ -604,7 +644,7 @@ async fn postgres_pullers_never_skip_rows_committed_late() {
             loop {
                 // Read before pulling: a pull that starts after the writers stopped sees all.
                 let finished = done.load(Ordering::SeqCst);
-                let page = storage.pull(&s1, cursor, 5, cursor.is_start()).await.unwrap();
+                let page = storage.pull(&s1, cursor, 5, leave_out(&s1, cursor.is_start())).await.unwrap();
                 seen.take(&page.rows, &own(&s1));
                 cursor = page.next_cursor;
                 if finished && !page.more {
@@ -772,7 +812,7 @@ async fn pull_pages<S: Storage>(
     let mut pages = Vec::new();
     let mut headers: HashSet<OrderId> = held.iter().map(|r| r.header.order.clone()).collect();
     loop {
-        let page = storage.pull(s, cursor, max, own).await.unwrap();
+        let page = storage.pull(s, cursor, max, leave_out(s, own)).await.unwrap();
         headers.extend(page.rows.orders.iter().map(|h| h.order.clone()));
         for row in &page.rows.escrow {
             if let EscrowRow::Reservation { order, .. } = row {
@@ -817,7 +857,7 @@ async fn orders_story<S: Storage>(storage: S) {
         vec![granted(&s1, "MILK", 5), granted(&s1, "EGGS", 2)],
     );
     assert_eq!(storage.push(report(&s1, Some(&grant), 3, Cursor::default(), None)).await.unwrap(), 3);
-    let c0 = storage.pull(&s1, Cursor::default(), 1000, false).await.unwrap();
+    let c0 = storage.pull(&s1, Cursor::default(), 1000, leave_out(&s1, false)).await.unwrap();
     assert!(
         c0.rows.escrow.is_empty() && c0.rows.stock.is_empty() && c0.rows.catalog.len() == 1,
         "a store gets its own grants back only when rebuilding: {:?}",
@@ -870,7 +910,7 @@ async fn orders_story<S: Storage>(storage: S) {
     assert!(rows.contains(&granted(&s1, "MILK", 5)) && rows.contains(&granted(&s1, "EGGS", 2)), "{rows:?}");
     assert_eq!(rows.len(), 5);
     assert_eq!(pages.iter().map(|p| p.orders.len()).sum::<usize>(), 2);
-    let s2_rows = storage.pull(&s2, Cursor::default(), 1000, false).await.unwrap().rows;
+    let s2_rows = storage.pull(&s2, Cursor::default(), 1000, leave_out(&s2, false)).await.unwrap().rows;
     assert!(s2_rows.orders.is_empty() && s2_rows.escrow.is_empty(), "s1's orders stay in s1's partition");
 
     // Cancelled once (one version for both lines), again harmlessly; units go back to the
@@ -889,7 +929,7 @@ async fn orders_story<S: Storage>(storage: S) {
         totals(&storage, &s1).await,
         vec![("EGGS".into(), [2, 0, 1, 1, 0, 0, 1]), ("MILK".into(), [5, 0, 5, 2, 0, 3, 0])]
     );
-    assert!(storage.pull(&s1, c2, 1000, false).await.unwrap().rows.is_empty());
+    assert!(storage.pull(&s1, c2, 1000, leave_out(&s1, false)).await.unwrap().rows.is_empty());
 
     // s1 hands W-2 over: it is fulfilled, and can no longer be cancelled.
     let handover = store_push(&s1, 3, 4, &[("MILK", 10, 3)], vec![fulfilled(&s1, "MILK", "W-2")]);
@@ -903,7 +943,7 @@ async fn orders_story<S: Storage>(storage: S) {
         other => panic!("cancel of a handed-over order: {other:?}"),
     }
     assert!(
-        storage.pull(&s1, c2, 1000, false).await.unwrap().rows.is_empty(),
+        storage.pull(&s1, c2, 1000, leave_out(&s1, false)).await.unwrap().rows.is_empty(),
         "the store's own rows are not sent back"
     );
     // Its handover comes back only to a store rebuilding its ledger.
@@ -967,7 +1007,7 @@ async fn orders_story<S: Storage>(storage: S) {
 
     // HQ's view of what s1 has yet to pull counts headers and the cloud's allocation rows.
     let st1 = storage.stores().await.unwrap().into_iter().find(|s| s.store == s1).unwrap();
-    let all = storage.pull(&s1, st1.cursor, 10_000, false).await.unwrap();
+    let all = storage.pull(&s1, st1.cursor, 10_000, leave_out(&s1, false)).await.unwrap();
     assert_eq!(st1.pending_rows, all.rows.len() as u64);
     // Beyond c2: W-3 to W-6, each header with its (latest) reservation row.
     assert_eq!((all.rows.orders.len(), all.rows.escrow.len()), (4, 4), "{:?}", all.rows);

@@ -15,6 +15,8 @@ use shared::{Currency, Money, Sku, StoreId};
 
 const SKUS: usize = 1_000;
 const BATCH_SIZES: [usize; 3] = [64, 256, 1024];
+/// The bare loop's actor column: as long as the ledger's (`store:{store}:{16 hex digits}`).
+const BARE_ACTOR: &str = "store:bench:0123456789abcdef";
 
 fn sale(i: usize, eur: Currency) -> Command {
     Command::Sale {
@@ -67,8 +69,8 @@ fn bare_loop_with(events: usize, batch: usize, body_len: usize, unique_key: bool
         .unwrap();
         for s in 0..SKUS {
             conn.execute(
-                "INSERT INTO slots (id, store, sku, actor, inc, dec, version) VALUES (?1, 'bench', ?2, 'store:bench', 0, 0, 0)",
-                params![s as i64 + 1, format!("SKU-{s:06}")],
+                "INSERT INTO slots (id, store, sku, actor, inc, dec, version) VALUES (?1, 'bench', ?2, ?3, 0, 0, 0)",
+                params![s as i64 + 1, format!("SKU-{s:06}"), BARE_ACTOR],
             )
             .unwrap();
         }
@@ -88,7 +90,7 @@ fn bare_loop_with(events: usize, batch: usize, body_len: usize, unique_key: bool
                     i as i64,
                     1_800_000_000_000i64 + i as i64,
                     0,
-                    "store:bench",
+                    BARE_ACTOR,
                     "sale",
                     key(i),
                     &body,

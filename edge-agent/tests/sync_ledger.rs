@@ -20,8 +20,9 @@ fn key(s: &str) -> IdempotencyKey {
 fn store() -> StoreId {
     StoreId::new("s1").unwrap()
 }
-fn own() -> ActorId {
-    ActorId::for_store(&store())
+/// The actor the ledger in `dir` writes with (chosen when it was created).
+fn own(dir: &Path) -> ActorId {
+    LedgerReader::open(dir).unwrap().actor().unwrap()
 }
 fn start(dir: &Path) -> (LedgerHandle, WriterThread) {
     let opts = LedgerOptions::new(store(), Currency::new("EUR").unwrap());
@@ -62,7 +63,7 @@ async fn a_push_page_holds_own_changes_and_an_ack_empties_the_outbox() {
     let all = reader.push_page(100).unwrap().unwrap();
     assert_eq!(all.rows.len(), 4);
     assert_eq!(all.rows.prices.len(), 1);
-    assert_eq!(all.rows.stock[0].actor, own());
+    assert_eq!(all.rows.stock[0].actor, own(dir.path()));
     assert_eq!(all.to_version, reader.sync_position().unwrap().head_version);
 
     h.apply_sync(ack(small.to_version, Cursor::default()), None).await.unwrap();
@@ -108,7 +109,11 @@ async fn a_cloud_page_merges_once_as_an_event_that_verify_replays() {
                 actor: ActorId::cloud(),
                 slots: vec![SlotValue { sku: sku("MILK"), inc: 5, dec: 0 }],
             },
-            SlotGroup { store: store(), actor: own(), slots: vec![SlotValue { sku: sku("MILK"), inc: 12, dec: 3 }] },
+            SlotGroup {
+                store: store(),
+                actor: own(dir.path()),
+                slots: vec![SlotValue { sku: sku("MILK"), inc: 12, dec: 3 }],
+            },
         ],
         prices: vec![chain_price.clone()],
         catalog: vec![CatalogUpdate {

@@ -119,14 +119,35 @@ id_type!(
 );
 id_type!(
     /// A writer of replicated state: owns its stock slots and stamps its HLC writes.
-    /// Stores are `store:{store_id}`; the cloud is `cloud`.
+    /// A store ledger is `store:{store_id}:{ledger}` (`store:{store_id}` before ledgers had their
+    /// own); the cloud is `cloud`.
     ActorId, "actor id", 72, &[':']
 );
 
 impl ActorId {
-    /// The actor id a store's edge node writes with.
+    /// The actor id of a store ledger created before ledgers had their own actors
+    /// (`store:{store_id}`). Such a ledger keeps writing with it.
     pub fn for_store(store: &StoreId) -> ActorId {
         ActorId(format!("store:{store}"))
+    }
+
+    /// The actor id one ledger of a store writes with: `store:{store_id}:{ledger}`, where
+    /// `ledger` (letters, digits, '-', '_', '.', at most 32 bytes) is chosen when the ledger file
+    /// is created. A ledger rebuilt after a lost disk gets a new one, so what it sells before
+    /// its first sync is counted beside the old ledger's slots in the cloud instead of being
+    /// merged (per-slot max) into them and hidden.
+    pub fn for_store_ledger(store: &StoreId, ledger: &str) -> Result<ActorId, IdError> {
+        validate("ledger id", ledger, 32, &[])?;
+        ActorId::new(format!("store:{store}:{ledger}"))
+    }
+
+    /// Whether this is one of `store`'s actors (any of its ledgers, either form): what the cloud
+    /// lets that store write.
+    pub fn is_of_store(&self, store: &StoreId) -> bool {
+        match self.0.strip_prefix("store:").and_then(|rest| rest.strip_prefix(store.as_str())) {
+            Some(rest) => rest.is_empty() || rest.strip_prefix(':').is_some_and(|ledger| !ledger.is_empty()),
+            None => false,
+        }
     }
 
     /// The cloud's own actor (transfers, HQ corrections, online orders).
@@ -144,6 +165,21 @@ mod tests {
         assert_eq!(StoreId::new("s0042").unwrap().as_str(), "s0042");
         assert_eq!(ActorId::for_store(&StoreId::new("s1").unwrap()).as_str(), "store:s1");
         assert!(ActorId::new("store:s1").is_ok());
+        let s1 = StoreId::new("s1").unwrap();
+        assert_eq!(ActorId::for_store_ledger(&s1, "5f0c2a").unwrap().as_str(), "store:s1:5f0c2a");
+    }
+
+    #[test]
+    fn a_store_owns_the_actors_of_all_its_ledgers_and_no_others() {
+        let s1 = StoreId::new("s1").unwrap();
+        let own = |a: &str| ActorId::new(a).unwrap().is_of_store(&s1);
+        assert!(own("store:s1") && own("store:s1:5f0c2a"));
+        for foreign in ["store:s10", "store:s10:5f0c2a", "store:s", "store:s1:", "cloud", "s1", "store:s2:s1"] {
+            assert!(!own(foreign), "{foreign}");
+        }
+        let e = ActorId::for_store_ledger(&s1, "a:b").unwrap_err();
+        assert!(e.to_string().contains("ledger id"), "{e}");
+        assert!(ActorId::for_store_ledger(&s1, "").is_err());
     }
 
     #[test]

@@ -170,6 +170,8 @@ pub enum PushRefusal {
     ForeignOrder { pusher: StoreId, order: String },
     #[error("request for store {path} carries store id {body}")]
     StoreMismatch { path: StoreId, body: StoreId },
+    #[error("request of store {pusher} is sent by actor {actor}, not one of the store's (store:{pusher} or store:{pusher}:LEDGER)")]
+    ForeignSender { pusher: StoreId, actor: ActorId },
     #[error("push range ({from}, {to}] is backwards")]
     BackwardsRange { from: u64, to: u64 },
     #[error("push of {rows} rows is above the page limit of {max}")]
@@ -190,6 +192,7 @@ impl PushRefusal {
                 | PushRefusal::ForeignEscrow { .. }
                 | PushRefusal::ForeignOrder { .. }
                 | PushRefusal::StoreMismatch { .. }
+                | PushRefusal::ForeignSender { .. }
         )
     }
 }
@@ -200,6 +203,12 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
     if request.store != *store {
         return Err(PushRefusal::StoreMismatch { path: store.clone(), body: request.store.clone() });
     }
+    // The sending ledger's actor: the cloud leaves its slots out of pulls, and a push may
+    // carry nothing written by another (a rebuilt store's old ledger is the cloud's history).
+    let own = request.sent_at.actor.clone();
+    if !own.is_of_store(store) {
+        return Err(PushRefusal::ForeignSender { pusher: store.clone(), actor: own });
+    }
     let Some(push) = &request.push else { return Ok(()) };
     if push.from_version > push.to_version {
         return Err(PushRefusal::BackwardsRange { from: push.from_version, to: push.to_version });
@@ -207,7 +216,6 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
     if push.rows.len() > MAX_PAGE_ROWS as usize {
         return Err(PushRefusal::TooManyRows { rows: push.rows.len(), max: MAX_PAGE_ROWS });
     }
-    let own = ActorId::for_store(store);
     for group in &push.rows.stock {
         if group.store != *store || group.actor != own {
             let sku = group.slots.first().map(|s| s.sku.clone()).unwrap_or_else(|| Sku::new("-").expect("valid sku"));
@@ -319,6 +327,29 @@ mod tests {
         assert!(err.to_string().contains("store:s2"), "{err}");
         let cloud_slot = request(Rows { stock: vec![group("s1", ActorId::cloud(), 1)], ..Rows::default() });
         assert!(check_push(&store("s1"), &cloud_slot).unwrap_err().is_ownership());
+    }
+
+    #[test]
+    fn a_ledger_actor_writes_only_its_own_slots_and_only_for_its_store() {
+        let current = ActorId::for_store_ledger(&store("s1"), "b7").unwrap();
+        let mut req = request(Rows { stock: vec![group("s1", current.clone(), 2)], ..Rows::default() });
+        req.sent_at.actor = current;
+        assert_eq!(check_push(&store("s1"), &req), Ok(()));
+
+        // The store's older ledger's slots are the cloud's history, not the sender's to write.
+        let mut old =
+            request(Rows { stock: vec![group("s1", ActorId::for_store(&store("s1")), 1)], ..Rows::default() });
+        old.sent_at.actor = ActorId::for_store_ledger(&store("s1"), "b7").unwrap();
+        let e = check_push(&store("s1"), &old).unwrap_err();
+        assert!(matches!(e, PushRefusal::ForeignSlot { .. }) && e.is_ownership(), "{e}");
+
+        // A request sent by another store's actor is refused even without a push.
+        let mut foreign = request(Rows::default());
+        foreign.push = None;
+        foreign.sent_at.actor = ActorId::for_store_ledger(&store("s10"), "b7").unwrap();
+        let e = check_push(&store("s1"), &foreign).unwrap_err();
+        assert!(matches!(e, PushRefusal::ForeignSender { .. }) && e.is_ownership(), "{e}");
+        assert!(e.to_string().contains("store:s10:b7"), "{e}");
     }
 
     #[test]

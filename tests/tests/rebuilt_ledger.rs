@@ -1,9 +1,9 @@
 //! A store whose ledger was lost (a dead disk) starts again with an empty one under the same
-//! store id, sells before its first sync, then syncs. Documents today's behaviour: the new
-//! ledger writes under the same actor as the old one (`ActorId::for_store`), so its first own
-//! slots are merged by per-slot max with the larger counts the cloud holds for that actor, and
-//! what it sold before catching up is hidden. The real cloud-sync binary; the ledgers and the
-//! sync client as a library.
+//! store id, sells before its first sync, then syncs. The new ledger writes as a new actor of
+//! the store, so the cloud's counts of the old ledger come back to it as another actor's slots
+//! and what it sold before catching up is counted on top of them, not hidden by a per-slot max
+//! with the same actor's larger counts. The real cloud-sync binary; the ledgers and the sync
+//! client as a library.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +27,7 @@ async fn adjust(handle: &LedgerHandle, key: &str, sku: &Sku, movement: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_hidden_by_the_old_counts() {
+async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
     let cloud = CloudFixture::start(Backend::Sqlite);
     let token = cloud.add_store("s1");
     let store = StoreId::new("s1").unwrap();
@@ -40,6 +40,7 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_hidden_by_the_old_c
     // The old ledger: 50 received, 10 sold, all synced.
     let old_dir = tempfile::tempdir().unwrap();
     let (handle, writer, reader) = store_ledger(old_dir.path());
+    let old_actor = reader.lock().unwrap().actor().unwrap();
     adjust(&handle, "receipt", &sku, 50).await;
     adjust(&handle, "sold-10", &sku, -10).await;
     syncer(&handle, &reader).session().await.unwrap();
@@ -51,20 +52,31 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_hidden_by_the_old_c
     // The disk is replaced: an empty ledger, offline at first, sells 5, then syncs.
     let new_dir = tempfile::tempdir().unwrap();
     let (handle, writer, reader) = store_ledger(new_dir.path());
+    let new_actor = reader.lock().unwrap().actor().unwrap();
+    assert_ne!(new_actor, old_actor, "a new ledger writes as a new actor");
+    assert!(new_actor.is_of_store(&store) && old_actor.is_of_store(&store));
     adjust(&handle, "sold-5", &sku, -5).await;
     assert_eq!(reader.lock().unwrap().stock(&sku).unwrap().on_hand, -5, "offline: only what it sold");
     let sync = syncer(&handle, &reader);
     sync.session().await.unwrap();
     sync.session().await.unwrap();
 
-    // FIXME: 35 units are on the shelf (50 - 10 - 5), and both the cloud and the store should
-    // say 35. Today the new ledger's slot (0 in, 5 out) is merged with the cloud's (50 in, 10
-    // out) for the same actor by per-slot max, so the 5 sales vanish and both say 40. A fix
-    // needs a new actor for each ledger the store starts (shared, cloud-sync's push check).
-    assert_eq!(cloud.chain_total(&sku).await, 40, "today's behaviour; should be 35");
-    assert_eq!(reader.lock().unwrap().stock(&sku).unwrap().on_hand, 40, "today's behaviour; should be 35");
+    // 35 units are on the shelf (50 - 10 - 5): the cloud and the store both say so, the store
+    // holding the old ledger's slot as the cloud kept it beside its own.
+    assert_eq!(cloud.chain_total(&sku).await, 35);
+    let stock = reader.lock().unwrap().stock(&sku).unwrap();
+    assert_eq!(stock.on_hand, 35);
+    let slot = |actor: &shared::ActorId| stock.slots.iter().find(|(a, _)| a == actor.as_str()).map(|(_, s)| *s);
+    assert_eq!(slot(&old_actor), Some(shared::Slot { inc: 50, dec: 10 }), "{stock:?}");
+    assert_eq!(slot(&new_actor), Some(shared::Slot { inc: 0, dec: 5 }), "{stock:?}");
     // The new ledger's own chain is intact.
     assert!(reader.lock().unwrap().verify().unwrap().is_ok());
+
+    // More sales after the catch-up reach the cloud on the new actor alone.
+    adjust(&handle, "sold-2", &sku, -2).await;
+    sync.session().await.unwrap();
+    assert_eq!(cloud.chain_total(&sku).await, 33);
+    assert_eq!(reader.lock().unwrap().stock(&sku).unwrap().on_hand, 33);
     drop(sync);
     drop(handle);
     writer.join();

@@ -176,8 +176,9 @@ async fn exchange<S: Storage>(
         .map_err(Refusal::storage)?;
     // At least one row a page, so a pull always makes progress.
     let max_rows = request.max_rows.min(app.settings.page_rows).max(1);
-    let page =
-        app.storage.pull(store, request.cursor, max_rows, request.include_own_slots).await.map_err(Refusal::storage)?;
+    // The sending ledger's actor (checked by `check_push` to be one of the store's).
+    let leave_out = (!request.include_own_slots).then(|| request.sent_at.actor.clone());
+    let page = app.storage.pull(store, request.cursor, max_rows, leave_out).await.map_err(Refusal::storage)?;
     tracing::debug!(
         store_id = %store,
         pushed = rows,

@@ -38,7 +38,7 @@ use std::future::Future;
 use serde::Serialize;
 use shared::sync::{Cursor, Push, Rows};
 use shared::{
-    CatalogField, CatalogUpdate, Escrow, HlcStamp, OrderHeader, OrderId, PriceEntry, PriceKey, PriceValue, Sku,
+    ActorId, CatalogField, CatalogUpdate, Escrow, HlcStamp, OrderHeader, OrderId, PriceEntry, PriceKey, PriceValue, Sku,
     SlotRow, StoreId,
 };
 
@@ -295,17 +295,19 @@ pub trait Storage: Clone + Send + Sync + 'static {
     fn push(&self, report: SyncReport<'_>) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// The cloud's rows for `store` beyond `cursor`, at most `max_rows` (more only to carry one
-    /// order whole: a page never ends inside a version), in version order per partition. The
-    /// store's own rows (its stock slots, its `Granted` and `Fulfilled` allocation rows) are
-    /// left out unless `include_own`. A partition whose rows all fit moves its cursor to the
-    /// partition's version as of the same snapshot, so rows skipped (the store's own) are not
-    /// scanned again by every later pull.
+    /// order whole: a page never ends inside a version), in version order per partition. With
+    /// `leave_out` (the pulling ledger's actor), what that ledger wrote itself is left out: its
+    /// stock slots and the store's `Granted` and `Fulfilled` allocation rows; slots of the
+    /// store's earlier ledgers (one lost to a dead disk) are sent like any other actor's. A
+    /// ledger catching up for the first time passes `None` and gets everything. A partition
+    /// whose rows all fit moves its cursor to the partition's version as of the same snapshot,
+    /// so rows skipped (the store's own) are not scanned again by every later pull.
     fn pull(
         &self,
         store: &StoreId,
         cursor: Cursor,
         max_rows: u32,
-        include_own: bool,
+        leave_out: Option<ActorId>,
     ) -> impl Future<Output = Result<Page, StorageError>> + Send;
 
     /// Records a refused request: `rows` counts towards the store's refused rows; a security

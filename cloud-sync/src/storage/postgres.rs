@@ -737,10 +737,8 @@ async fn pull(
     store: &StoreId,
     cursor: Cursor,
     max: usize,
-    include_own: bool,
+    own: Option<&ActorId>,
 ) -> Result<Page, StorageError> {
-    let own = ActorId::for_store(store);
-    let own = (!include_own).then_some(&own);
     let store_rows = store_rows(tx, store, cursor.store, own, plan::store_read_limit(max)).await?;
     let chain_rows = match plan::chain_read_limit(&store_rows, max) {
         Some(limit) => chain_rows(tx, cursor.chain, limit).await?,
@@ -757,11 +755,13 @@ async fn pull(
     Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
-/// Rows `store` would pull at `cursor`, its own slots left out.
+/// Rows `store` would pull at `cursor`, the slots of all its ledgers left out (the status does
+/// not know which ledger is current; an old ledger's slots change no more once it is gone).
 async fn pending_rows(tx: &Transaction<'_>, store: &StoreId, cursor: Cursor) -> Result<u64, StorageError> {
     let row = tx
         .query_one(
-            "SELECT (SELECT count(*) FROM stock_slots WHERE store = $1 AND version > $2 AND actor <> $3)
+            "SELECT (SELECT count(*) FROM stock_slots WHERE store = $1 AND version > $2
+                            AND actor <> $3 AND NOT starts_with(actor, $3 || ':'))
                   + (SELECT count(*) FROM prices WHERE partition = $4 AND version > $2)
                   + (SELECT count(*) FROM prices WHERE partition = 'chain' AND version > $5)
                   + (SELECT count(*) FROM catalog WHERE version > $5)
@@ -1303,10 +1303,10 @@ impl Storage for PostgresStorage {
         store: &StoreId,
         cursor: Cursor,
         max_rows: u32,
-        include_own: bool,
+        leave_out: Option<ActorId>,
     ) -> Result<Page, StorageError> {
         let max = max_rows.min(shared::sync::MAX_PAGE_ROWS) as usize;
-        read_tx!(self, |tx| pull(&tx, store, cursor, max, include_own).await?)
+        read_tx!(self, |tx| pull(&tx, store, cursor, max, leave_out.as_ref()).await?)
     }
 
     async fn record_refusal(

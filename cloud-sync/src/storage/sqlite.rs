@@ -721,10 +721,8 @@ fn pull(
     store: &StoreId,
     cursor: Cursor,
     max: usize,
-    include_own: bool,
+    own: Option<&ActorId>,
 ) -> Result<Page, StorageError> {
-    let own = ActorId::for_store(store);
-    let own = (!include_own).then_some(&own);
     let store_rows = store_rows(tx, store, cursor.store, own, plan::store_read_limit(max))?;
     let chain_rows = match plan::chain_read_limit(&store_rows, max) {
         Some(limit) => chain_rows(tx, cursor.chain, limit)?,
@@ -739,11 +737,13 @@ fn pull(
     Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
-/// Rows `store` would pull at `cursor`, its own slots left out.
+/// Rows `store` would pull at `cursor`, the slots of all its ledgers left out (the status does
+/// not know which ledger is current; an old ledger's slots change no more once it is gone).
 fn pending_rows(tx: &Transaction, store: &StoreId, cursor: Cursor) -> Result<u64, StorageError> {
     let n: i64 = tx
         .prepare_cached(
-            "SELECT (SELECT count(*) FROM stock_slots WHERE store = ?1 AND version > ?2 AND actor <> ?3)
+            "SELECT (SELECT count(*) FROM stock_slots WHERE store = ?1 AND version > ?2
+                        AND actor <> ?3 AND substr(actor, 1, length(?3) + 1) <> ?3 || ':')
               + (SELECT count(*) FROM prices WHERE partition = ?4 AND version > ?2)
               + (SELECT count(*) FROM prices WHERE partition = 'chain' AND version > ?5)
               + (SELECT count(*) FROM catalog WHERE version > ?5)
@@ -1186,11 +1186,11 @@ impl Storage for SqliteStorage {
         store: &StoreId,
         cursor: Cursor,
         max_rows: u32,
-        include_own: bool,
+        leave_out: Option<ActorId>,
     ) -> Result<Page, StorageError> {
         let store = store.clone();
         let max = max_rows.min(shared::sync::MAX_PAGE_ROWS) as usize;
-        self.read(move |tx| pull(tx, &store, cursor, max, include_own)).await
+        self.read(move |tx| pull(tx, &store, cursor, max, leave_out.as_ref())).await
     }
 
     async fn record_refusal(

@@ -114,8 +114,7 @@ impl Ledger {
     /// no sequence number or stamp is ever issued twice.
     pub fn open(data_dir: &Path, opts: &LedgerOptions) -> Result<Ledger, LedgerError> {
         let path = Self::path_in(data_dir);
-        let actor = ActorId::for_store(&opts.store);
-        let conn = schema::open_for_writing(&path, opts.store.as_str(), actor.as_str())?;
+        let (conn, actor) = schema::open_for_writing(&path, &opts.store)?;
         // Values read back from the file are checked, not cast: a hand-edited ledger must be
         // refused with the reason, never panic or make the writer reuse a sequence number.
         let corrupt = |detail: String| LedgerError::Corrupt { seq: None, detail };
@@ -207,6 +206,12 @@ pub struct SyncPosition {
     pub head_version: u64,
     /// This ledger has caught up with the cloud once (until then it asks for its own slots).
     pub bootstrapped: bool,
+}
+
+/// The actor the ledger was bound to when it was created (`meta.actor`).
+fn meta_actor(conn: &Connection) -> Result<ActorId, LedgerError> {
+    let actor: String = conn.query_row("SELECT value FROM meta WHERE key = 'actor'", [], |r| r.get(0))?;
+    ActorId::new(actor).map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("meta actor: {e}") })
 }
 
 fn sync_position(conn: &Connection) -> Result<SyncPosition, LedgerError> {
@@ -388,6 +393,11 @@ impl LedgerReader {
         sync_position(&self.conn)
     }
 
+    /// The actor this ledger writes with (its own slots, its stamps).
+    pub fn actor(&self) -> Result<ActorId, LedgerError> {
+        meta_actor(&self.conn)
+    }
+
     /// The next page of this store's own changes the cloud has not acknowledged, at most
     /// `max_rows` rows (a page may end inside no version: each change has its own), or `None`
     /// when everything is acknowledged. Read from one snapshot.
@@ -409,7 +419,7 @@ impl LedgerReader {
         if to <= position.pushed_version {
             return Ok(None);
         }
-        let actor = ActorId::for_store(&self.store);
+        let actor = meta_actor(&snapshot)?;
         let rows = projection::own_rows(&snapshot, &self.store, &actor, position.pushed_version, to)?;
         if rows.is_empty() && cutoff.is_none() {
             // Versions moved only by merges of other actors' rows: nothing of ours to send.

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension};
+use shared::{ActorId, StoreId};
 
 use super::LedgerError;
 
@@ -280,9 +281,9 @@ fn check_identity(conn: &Connection, path: &Path) -> Result<i64, LedgerError> {
     Ok(version)
 }
 
-/// Opens (creating if needed) the ledger for writing, migrated to the latest schema and
-/// bound to `store`/`actor`.
-pub fn open_for_writing(path: &Path, store: &str, actor: &str) -> Result<Connection, LedgerError> {
+/// Opens (creating if needed) the ledger for writing, migrated to the latest schema and bound
+/// to `store`; returns it with the actor it writes with (see [`bind_store`]).
+pub fn open_for_writing(path: &Path, store: &StoreId) -> Result<(Connection, ActorId), LedgerError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| LedgerError::CannotOpen { path: dir.to_owned(), source })?;
     }
@@ -309,8 +310,8 @@ pub fn open_for_writing(path: &Path, store: &str, actor: &str) -> Result<Connect
     conn.pragma_update(None, "synchronous", "FULL")?;
     tune(&conn)?;
     migrate(&mut conn, version)?;
-    bind_store(&conn, path, store, actor)?;
-    Ok(conn)
+    let actor = bind_store(&conn, path, store)?;
+    Ok((conn, actor))
 }
 
 /// Page cache and checkpoint sizes for the writer (the benchmark applies the same to its bare
@@ -338,21 +339,45 @@ fn migrate(conn: &mut Connection, from: i64) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// A ledger belongs to one store for life: refuse to open another store's file.
-fn bind_store(conn: &Connection, path: &Path, store: &str, actor: &str) -> Result<(), LedgerError> {
-    let bound: Option<String> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0)).optional()?;
+/// A ledger belongs to one store for life: refuse to open another store's file. A new ledger
+/// gets an actor of its own (`store:{store}:{random}`), never an earlier ledger's: a store
+/// whose disk died starts a new ledger, and its counts must add to the old ledger's in the
+/// cloud, not be max-merged into them. A ledger created before ledgers had their own actor
+/// keeps `store:{store}`.
+fn bind_store(conn: &Connection, path: &Path, store: &StoreId) -> Result<ActorId, LedgerError> {
+    let bound: Option<(String, Option<String>)> = conn
+        .query_row(
+            "SELECT s.value, (SELECT a.value FROM meta a WHERE a.key = 'actor') FROM meta s WHERE s.key = 'store'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
     match bound {
-        Some(found) if found != store => {
-            Err(LedgerError::WrongStore { path: path.to_owned(), found, expected: store.to_owned() })
+        Some((found, _)) if found != store.as_str() => {
+            Err(LedgerError::WrongStore { path: path.to_owned(), found, expected: store.to_string() })
         }
-        Some(_) => Ok(()),
+        Some((_, actor)) => {
+            let actor = actor.unwrap_or_default();
+            match ActorId::new(actor.as_str()) {
+                Ok(id) if id.is_of_store(store) => Ok(id),
+                _ => Err(LedgerError::Corrupt {
+                    seq: None,
+                    detail: format!(
+                        "{}: meta actor {actor:?} is not an actor of store {store} (store:{store}[:LEDGER])",
+                        path.display()
+                    ),
+                }),
+            }
+        }
         None => {
+            let actor = ActorId::for_store_ledger(store, &format!("{:016x}", rand::random::<u64>()))
+                .map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('store', ?1), ('actor', ?2), ('pushed_version', 0)",
-                [store, actor],
+                [store.as_str(), actor.as_str()],
             )?;
-            Ok(())
+            tracing::info!(store_id = %store, actor = %actor, "New ledger: writing as a new actor of the store");
+            Ok(actor)
         }
     }
 }

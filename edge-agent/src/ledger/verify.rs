@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
-use shared::{ActorId, EscrowRow, OrderId, Sku, Slot, StoreId};
+use shared::{EscrowRow, OrderId, Sku, Slot, StoreId};
 
 use super::chain::{event_hash, hex, Hash, GENESIS};
 use super::command::EventBody;
@@ -41,9 +41,8 @@ fn broken(seq: u64, detail: impl Into<String>) -> ChainBreak {
 
 pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
     let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
-    let actor: String = conn.query_row("SELECT value FROM meta WHERE key = 'actor'", [], |r| r.get(0))?;
     let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
-    let actor = ActorId::new(actor).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+    let actor = super::meta_actor(conn)?;
 
     let mut stmt = conn.prepare(
         "SELECT seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, prev_hash, hash FROM events ORDER BY seq",

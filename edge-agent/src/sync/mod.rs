@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use shared::sync::{SyncRequest, MAX_PAGE_ROWS};
-use shared::{ActorId, HlcStamp, StoreId};
+use shared::{HlcStamp, StoreId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -146,13 +146,14 @@ impl Syncer {
         let mut quiet = false;
         for _ in 0..MAX_PAGES_PER_SESSION {
             let page_rows = self.page_size().rows(std::time::Instant::now());
-            let (position, push) = self.read(move |r| Ok((r.sync_position()?, r.push_page(page_rows)?))).await?;
+            let (position, push, actor) =
+                self.read(move |r| Ok((r.sync_position()?, r.push_page(page_rows)?, r.actor()?))).await?;
             if quiet && push.is_none() {
                 return Ok(report);
             }
             let request = SyncRequest {
                 store: self.store.clone(),
-                sent_at: HlcStamp { wall_ms: now_ms(), logical: 0, actor: ActorId::for_store(&self.store) },
+                sent_at: HlcStamp { wall_ms: now_ms(), logical: 0, actor },
                 // What HQ sees as this store's lag: versions merged from the cloud are not ours
                 // to push, so with nothing pending the store is at what the cloud holds.
                 head_version: if push.is_some() { position.head_version } else { position.pushed_version },
