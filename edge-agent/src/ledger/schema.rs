@@ -509,6 +509,56 @@ mod tests {
         assert_eq!(ids, 3);
     }
 
+    fn actor(dir: &Path) -> shared::ActorId {
+        LedgerReader::open(dir).unwrap().actor().unwrap()
+    }
+
+    fn set_meta_actor(dir: &Path, actor: &str) {
+        let conn = Connection::open(super::super::Ledger::path_in(dir)).unwrap();
+        conn.execute("UPDATE meta SET value = ?1 WHERE key = 'actor'", [actor]).unwrap();
+    }
+
+    #[test]
+    fn each_new_ledger_writes_as_an_actor_of_its_own_for_life() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        sell(a.path(), 0..2);
+        sell(b.path(), 0..2);
+        let first = actor(a.path());
+        assert!(first.as_str().starts_with("store:s1:"), "{first}");
+        assert!(first.is_of_store(&StoreId::new("s1").unwrap()));
+        assert_ne!(first, actor(b.path()), "another ledger of the same store");
+        sell(a.path(), 2..4);
+        assert_eq!(actor(a.path()), first, "reopening keeps it");
+        let reader = LedgerReader::open(a.path()).unwrap();
+        let slots = reader.stock(&Sku::new("SKU0").unwrap()).unwrap().slots;
+        assert_eq!(slots.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(), [first.as_str()]);
+        assert!(reader.verify().unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_ledger_created_with_the_store_wide_actor_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Ledger::open(dir.path(), &opts()).unwrap());
+        set_meta_actor(dir.path(), "store:s1");
+        sell(dir.path(), 0..3);
+        assert_eq!(actor(dir.path()).as_str(), "store:s1");
+        let reader = LedgerReader::open(dir.path()).unwrap();
+        assert_eq!(reader.stock(&Sku::new("SKU0").unwrap()).unwrap().slots[0].0, "store:s1");
+        assert!(reader.verify().unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_ledger_bound_to_another_stores_actor_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Ledger::open(dir.path(), &opts()).unwrap());
+        for bad in ["store:s2:0f3a", "cloud", "store:s1:"] {
+            set_meta_actor(dir.path(), bad);
+            let Err(e) = Ledger::open(dir.path(), &opts()) else { panic!("{bad} accepted") };
+            let text = e.to_string();
+            assert!(text.contains(&format!("{bad:?}")) && text.contains("not an actor of store s1"), "{text}");
+        }
+    }
+
     #[test]
     fn own_slots_written_by_id_survive_a_restart_and_match_the_events() {
         let dir = tempfile::tempdir().unwrap();
