@@ -248,15 +248,17 @@ impl World {
         let ids: Vec<StoreId> = (0..scale.stores).map(|i| StoreId::new(format!("s{i:03}")).unwrap()).collect();
         let nodes = ids
             .iter()
-            .map(|id| {
+            .enumerate()
+            .map(|(i, id)| {
                 let pull = rng.gen_range(scale.page.0..=scale.page.1);
                 let push = rng.gen_range(scale.page.0..=scale.page.1) as usize;
-                Node {
-                    store: Store::new(id.clone(), pull, push),
-                    skew_ms: rng.gen_range(-300..=300),
-                    fault: ClockFault::None,
-                    offline_until: 0,
-                }
+                // Every other store writes as a ledger actor of its own (`store:{id}:{ledger}`),
+                // the rest as the store-wide actor of ledgers created before those existed.
+                let store = match i % 2 {
+                    0 => Store::with_actor(id.clone(), ActorId::for_store_ledger(id, "l0").unwrap(), pull, push),
+                    _ => Store::new(id.clone(), pull, push),
+                };
+                Node { store, skew_ms: rng.gen_range(-300..=300), fault: ClockFault::None, offline_until: 0 }
             })
             .collect();
         World {
@@ -598,7 +600,7 @@ impl World {
         // stock check at the end would find these units.
         let own = SlotGroup {
             store: id.clone(),
-            actor: ActorId::for_store(&id),
+            actor: self.nodes[s].store.actor.clone(),
             slots: vec![SlotValue { sku: sku.clone(), inc: 1_000_000_000, dec: 0 }],
         };
         let mut rows = Rows { stock: vec![own], ..Rows::default() };
@@ -1090,6 +1092,35 @@ fn paged_bootstrap_of_a_rebuilt_store_gets_all_its_own_slots() {
     exchange(&mut cloud, &mut rebuilt, EPOCH_MS + 100, true);
     let held: i128 = skus.iter().map(|s| cloud.stock(0).value(&id, s)).sum();
     assert_eq!(held, 53);
+}
+
+/// A store whose ledger was lost starts an empty one and sells before its first sync. Written
+/// as a new actor (as edge-agent's new ledgers are), its sales count: the old ledger's slot
+/// comes back to it as another actor's, and the cloud keeps both. Written as the old ledger's
+/// actor, the per-slot max with the cloud's larger counts hides them.
+#[test]
+fn a_rebuilt_store_writing_as_a_new_actor_keeps_what_it_sold_before_catching_up() {
+    let id = StoreId::new("s1").unwrap();
+    let milk = sku("MILK");
+    let ledger = |name: &str| ActorId::for_store_ledger(&id, name).unwrap();
+    let after_rebuild = |actor: ActorId| {
+        let mut cloud = Cloud::new(std::slice::from_ref(&id));
+        let mut old = Store::with_actor(id.clone(), ledger("a1"), 100, 100);
+        old.move_stock(&milk, 50);
+        old.move_stock(&milk, -10);
+        exchange(&mut cloud, &mut old, EPOCH_MS, true);
+        assert_eq!(cloud.stock(0).value(&id, &milk), 40);
+
+        let mut rebuilt = Store::with_actor(id.clone(), actor, 1, 1);
+        rebuilt.move_stock(&milk, -5);
+        for t in 1..=6 {
+            exchange(&mut cloud, &mut rebuilt, EPOCH_MS + t, true);
+        }
+        assert!(rebuilt.bootstrapped && !rebuilt.pending());
+        (rebuilt.value(&milk), cloud.stock(0).value(&id, &milk))
+    };
+    assert_eq!(after_rebuild(ledger("b2")), (35, 35), "a new actor: 50 - 10 - 5");
+    assert_eq!(after_rebuild(ledger("a1")), (40, 40), "the old actor: the 5 sold are hidden");
 }
 
 fn header(id: &str, store: &StoreId, lines: &[(&Sku, u64)], code: &str) -> OrderHeader {

@@ -311,7 +311,9 @@ impl Cloud {
         if let Some(latest) = sync::stamps(&request).max() {
             self.clock.hlc.observe(latest, now_ms).expect("every stamp passed the fence above");
         }
-        let (rows, next_cursor, more) = self.page(idx, request.cursor, request.max_rows, request.include_own_slots);
+        // The sending ledger's actor (`check_push` made sure it is one of the store's).
+        let leave_out = (!request.include_own_slots).then_some(&request.sent_at.actor);
+        let (rows, next_cursor, more) = self.page(idx, request.cursor, request.max_rows, leave_out);
         self.stats.pages_with_more += u64::from(more);
         let response = SyncResponse {
             cloud_time: self.clock.stamp(now_ms),
@@ -359,15 +361,15 @@ impl Cloud {
     }
 
     /// The rows of `store` beyond `cursor`: the chain partition first, then the store's own,
-    /// each in version order. The store's own rows (its stock slots, its granted and fulfilled
-    /// rows) are left out unless the request asks for them (`SyncRequest::include_own_slots`);
-    /// skipped rows still move the cursor. An order travels whole (its header and every line's
+    /// each in version order. The sending ledger's own rows (the slots of `leave_out`, the
+    /// store's granted and fulfilled rows) are left out unless the request asks for them
+    /// (`SyncRequest::include_own_slots`); skipped rows still move the cursor. An order travels whole (its header and every line's
     /// reservation): it ends the page if it does not fit, unless the page is empty, and then it
     /// is sent alone above the rows asked for (at most `MAX_ORDER_LINES + 1` rows, far below
     /// `MAX_PAGE_ROWS`), so every order can be pulled.
-    fn page(&mut self, idx: usize, cursor: Cursor, max_rows: u32, with_own: bool) -> (Rows, Cursor, bool) {
+    fn page(&mut self, idx: usize, cursor: Cursor, max_rows: u32, leave_out: Option<&ActorId>) -> (Rows, Cursor, bool) {
         let limit = max_rows.clamp(1, MAX_PAGE_ROWS) as usize;
-        let own = ActorId::for_store(&self.stores[idx]);
+        let with_own = leave_out.is_none();
         let mut rows = Rows::default();
         let mut slots = Vec::new();
         let mut taken = 0;
@@ -393,7 +395,7 @@ impl Cloud {
             let part = &self.parts[idx];
             for (version, key) in part.index.after(cursor.store) {
                 let skip = match key {
-                    RowKey::Slot(k) if !with_own && k.actor == own => Some(&mut self.stats.own_slots_skipped),
+                    RowKey::Slot(k) if leave_out == Some(&k.actor) => Some(&mut self.stats.own_slots_skipped),
                     RowKey::Escrow(id) if !with_own && id.store_owned() => Some(&mut self.stats.own_escrow_skipped),
                     _ => None,
                 };
@@ -655,8 +657,15 @@ pub struct Store {
 }
 
 impl Store {
+    /// A store whose ledger writes as the store-wide actor (`store:{id}`).
     pub fn new(id: StoreId, pull_rows: u32, push_rows: usize) -> Store {
         let actor = ActorId::for_store(&id);
+        Store::with_actor(id, actor, pull_rows, push_rows)
+    }
+
+    /// A store whose (new, empty) ledger writes as `actor`, as edge-agent's ledgers do since
+    /// each has an actor of its own.
+    pub fn with_actor(id: StoreId, actor: ActorId, pull_rows: u32, push_rows: usize) -> Store {
         Store {
             clock: Clock::new(actor.clone()),
             id,
