@@ -156,13 +156,13 @@ pub struct SyncResponse {
 /// Why the cloud refuses a row a store pushed: the whole request is refused, nothing applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushRefusal {
-    #[error("stock slot {store}/{sku}/{actor}: store {pusher} may only write its own slots (actor {own})")]
+    #[error("stock slot {store}/{sku}/{actor}: store {pusher} may only write its own ledgers' slots (sent by {own})")]
     ForeignSlot { pusher: StoreId, own: ActorId, store: StoreId, sku: Sku, actor: ActorId },
     #[error(
-        "price {sku} {scope}: store {pusher} may only write prices of its own scope, stamped by {own} (found {actor})"
+        "price {sku} {scope}: store {pusher} may only write prices of its own scope, stamped by its ledgers (sent by {own}, found {actor})"
     )]
     ForeignPrice { pusher: StoreId, own: ActorId, sku: Sku, scope: PriceScope, actor: ActorId },
-    #[error("catalog {sku}.{field}: store {pusher} may only write fields stamped by {own} (found {actor})")]
+    #[error("catalog {sku}.{field}: store {pusher} may only write fields stamped by its ledgers (sent by {own}, found {actor})")]
     ForeignCatalog { pusher: StoreId, own: ActorId, sku: Sku, field: &'static str, actor: ActorId },
     #[error("online allocation row {row}: store {pusher} may not write it ({reason})")]
     ForeignEscrow { pusher: StoreId, row: String, reason: String },
@@ -203,8 +203,9 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
     if request.store != *store {
         return Err(PushRefusal::StoreMismatch { path: store.clone(), body: request.store.clone() });
     }
-    // The sending ledger's actor: the cloud leaves its slots out of pulls, and a push may
-    // carry nothing written by another (a rebuilt store's old ledger is the cloud's history).
+    // The sending ledger's actor: the cloud leaves its slots out of pulls. A push may carry what
+    // any of the store's ledgers wrote (a ledger restored from a backup writes as a new actor
+    // but still pushes what it wrote as the old one); a store's counts only ever grow by max.
     let own = request.sent_at.actor.clone();
     if !own.is_of_store(store) {
         return Err(PushRefusal::ForeignSender { pusher: store.clone(), actor: own });
@@ -217,7 +218,7 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
         return Err(PushRefusal::TooManyRows { rows: push.rows.len(), max: MAX_PAGE_ROWS });
     }
     for group in &push.rows.stock {
-        if group.store != *store || group.actor != own {
+        if group.store != *store || !group.actor.is_of_store(store) {
             let sku = group.slots.first().map(|s| s.sku.clone()).unwrap_or_else(|| Sku::new("-").expect("valid sku"));
             return Err(PushRefusal::ForeignSlot {
                 pusher: store.clone(),
@@ -235,7 +236,7 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
     }
     for price in &push.rows.prices {
         let own_scope = price.key.scope == PriceScope::Store(store.clone());
-        if !own_scope || price.stamp.actor != own {
+        if !own_scope || !price.stamp.actor.is_of_store(store) {
             return Err(PushRefusal::ForeignPrice {
                 pusher: store.clone(),
                 own,
@@ -247,7 +248,7 @@ pub fn check_push(store: &StoreId, request: &SyncRequest) -> Result<(), PushRefu
         price.validate().map_err(|e| PushRefusal::Invalid(e.to_string()))?;
     }
     for update in &push.rows.catalog {
-        if update.stamp.actor != own {
+        if !update.stamp.actor.is_of_store(store) {
             return Err(PushRefusal::ForeignCatalog {
                 pusher: store.clone(),
                 own,
@@ -330,18 +331,28 @@ mod tests {
     }
 
     #[test]
-    fn a_ledger_actor_writes_only_its_own_slots_and_only_for_its_store() {
+    fn a_store_writes_what_its_ledgers_wrote_and_nothing_of_another_store() {
         let current = ActorId::for_store_ledger(&store("s1"), "b7").unwrap();
         let mut req = request(Rows { stock: vec![group("s1", current.clone(), 2)], ..Rows::default() });
-        req.sent_at.actor = current;
+        req.sent_at.actor = current.clone();
         assert_eq!(check_push(&store("s1"), &req), Ok(()));
 
-        // The store's older ledger's slots are the cloud's history, not the sender's to write.
-        let mut old =
-            request(Rows { stock: vec![group("s1", ActorId::for_store(&store("s1")), 1)], ..Rows::default() });
-        old.sent_at.actor = ActorId::for_store_ledger(&store("s1"), "b7").unwrap();
-        let e = check_push(&store("s1"), &old).unwrap_err();
-        assert!(matches!(e, PushRefusal::ForeignSlot { .. }) && e.is_ownership(), "{e}");
+        // A ledger restored from a backup pushes what it wrote as its old actor too.
+        let mut restored = request(Rows {
+            stock: vec![group("s1", ActorId::for_store(&store("s1")), 1), group("s1", current.clone(), 1)],
+            ..Rows::default()
+        });
+        restored.sent_at.actor = current.clone();
+        assert_eq!(check_push(&store("s1"), &restored), Ok(()));
+
+        // Another store's ledger's slot, in its own store or in ours, is refused.
+        for (slot_store, actor) in [("s10", "store:s10:b7"), ("s1", "store:s10:b7"), ("s1", "store:s1:")] {
+            let mut foreign =
+                request(Rows { stock: vec![group(slot_store, ActorId::new(actor).unwrap(), 1)], ..Rows::default() });
+            foreign.sent_at.actor = current.clone();
+            let e = check_push(&store("s1"), &foreign).unwrap_err();
+            assert!(matches!(e, PushRefusal::ForeignSlot { .. }) && e.is_ownership(), "{actor}: {e}");
+        }
 
         // A request sent by another store's actor is refused even without a push.
         let mut foreign = request(Rows::default());
@@ -396,7 +407,13 @@ mod tests {
         for row in [
             EscrowRow::Granted { key: key("s2"), granted: 5 },
             EscrowRow::Released { key: key("s1"), released: 1 },
-            EscrowRow::Reservation { key: key("s1"), order: OrderId::new("W1").unwrap(), units: 1, seq: 1, cancelled: false },
+            EscrowRow::Reservation {
+                key: key("s1"),
+                order: OrderId::new("W1").unwrap(),
+                units: 1,
+                seq: 1,
+                cancelled: false,
+            },
         ] {
             let e = check_push(&store("s1"), &request(Rows { escrow: vec![row], ..Rows::default() })).unwrap_err();
             assert!(e.is_ownership(), "{e}");

@@ -81,3 +81,64 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
     drop(handle);
     writer.join();
 }
+
+/// A lost ledger restored from a `storectl backup` (here the library call behind it) that
+/// sells before its first sync. `sold_after_backup` more units were sold and synced by the lost
+/// ledger after the backup (the cloud holds them; the backup does not); `unsynced_in_backup`
+/// units were sold before the backup and never reached the cloud. Returns what the cloud and
+/// the restored store say after it sold 5 and synced.
+async fn restore_and_sell(sold_after_backup: i64, unsynced_in_backup: i64) -> (i64, i64) {
+    let cloud = CloudFixture::start(Backend::Sqlite);
+    let token = cloud.add_store("s1");
+    let store = StoreId::new("s1").unwrap();
+    let sku = Sku::new("MILK-1L").unwrap();
+    let syncer = |handle: &LedgerHandle, reader: &Arc<Mutex<LedgerReader>>| {
+        let client = SyncClient::new(&cloud.url(), &store, token.clone(), Duration::from_secs(10)).unwrap();
+        Syncer::new(store.clone(), client, reader.clone(), handle.clone(), 1_000)
+    };
+
+    let (lost_dir, restored_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (handle, writer, reader) = store_ledger(lost_dir.path());
+    adjust(&handle, "receipt", &sku, 50).await;
+    syncer(&handle, &reader).session().await.unwrap();
+    if unsynced_in_backup > 0 {
+        adjust(&handle, "before-backup", &sku, -unsynced_in_backup).await;
+    }
+    reader.lock().unwrap().backup_to(&Ledger::path_in(restored_dir.path())).unwrap();
+    if sold_after_backup > 0 {
+        adjust(&handle, "after-backup", &sku, -sold_after_backup).await;
+        syncer(&handle, &reader).session().await.unwrap();
+    }
+    let lost_actor = reader.lock().unwrap().actor().unwrap();
+    drop(handle);
+    writer.join();
+    drop(lost_dir);
+
+    // The backup is put in place and the store sells 5 before its first sync.
+    let (handle, writer, reader) = store_ledger(restored_dir.path());
+    assert_ne!(reader.lock().unwrap().actor().unwrap(), lost_actor, "a restored ledger writes as a new actor");
+    adjust(&handle, "sold-5", &sku, -5).await;
+    let sync = syncer(&handle, &reader);
+    sync.session().await.unwrap();
+    sync.session().await.unwrap();
+    assert!(reader.lock().unwrap().verify().unwrap().is_ok());
+    let on_hand = reader.lock().unwrap().stock(&sku).unwrap().on_hand;
+    let held = cloud.chain_total(&sku).await;
+    drop(sync);
+    drop(handle);
+    writer.join();
+    (held, on_hand)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sales_of_a_ledger_restored_from_an_older_backup_are_counted() {
+    // The cloud holds 10 more sales of the lost ledger than the backup: 50 - 10 - 5.
+    assert_eq!(restore_and_sell(10, 0).await, (35, 35));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_ledger_pushes_what_the_lost_one_sold_but_never_synced() {
+    // The backup holds 3 sales the cloud never got: the restored ledger pushes them as the lost
+    // ledger's actor, beside its own 5: 50 - 3 - 5.
+    assert_eq!(restore_and_sell(0, 3).await, (42, 42));
+}

@@ -38,8 +38,8 @@ use std::future::Future;
 use serde::Serialize;
 use shared::sync::{Cursor, Push, Rows};
 use shared::{
-    ActorId, CatalogField, CatalogUpdate, Escrow, HlcStamp, OrderHeader, OrderId, PriceEntry, PriceKey, PriceValue, Sku,
-    SlotRow, StoreId,
+    ActorId, CatalogField, CatalogUpdate, Escrow, HlcStamp, OrderHeader, OrderId, PriceEntry, PriceKey, PriceValue,
+    Sku, SlotRow, StoreId,
 };
 
 use crate::orders::OrderState;

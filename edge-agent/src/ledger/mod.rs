@@ -369,7 +369,8 @@ impl LedgerReader {
     }
 
     /// Writes a consistent copy of the ledger to `target` while the daemon keeps writing
-    /// (`VACUUM INTO` reads one snapshot). Refuses to overwrite an existing file.
+    /// (`VACUUM INTO` reads one snapshot). Refuses to overwrite an existing file. The copy is
+    /// marked as a backup: a ledger restored from it writes as a new actor at its first open.
     pub fn backup_to(&self, target: &Path) -> Result<(), LedgerError> {
         if target.exists() {
             return Err(LedgerError::CannotOpen {
@@ -385,7 +386,7 @@ impl LedgerReader {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path is not valid UTF-8"),
         })?;
         self.conn.execute("VACUUM INTO ?1", [target_text])?;
-        Ok(())
+        schema::mark_as_backup(target)
     }
 
     /// Where this store stands with the cloud, as committed.
@@ -419,8 +420,7 @@ impl LedgerReader {
         if to <= position.pushed_version {
             return Ok(None);
         }
-        let actor = meta_actor(&snapshot)?;
-        let rows = projection::own_rows(&snapshot, &self.store, &actor, position.pushed_version, to)?;
+        let rows = projection::own_rows(&snapshot, &self.store, position.pushed_version, to)?;
         if rows.is_empty() && cutoff.is_none() {
             // Versions moved only by merges of other actors' rows: nothing of ours to send.
             return Ok(None);

@@ -254,40 +254,44 @@ pub fn merge_price(conn: &Connection, entry: &PriceEntry, version: u64) -> Resul
 // ---- sync ----
 
 /// The store's own rows changed in `(from, to]`: the body of a push.
-pub fn own_rows(conn: &Connection, store: &StoreId, actor: &ActorId, from: u64, to: u64) -> Result<Rows, LedgerError> {
-    let range = params![actor.as_str(), from as i64, to as i64];
+/// The rows this ledger wrote (as any of its actors: `own_actors`) changed in `(from, to]`.
+pub fn own_rows(conn: &Connection, store: &StoreId, from: u64, to: u64) -> Result<Rows, LedgerError> {
+    let range = params![from as i64, to as i64];
     let mut stmt = conn.prepare_cached(
-        "SELECT store, sku, inc, dec FROM stock_slots WHERE actor = ?1 AND version > ?2 AND version <= ?3 ORDER BY version",
+        "SELECT store, sku, inc, dec, actor FROM stock_slots
+          WHERE actor IN (SELECT actor FROM own_actors) AND version > ?1 AND version <= ?2 ORDER BY version",
     )?;
     let mut rows = stmt.query(range)?;
     let mut slots = Vec::new();
     while let Some(row) = rows.next()? {
         let row_store: String = row.get(0)?;
         let sku: String = row.get(1)?;
+        let actor: String = row.get(4)?;
         slots.push(SlotRow {
             key: SlotKey {
                 store: StoreId::new(row_store).map_err(|e| corrupt("stock slot store", e))?,
                 sku: Sku::new(sku).map_err(|e| corrupt("stock slot sku", e))?,
-                actor: actor.clone(),
+                actor: ActorId::new(actor).map_err(|e| corrupt("stock slot actor", e))?,
             },
             slot: Slot { inc: u64_col(row, 2)?, dec: u64_col(row, 3)? },
         });
     }
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {PRICE_COLUMNS} FROM prices
-          WHERE actor = ?1 AND version > ?2 AND version <= ?3 AND scope = ?4 ORDER BY version"
+          WHERE actor IN (SELECT actor FROM own_actors) AND version > ?1 AND version <= ?2 AND scope = ?3
+          ORDER BY version"
     ))?;
     // Only this store's own scope: the cloud refuses chain prices from a store (a store that
     // ran alone keeps those local).
     let own_scope = scope_text(&PriceScope::Store(store.clone()));
-    let mut rows = stmt.query(params![actor.as_str(), from as i64, to as i64, own_scope])?;
+    let mut rows = stmt.query(params![from as i64, to as i64, own_scope])?;
     let mut prices = Vec::new();
     while let Some(row) = rows.next()? {
         prices.push(price_from(row)?);
     }
     let mut stmt = conn.prepare_cached(
         "SELECT sku, value, hlc_wall, hlc_logical, actor FROM catalog
-          WHERE actor = ?1 AND version > ?2 AND version <= ?3 ORDER BY version",
+          WHERE actor IN (SELECT actor FROM own_actors) AND version > ?1 AND version <= ?2 ORDER BY version",
     )?;
     let mut rows = stmt.query(range)?;
     let mut catalog = Vec::new();

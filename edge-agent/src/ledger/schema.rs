@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use shared::{ActorId, StoreId};
 
 use super::LedgerError;
@@ -240,6 +240,36 @@ const MIGRATIONS: &[&str] = &[
          WHERE kind IN ('granted', 'fulfilled')
            AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
     ",
+    // 8: the actors this ledger has written as. A ledger restored from a `storectl backup`
+    // writes as a new actor from then on (its old actor's counts in the cloud are ahead of the
+    // restored ones, and a per-slot max would hide its new sales), but what it wrote as its
+    // old actor and never pushed must still go out: the outbox holds the rows of all of them.
+    "
+    CREATE TABLE own_actors (actor TEXT PRIMARY KEY, since_seq INTEGER NOT NULL) STRICT, WITHOUT ROWID;
+    INSERT INTO own_actors (actor, since_seq) SELECT value, 1 FROM meta WHERE key = 'actor';
+    DROP VIEW outbox;
+    CREATE VIEW outbox AS
+        SELECT 'stock' AS entity, store || '/' || sku || '/' || actor AS entity_key, version
+          FROM stock_slots
+         WHERE actor IN (SELECT actor FROM own_actors)
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'price', sku || '/' || scope || '/' || slot, version
+          FROM prices
+         WHERE actor IN (SELECT actor FROM own_actors)
+           AND scope = 'store:' || (SELECT value FROM meta WHERE key = 'store')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'catalog', sku || '/' || field, version
+          FROM catalog
+         WHERE actor IN (SELECT actor FROM own_actors)
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version')
+        UNION ALL
+        SELECT 'escrow', sku || '/' || kind || '/' || order_id, version
+          FROM escrow
+         WHERE kind IN ('granted', 'fulfilled')
+           AND version > (SELECT value FROM meta WHERE key = 'pushed_version');
+    ",
 ];
 
 pub fn latest_version() -> i64 {
@@ -343,7 +373,8 @@ fn migrate(conn: &mut Connection, from: i64) -> Result<(), LedgerError> {
 /// gets an actor of its own (`store:{store}:{random}`), never an earlier ledger's: a store
 /// whose disk died starts a new ledger, and its counts must add to the old ledger's in the
 /// cloud, not be max-merged into them. A ledger created before ledgers had their own actor
-/// keeps `store:{store}`.
+/// keeps `store:{store}`. A ledger restored from a `storectl backup` (marked `meta.backup`)
+/// takes a new actor at its first open, for the same reason (see [`write_as_new_actor`]).
 fn bind_store(conn: &Connection, path: &Path, store: &StoreId) -> Result<ActorId, LedgerError> {
     let bound: Option<(String, Option<String>)> = conn
         .query_row(
@@ -352,34 +383,79 @@ fn bind_store(conn: &Connection, path: &Path, store: &StoreId) -> Result<ActorId
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    match bound {
+    let actor = match bound {
         Some((found, _)) if found != store.as_str() => {
-            Err(LedgerError::WrongStore { path: path.to_owned(), found, expected: store.to_string() })
+            return Err(LedgerError::WrongStore { path: path.to_owned(), found, expected: store.to_string() })
         }
         Some((_, actor)) => {
             let actor = actor.unwrap_or_default();
             match ActorId::new(actor.as_str()) {
-                Ok(id) if id.is_of_store(store) => Ok(id),
-                _ => Err(LedgerError::Corrupt {
-                    seq: None,
-                    detail: format!(
-                        "{}: meta actor {actor:?} is not an actor of store {store} (store:{store}[:LEDGER])",
-                        path.display()
-                    ),
-                }),
+                Ok(id) if id.is_of_store(store) => id,
+                _ => {
+                    return Err(LedgerError::Corrupt {
+                        seq: None,
+                        detail: format!(
+                            "{}: meta actor {actor:?} is not an actor of store {store} (store:{store}[:LEDGER])",
+                            path.display()
+                        ),
+                    })
+                }
             }
         }
         None => {
-            let actor = ActorId::for_store_ledger(store, &format!("{:016x}", rand::random::<u64>()))
-                .map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
+            let actor = new_actor(store)?;
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('store', ?1), ('actor', ?2), ('pushed_version', 0)",
                 [store.as_str(), actor.as_str()],
             )?;
+            conn.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, 1)", [actor.as_str()])?;
             tracing::info!(store_id = %store, actor = %actor, "New ledger: writing as a new actor of the store");
-            Ok(actor)
+            return Ok(actor);
         }
+    };
+    let restored: Option<i64> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'backup'", [], |r| r.get(0)).optional()?;
+    if restored.is_some() {
+        return write_as_new_actor(conn, store, &actor);
     }
+    Ok(actor)
+}
+
+fn new_actor(store: &StoreId) -> Result<ActorId, LedgerError> {
+    ActorId::for_store_ledger(store, &format!("{:016x}", rand::random::<u64>()))
+        .map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })
+}
+
+/// A backup put in place of a lost ledger: the cloud holds its actor's counts as the lost
+/// ledger left them, ahead of the restored ones, so a sale written as that actor before the
+/// next sync would vanish in the per-slot max. From here on it writes as a new actor; what
+/// it wrote as the old one stays its own to push (`own_actors`), and the cloud's later counts
+/// of the old actor come back by the usual max merge.
+fn write_as_new_actor(conn: &Connection, store: &StoreId, old: &ActorId) -> Result<ActorId, LedgerError> {
+    let actor = new_actor(store)?;
+    let tx = conn.unchecked_transaction()?;
+    let next_seq: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
+    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'actor'", [actor.as_str()])?;
+    tx.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, ?2)", params![actor.as_str(), next_seq])?;
+    tx.execute("DELETE FROM meta WHERE key = 'backup'", [])?;
+    tx.commit()?;
+    tracing::warn!(
+        store_id = %store,
+        previous_actor = %old,
+        actor = %actor,
+        from_seq = next_seq,
+        error_code = "LEDGER_RESTORED_FROM_BACKUP",
+        "This ledger was restored from a backup: it writes as a new actor of the store from here on, so sales before its next sync are not hidden by the counts the cloud holds for the old one"
+    );
+    Ok(actor)
+}
+
+/// Marks the ledger file at `path` (a fresh `storectl backup` copy, not a live ledger) so
+/// that a ledger restored from it writes as a new actor at its first open.
+pub fn mark_as_backup(path: &Path) -> Result<(), LedgerError> {
+    let conn = Connection::open(path).map_err(|e| classify(path, e))?;
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('backup', 1)", [])?;
+    Ok(())
 }
 
 /// Opens an existing ledger read-only (storectl with the daemon down, or a reader beside the
@@ -404,6 +480,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::path::Path;
 
     use rusqlite::Connection;
@@ -434,13 +511,16 @@ mod tests {
     }
 
     /// Puts the stock slots back into the shape schema 6 had (migration 1's WITHOUT ROWID table
-    /// and version index, migration 5's outbox view), rows unchanged.
+    /// and version index, migration 5's outbox view, no `own_actors`), rows unchanged.
     fn downgrade_to_6(path: &Path) {
         let conn = Connection::open(path).unwrap();
-        // The outbox view is the same text in schemas 6 and 7: taken as it stands, put back.
+        // The outbox view of schemas 6 and 7 is schema 8's with the one actor of `meta`.
         let outbox: String = conn
             .query_row("SELECT sql FROM sqlite_schema WHERE type = 'view' AND name = 'outbox'", [], |r| r.get(0))
             .unwrap();
+        let outbox = outbox
+            .replace("actor IN (SELECT actor FROM own_actors)", "actor = (SELECT value FROM meta WHERE key = 'actor')");
+        conn.execute_batch("DROP VIEW outbox; DROP TABLE own_actors;").unwrap();
         conn.execute_batch(&format!(
             "BEGIN;
              CREATE TABLE old_slots (
@@ -453,7 +533,6 @@ mod tests {
                  PRIMARY KEY (store, sku, actor)
              ) STRICT, WITHOUT ROWID;
              INSERT INTO old_slots SELECT store, sku, actor, inc, dec, version FROM stock_slots;
-             DROP VIEW outbox;
              DROP TABLE stock_slots;
              ALTER TABLE old_slots RENAME TO stock_slots;
              CREATE INDEX stock_slots_by_version ON stock_slots (version);
@@ -513,9 +592,11 @@ mod tests {
         LedgerReader::open(dir).unwrap().actor().unwrap()
     }
 
+    /// Binds the (empty) ledger in `dir` to `actor`, as if it had been created with it.
     fn set_meta_actor(dir: &Path, actor: &str) {
         let conn = Connection::open(super::super::Ledger::path_in(dir)).unwrap();
         conn.execute("UPDATE meta SET value = ?1 WHERE key = 'actor'", [actor]).unwrap();
+        conn.execute("UPDATE own_actors SET actor = ?1", [actor]).unwrap();
     }
 
     #[test]
@@ -536,6 +617,38 @@ mod tests {
     }
 
     #[test]
+    fn a_ledger_restored_from_a_backup_writes_as_a_new_actor_and_still_pushes_what_it_wrote_before() {
+        let (live, restored) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        sell(live.path(), 0..3);
+        let old = actor(live.path());
+        LedgerReader::open(live.path()).unwrap().backup_to(&Ledger::path_in(restored.path())).unwrap();
+        assert_eq!(actor(restored.path()), old, "the copy is the old ledger until it is opened to write");
+
+        sell(restored.path(), 3..6);
+        let new = actor(restored.path());
+        assert_ne!(new, old);
+        assert!(new.is_of_store(&StoreId::new("s1").unwrap()));
+        sell(restored.path(), 6..7);
+        assert_eq!(actor(restored.path()), new, "only its first open takes a new actor");
+
+        let reader = LedgerReader::open(restored.path()).unwrap();
+        let mut slots = reader.stock(&Sku::new("SKU0").unwrap()).unwrap().slots;
+        slots.sort();
+        let mut expected = vec![
+            (old.to_string(), shared::Slot { inc: 0, dec: 1 }),
+            (new.to_string(), shared::Slot { inc: 0, dec: 2 }),
+        ];
+        expected.sort();
+        assert_eq!(slots, expected, "sales before the backup stay the old actor's; later ones are the new one's");
+        // Never synced: both actors' slots wait in the outbox.
+        let push = reader.push_page(1_000).unwrap().unwrap();
+        let actors: BTreeSet<&str> = push.rows.stock.iter().map(|g| g.actor.as_str()).collect();
+        assert_eq!(actors, BTreeSet::from([old.as_str(), new.as_str()]));
+        assert!(reader.verify().unwrap().is_ok());
+        assert_eq!(actor(live.path()), old, "the live ledger is untouched");
+    }
+
+    #[test]
     fn a_ledger_created_with_the_store_wide_actor_keeps_it() {
         let dir = tempfile::tempdir().unwrap();
         drop(Ledger::open(dir.path(), &opts()).unwrap());
@@ -544,6 +657,8 @@ mod tests {
         assert_eq!(actor(dir.path()).as_str(), "store:s1");
         let reader = LedgerReader::open(dir.path()).unwrap();
         assert_eq!(reader.stock(&Sku::new("SKU0").unwrap()).unwrap().slots[0].0, "store:s1");
+        let push = reader.push_page(100).unwrap().unwrap();
+        assert!(push.rows.stock.iter().all(|g| g.actor.as_str() == "store:s1") && push.rows.len() == 3);
         assert!(reader.verify().unwrap().is_ok());
     }
 
