@@ -270,6 +270,45 @@ async fn a_store_pushes_its_rows_then_pulls_what_hq_wrote_for_it() {
     assert_eq!(stock["chain_total"], json!(7));
 }
 
+/// A store whose ledger was lost syncs from a new ledger, which writes as a new actor of the
+/// store: its pulls leave out only what it wrote itself, so the old ledger's slots come back
+/// to it; the old ledger's own pull still leaves its slots out. A request sent as another
+/// store's actor is refused and recorded.
+#[tokio::test]
+async fn a_new_ledger_of_a_store_pulls_the_old_ledgers_slots_but_not_its_own() {
+    let cloud = start().await;
+    let s1 = store("s1");
+    decode(
+        &cloud
+            .sync("s1", &cloud.s1, &sync_request("s1", vec![own_slots("s1", &[("MILK", 50, 10)])], Cursor::default()))
+            .await,
+    );
+
+    let new_ledger = ActorId::for_store_ledger(&s1, "9c1e").unwrap();
+    let mut sold = sync_request("s1", vec![own_slots("s1", &[("MILK", 0, 5)])], Cursor::default());
+    sold.push.as_mut().unwrap().rows.stock[0].actor = new_ledger.clone();
+    sold.sent_at.actor = new_ledger.clone();
+    let answer = decode(&cloud.sync("s1", &cloud.s1, &sold).await);
+    let pulled: Vec<_> = answer.rows.slot_rows().map(|r| (r.key.actor.to_string(), r.slot.inc, r.slot.dec)).collect();
+    assert_eq!(pulled, vec![("store:s1".to_string(), 50, 10)], "the old ledger's slot, not the new one's");
+    let stock = cloud.get("/v1/hq/stock/MILK", &cloud.admin).await.json();
+    assert_eq!(stock["chain_total"], json!(35));
+
+    let mut old = sync_request("s1", vec![], Cursor::default());
+    old.push = None;
+    let answer = decode(&cloud.sync("s1", &cloud.s1, &old).await);
+    let pulled: Vec<_> = answer.rows.slot_rows().map(|r| r.key.actor.to_string()).collect();
+    assert_eq!(pulled, vec![new_ledger.to_string()], "the old ledger gets the new one's slot only");
+
+    let mut foreign = sync_request("s1", vec![], Cursor::default());
+    foreign.push = None;
+    foreign.sent_at.actor = ActorId::for_store_ledger(&store("s2"), "9c1e").unwrap();
+    let reply = cloud.sync("s1", &cloud.s1, &foreign).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert!(reply.text().contains("store:s2:9c1e"), "{}", reply.text());
+    assert!(has_event(&cloud.events().await, "ownership", "s1"));
+}
+
 #[tokio::test]
 async fn credentials_are_checked_and_refusals_recorded() {
     let cloud = start().await;

@@ -464,12 +464,6 @@ async fn verify_names_an_allocation_row_that_no_event_explains() {
     assert_eq!(broken.detail, "online allocation granted of MILK does not match the grant events");
 }
 
-/// Marks the ledger as not caught up with the cloud, as `storectl backup` marks its copy.
-fn as_restored(dir: &Path) {
-    let conn = rusqlite::Connection::open(dir.join(LEDGER_FILE)).unwrap();
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('bootstrapped', 0)", []).unwrap();
-}
-
 #[tokio::test]
 async fn a_restored_ledger_neither_grants_nor_hands_over_before_it_caught_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -478,11 +472,16 @@ async fn a_restored_ledger_neither_grants_nor_hands_over_before_it_caught_up() {
     s.sync(Rows::default()).await;
     s.sync(new_order("W-1", "MILK", 2, 1)).await;
     assert_eq!(s.online("MILK").granted, 6);
-    s.close();
+    let lost = s.close();
+    let restored = tempfile::tempdir().unwrap();
+    lost.backup_to(&restored.path().join(LEDGER_FILE)).unwrap();
+    let lost_actor = lost.actor().unwrap();
+    drop((lost, dir));
 
-    // Restored from a backup: the cloud may have cancelled W-1 (or another store handed it over).
-    as_restored(dir.path());
-    let mut s = Store::open(dir.path(), policy(MILK_4));
+    // Restored from a backup (`storectl backup`'s copy): the cloud may have cancelled W-1 (or
+    // another store handed it over). It writes as a new actor from here on.
+    let mut s = Store::open(restored.path(), policy(MILK_4));
+    assert_ne!(s.reader.actor().unwrap(), lost_actor);
     let events = s.reader.event_count().unwrap();
     let wait = refused(s.handover("h1", "W-1", CODE).await);
     assert_eq!(
@@ -500,6 +499,7 @@ async fn a_restored_ledger_neither_grants_nor_hands_over_before_it_caught_up() {
     s.sync(Rows::default()).await;
     assert!(s.handover("h1", "W-1", CODE).await.is_ok());
     assert_eq!(s.on_hand("MILK"), 18);
+    // The grants of the lost ledger's actor and the handover of the new one replay alike.
     s.close().verify().unwrap().unwrap();
 }
 

@@ -141,11 +141,12 @@ impl ActorId {
         ActorId::new(format!("store:{store}:{ledger}"))
     }
 
-    /// Whether this is one of `store`'s actors (any of its ledgers, either form): what the cloud
-    /// lets that store write.
+    /// Whether this is one of `store`'s actors (any of its ledgers, either form, with a ledger
+    /// id [`ActorId::for_store_ledger`] accepts): what the cloud lets that store write.
     pub fn is_of_store(&self, store: &StoreId) -> bool {
         match self.0.strip_prefix("store:").and_then(|rest| rest.strip_prefix(store.as_str())) {
-            Some(rest) => rest.is_empty() || rest.strip_prefix(':').is_some_and(|ledger| !ledger.is_empty()),
+            Some("") => true,
+            Some(rest) => rest.strip_prefix(':').is_some_and(|ledger| validate("ledger id", ledger, 32, &[]).is_ok()),
             None => false,
         }
     }
@@ -174,7 +175,18 @@ mod tests {
         let s1 = StoreId::new("s1").unwrap();
         let own = |a: &str| ActorId::new(a).unwrap().is_of_store(&s1);
         assert!(own("store:s1") && own("store:s1:5f0c2a"));
-        for foreign in ["store:s10", "store:s10:5f0c2a", "store:s", "store:s1:", "cloud", "s1", "store:s2:s1"] {
+        let too_long = format!("store:s1:{}", "a".repeat(33));
+        for foreign in [
+            "store:s10",
+            "store:s10:5f0c2a",
+            "store:s",
+            "store:s1:",
+            "cloud",
+            "s1",
+            "store:s2:s1",
+            "store:s1:a:b",
+            &too_long,
+        ] {
             assert!(!own(foreign), "{foreign}");
         }
         let e = ActorId::for_store_ledger(&s1, "a:b").unwrap_err();

@@ -28,9 +28,10 @@ use crate::stock::{Slot, SlotKey, SlotRow};
 pub const MAX_PAGE_ROWS: u32 = 20_000;
 
 /// Where a store has merged the cloud's partitions up to (exclusive lower bounds of the next
-/// pull). `Cursor::default()` asks for everything. The store's own slots come back only when the
-/// request asks for them ([`SyncRequest::include_own_slots`]): only the store writes them, so a
-/// store needs them only while rebuilding its ledger.
+/// pull). `Cursor::default()` asks for everything. The sending ledger's own slots (those of
+/// `sent_at.actor`) come back only when the request asks for them
+/// ([`SyncRequest::include_own_slots`]): only that ledger writes them, so it needs them only
+/// while catching up after a restore; the slots of the store's other ledgers come back always.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cursor {
     pub chain: u64,
@@ -131,9 +132,9 @@ pub struct SyncRequest {
     pub cursor: Cursor,
     /// Most rows the store wants in the answer (the cloud caps it at [`MAX_PAGE_ROWS`]).
     pub max_rows: u32,
-    /// Also send the store's own rows (stock slots, allocation grants and handovers): set by a
-    /// store until it has caught up once with a new ledger (a rebuilt store gets back what it
-    /// had pushed). Kept for every page of that catch-up, not inferred from the cursor, which
+    /// Also send the sending ledger's own slots and the store's allocation grants and handovers:
+    /// set by a store until it has caught up once with a new or restored ledger (it gets back
+    /// what it had pushed). Kept for every page of that catch-up, not inferred from the cursor, which
     /// moves after the first page.
     pub include_own_slots: bool,
 }

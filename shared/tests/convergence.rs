@@ -620,7 +620,7 @@ impl World {
         match variant {
             0 => rows.stock.push(SlotGroup {
                 store: other_id.clone(),
-                actor: ActorId::for_store(&other_id),
+                actor: self.nodes[other].store.actor.clone(),
                 slots: vec![SlotValue { sku: sku.clone(), inc: 7, dec: 0 }],
             }),
             1 => rows.stock.push(SlotGroup {
@@ -884,7 +884,9 @@ impl World {
     /// it has caught up, and continues its versions above what the cloud acknowledges.
     fn check_bootstrap(&mut self, s: usize) {
         let node = &self.nodes[s].store;
-        let mut fresh = Store::new(node.id.clone(), node.pull_rows, node.push_rows);
+        // A replaced store PC: a new ledger, writing as a new actor of the store.
+        let actor = ActorId::for_store_ledger(&node.id, "rebuilt").unwrap();
+        let mut fresh = Store::with_actor(node.id.clone(), actor, node.pull_rows, node.push_rows);
         let mut pages = 0;
         loop {
             pages += 1;

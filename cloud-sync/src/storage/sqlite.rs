@@ -737,8 +737,9 @@ fn pull(
     Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
-/// Rows `store` would pull at `cursor`, the slots of all its ledgers left out (the status does
-/// not know which ledger is current; an old ledger's slots change no more once it is gone).
+/// Rows `store` would pull at `cursor`, the slots of all its ledgers left out: the status does
+/// not know which of them sends. (A store that started a new ledger or restored a backup still
+/// pulls its earlier ledgers' slots, which this count leaves out.)
 fn pending_rows(tx: &Transaction, store: &StoreId, cursor: Cursor) -> Result<u64, StorageError> {
     let n: i64 = tx
         .prepare_cached(

@@ -370,23 +370,51 @@ impl LedgerReader {
 
     /// Writes a consistent copy of the ledger to `target` while the daemon keeps writing
     /// (`VACUUM INTO` reads one snapshot). Refuses to overwrite an existing file. The copy is
-    /// marked as a backup: a ledger restored from it writes as a new actor at its first open.
+    /// marked as a backup ([`schema::mark_as_backup`]: a ledger restored from it writes as a
+    /// new actor and catches up with the cloud first) before it takes its name, so a copy
+    /// under `target` is always a marked one; a failed attempt leaves no file there.
     pub fn backup_to(&self, target: &Path) -> Result<(), LedgerError> {
+        let exists = |path: &Path| LedgerError::CannotOpen {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the backup file exists already; choose a new name",
+            ),
+        };
         if target.exists() {
-            return Err(LedgerError::CannotOpen {
-                path: target.to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "the backup file exists already; choose a new name",
-                ),
-            });
+            return Err(exists(target));
         }
-        let target_text = target.to_str().ok_or_else(|| LedgerError::CannotOpen {
+        let mut partial = target.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let partial_text = partial.to_str().ok_or_else(|| LedgerError::CannotOpen {
             path: target.to_owned(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path is not valid UTF-8"),
         })?;
-        self.conn.execute("VACUUM INTO ?1", [target_text])?;
-        schema::mark_as_backup(target)
+        // Left over from an attempt that died: only ever an unmarked, unnamed copy.
+        let _ = std::fs::remove_file(&partial);
+        let written = self
+            .conn
+            .execute("VACUUM INTO ?1", [partial_text])
+            .map_err(LedgerError::from)
+            .and_then(|_| schema::mark_as_backup(&partial));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        if target.exists() {
+            let _ = std::fs::remove_file(&partial);
+            return Err(exists(target));
+        }
+        std::fs::rename(&partial, target)
+            .map_err(|source| LedgerError::CannotOpen { path: target.to_owned(), source })?;
+        if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The new name on disk too (the copy's content was synced by its commit).
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| LedgerError::CannotOpen { path: dir.to_owned(), source })?;
+        }
+        Ok(())
     }
 
     /// Where this store stands with the cloud, as committed.

@@ -253,8 +253,7 @@ pub fn merge_price(conn: &Connection, entry: &PriceEntry, version: u64) -> Resul
 
 // ---- sync ----
 
-/// The store's own rows changed in `(from, to]`: the body of a push.
-/// The rows this ledger wrote (as any of its actors: `own_actors`) changed in `(from, to]`.
+/// The body of a push: the rows this ledger wrote (as any of its actors: `own_actors`) changed in `(from, to]`.
 pub fn own_rows(conn: &Connection, store: &StoreId, from: u64, to: u64) -> Result<Rows, LedgerError> {
     let range = params![from as i64, to as i64];
     let mut stmt = conn.prepare_cached(

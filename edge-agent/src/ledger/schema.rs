@@ -404,15 +404,22 @@ fn bind_store(conn: &Connection, path: &Path, store: &StoreId) -> Result<ActorId
         }
         None => {
             let actor = new_actor(store)?;
-            conn.execute(
+            // One transaction: a ledger bound to an actor missing from `own_actors` would
+            // never push what it writes.
+            let tx = conn.unchecked_transaction()?;
+            tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('store', ?1), ('actor', ?2), ('pushed_version', 0)",
                 [store.as_str(), actor.as_str()],
             )?;
-            conn.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, 1)", [actor.as_str()])?;
+            tx.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, 1)", [actor.as_str()])?;
+            tx.commit()?;
             tracing::info!(store_id = %store, actor = %actor, "New ledger: writing as a new actor of the store");
             return Ok(actor);
         }
     };
+    // The current actor is always one of the ledger's own (a file bound by a version that
+    // wrote the two rows apart may lack it).
+    conn.execute("INSERT OR IGNORE INTO own_actors (actor, since_seq) VALUES (?1, 1)", [actor.as_str()])?;
     let restored: Option<i64> =
         conn.query_row("SELECT value FROM meta WHERE key = 'backup'", [], |r| r.get(0)).optional()?;
     if restored.is_some() {
@@ -450,11 +457,16 @@ fn write_as_new_actor(conn: &Connection, store: &StoreId, old: &ActorId) -> Resu
     Ok(actor)
 }
 
-/// Marks the ledger file at `path` (a fresh `storectl backup` copy, not a live ledger) so
-/// that a ledger restored from it writes as a new actor at its first open.
+/// Marks the ledger file at `path` (a fresh backup copy, not a live ledger) as a backup, in
+/// one transaction: a ledger restored from it writes as a new actor at its first open, and
+/// counts as not caught up with the cloud (`bootstrapped = 0`): whenever it is restored, the
+/// cloud has moved on (orders reserved, cancelled, handed over), so it neither grants nor
+/// hands over until its first complete sync.
 pub fn mark_as_backup(path: &Path) -> Result<(), LedgerError> {
-    let conn = Connection::open(path).map_err(|e| classify(path, e))?;
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('backup', 1)", [])?;
+    let mut conn = Connection::open(path).map_err(|e| classify(path, e))?;
+    let tx = conn.transaction()?;
+    tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('backup', 1), ('bootstrapped', 0)", [])?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -646,6 +658,36 @@ mod tests {
         assert_eq!(actors, BTreeSet::from([old.as_str(), new.as_str()]));
         assert!(reader.verify().unwrap().is_ok());
         assert_eq!(actor(live.path()), old, "the live ledger is untouched");
+
+        // The old actor's slots are still checked against the events written as it.
+        let conn = Connection::open(Ledger::path_in(restored.path())).unwrap();
+        conn.execute("UPDATE stock_slots SET dec = dec + 1 WHERE actor = ?1 AND sku = 'SKU1'", [old.as_str()]).unwrap();
+        let broken = reader.verify().unwrap().unwrap_err();
+        assert!(broken.detail.starts_with(&format!("stock projection of SKU1 (actor {old})")), "{}", broken.detail);
+    }
+
+    #[test]
+    fn a_backup_takes_its_name_only_when_complete_and_marked() {
+        let (live, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        sell(live.path(), 0..2);
+        let reader = LedgerReader::open(live.path()).unwrap();
+        let target = out.path().join("backup.db");
+        let partial = out.path().join("backup.db.partial");
+        std::fs::write(&partial, b"left over by an attempt that died").unwrap();
+        reader.backup_to(&target).unwrap();
+        assert!(!partial.exists());
+        let copy = Connection::open(&target).unwrap();
+        let marks: (i64, i64) = copy
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'backup'), (SELECT value FROM meta WHERE key = 'bootstrapped')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(marks, (1, 0));
+        let again = reader.backup_to(&target).unwrap_err().to_string();
+        assert!(again.contains("exists already"), "{again}");
+        assert!(!partial.exists());
     }
 
     #[test]

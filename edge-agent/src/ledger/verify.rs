@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
-use shared::{EscrowRow, OrderId, Sku, Slot, StoreId};
+use shared::{ActorId, EscrowRow, OrderId, Sku, Slot, StoreId};
 
 use super::chain::{event_hash, hex, Hash, GENESIS};
 use super::command::EventBody;
@@ -39,10 +39,27 @@ fn broken(seq: u64, detail: impl Into<String>) -> ChainBreak {
     ChainBreak { seq: Some(seq), detail: detail.into() }
 }
 
+/// The actors the ledger wrote as (`own_actors`, which always holds the current one).
+fn own_actors(conn: &Connection) -> Result<BTreeSet<ActorId>, LedgerError> {
+    let mut stmt = conn.prepare("SELECT actor FROM own_actors")?;
+    let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let mut own = BTreeSet::new();
+    for name in names {
+        own.insert(
+            ActorId::new(name).map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("own_actors: {e}") })?,
+        );
+    }
+    own.insert(super::meta_actor(conn)?);
+    Ok(own)
+}
+
 pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, LedgerError> {
     let store: String = conn.query_row("SELECT value FROM meta WHERE key = 'store'", [], |r| r.get(0))?;
     let store = StoreId::new(store).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
-    let actor = super::meta_actor(conn)?;
+    // Every actor this ledger wrote as (a restored backup has two or more): all its events are
+    // stamped by one of them, and each one's slots must equal the replay of its movements and
+    // of the cloud's rows for it merged by max.
+    let own = own_actors(conn)?;
 
     let mut stmt = conn.prepare(
         "SELECT seq, hlc_wall, hlc_logical, actor, kind, idem_key, body, prev_hash, hash FROM events ORDER BY seq",
@@ -50,7 +67,7 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
     let mut rows = stmt.query([])?;
     let mut expected_seq = 1u64;
     let mut prev: Hash = GENESIS;
-    let mut replayed: BTreeMap<Sku, Slot> = BTreeMap::new();
+    let mut replayed: BTreeMap<(ActorId, Sku), Slot> = BTreeMap::new();
     // Own allocation rows: the store's `granted` per SKU (a maximum) and its handovers.
     let mut granted: BTreeMap<Sku, u64> = BTreeMap::new();
     let mut fulfilled: BTreeSet<(Sku, OrderId)> = BTreeSet::new();
@@ -90,13 +107,15 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
                 format!("kind {kind:?} does not match its body ({})", decoded.kind()),
             )));
         }
-        if stamp.actor == actor {
-            for (sku, merged) in decoded.own_slot_merges(&store, &actor) {
-                let slot = replayed.entry(sku.clone()).or_default();
-                *slot = slot.merge(merged);
+        if own.contains(&stamp.actor) {
+            for actor in &own {
+                for (sku, merged) in decoded.own_slot_merges(&store, actor) {
+                    let slot = replayed.entry((actor.clone(), sku.clone())).or_default();
+                    *slot = slot.merge(merged);
+                }
             }
             for (sku, movement) in decoded.stock_movements() {
-                let slot = replayed.entry(sku.clone()).or_default();
+                let slot = replayed.entry((stamp.actor.clone(), sku.clone())).or_default();
                 match slot.apply(movement) {
                     Some(next) => *slot = next,
                     None => return Ok(Err(broken(expected_seq, format!("stock of {sku} overflows on replay")))),
@@ -135,21 +154,25 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
         return Ok(Err(broken(events, "the last event's hash does not match the head the ledger recorded")));
     }
 
-    let mut stmt = conn.prepare("SELECT DISTINCT sku FROM stock_slots WHERE store = ?1 AND actor = ?2")?;
-    let skus: Vec<String> =
-        stmt.query_map([store.as_str(), actor.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    for sku in &skus {
-        let sku = Sku::new(sku.clone()).map_err(|e| LedgerError::Corrupt { seq: None, detail: e.to_string() })?;
-        replayed.entry(sku).or_default();
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT actor, sku FROM stock_slots WHERE store = ?1 AND actor IN (SELECT actor FROM own_actors)",
+    )?;
+    let stored_keys: Vec<(String, String)> =
+        stmt.query_map([store.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    for (actor, sku) in stored_keys {
+        let corrupt = |e: shared::IdError| LedgerError::Corrupt { seq: None, detail: e.to_string() };
+        replayed.entry((ActorId::new(actor).map_err(corrupt)?, Sku::new(sku).map_err(corrupt)?)).or_default();
     }
-    for (sku, expected) in &replayed {
+    for ((actor, sku), expected) in &replayed {
         let key = shared::SlotKey { store: store.clone(), sku: sku.clone(), actor: actor.clone() };
         let stored = projection::slot(conn, &key)?;
         if stored != *expected {
+            // Name the actor only where the ledger wrote as more than one.
+            let whose = if own.len() > 1 { format!(" (actor {actor})") } else { String::new() };
             return Ok(Err(ChainBreak {
                 seq: None,
                 detail: format!(
-                    "stock projection of {sku} is (in {}, out {}) but the events add up to (in {}, out {})",
+                    "stock projection of {sku}{whose} is (in {}, out {}) but the events add up to (in {}, out {})",
                     stored.inc, stored.dec, expected.inc, expected.dec
                 ),
             }));

@@ -802,17 +802,12 @@ fn saved_registry(saved: registry_store::Loaded) -> serde_json::Value {
     json!({ "daemon": "not running", "read_only": true, "devices": devices, "quarantined": quarantined })
 }
 
-/// `storectl backup PATH`: an online copy, then the copy's integrity check and chain verify.
-/// The copy is marked as not caught up with the cloud (`meta.bootstrapped = 0`): whenever it is
-/// restored, the cloud has moved on (orders reserved, cancelled, handed over), so the restored
-/// store neither grants nor hands over until its first complete sync.
+/// `storectl backup PATH`: an online copy, marked as a backup (a store restored from it
+/// writes as a new actor and catches up with the cloud before it grants or hands over; see
+/// `LedgerReader::backup_to`), then the copy's integrity check and chain verify.
 fn backup(cli: &Cli, data_dir: &Path, target: &Path) -> Result<(), Failure> {
     let reader = LedgerReader::open(data_dir)?;
     reader.backup_to(target)?;
-    let copy = rusqlite::Connection::open(target).map_err(|e| Failure::Ledger(LedgerError::Sqlite(e)))?;
-    copy.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('bootstrapped', 0)", [])
-        .map_err(|e| Failure::Ledger(LedgerError::Sqlite(e)))?;
-    drop(copy);
     let copy = LedgerReader::open_file(target)?;
     if let Err(problem) = copy.integrity_check()? {
         return Err(Failure::Verify(format!("the backup {} is damaged: {problem}", target.display())));
