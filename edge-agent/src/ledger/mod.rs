@@ -392,28 +392,38 @@ impl LedgerReader {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path is not valid UTF-8"),
         })?;
         // Left over from an attempt that died: only ever an unmarked, unnamed copy.
+        let journal = PathBuf::from(format!("{partial_text}-journal"));
         let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(&journal);
         let written = self
             .conn
             .execute("VACUUM INTO ?1", [partial_text])
             .map_err(LedgerError::from)
-            .and_then(|_| schema::mark_as_backup(&partial));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-        if target.exists() {
-            let _ = std::fs::remove_file(&partial);
-            return Err(exists(target));
-        }
-        std::fs::rename(&partial, target)
-            .map_err(|source| LedgerError::CannotOpen { path: target.to_owned(), source })?;
-        if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // The new name on disk too (the copy's content was synced by its commit).
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| LedgerError::CannotOpen { path: dir.to_owned(), source })?;
-        }
+            .and_then(|_| schema::mark_as_backup(&partial))
+            .and_then(|_| {
+                // On disk before it takes its name (the mark's commit syncs it too, under the
+                // default `synchronous`; this does not depend on that).
+                std::fs::File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|source| LedgerError::CannotOpen { path: partial.clone(), source })
+            })
+            // A link, not a rename: it fails if a file took the name meanwhile, never replaces it.
+            .and_then(|_| {
+                std::fs::hard_link(&partial, target).map_err(|source| match source.kind() {
+                    std::io::ErrorKind::AlreadyExists => exists(target),
+                    _ => LedgerError::CannotOpen { path: target.to_owned(), source },
+                })
+            });
+        let _ = std::fs::remove_file(&partial);
+        written?;
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        // The new name on disk too.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| LedgerError::CannotOpen { path: dir.to_owned(), source })?;
         Ok(())
     }
 

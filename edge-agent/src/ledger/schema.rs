@@ -417,9 +417,20 @@ fn bind_store(conn: &Connection, path: &Path, store: &StoreId) -> Result<ActorId
             return Ok(actor);
         }
     };
-    // The current actor is always one of the ledger's own (a file bound by a version that
-    // wrote the two rows apart may lack it).
-    conn.execute("INSERT OR IGNORE INTO own_actors (actor, since_seq) VALUES (?1, 1)", [actor.as_str()])?;
+    // The current actor is always one of the ledger's own. Only a file bound by a version that
+    // wrote the two rows apart can lack it, and then `own_actors` is empty; any other gap means
+    // the file was edited.
+    let empty: bool = conn.query_row("SELECT NOT EXISTS (SELECT 1 FROM own_actors)", [], |r| r.get(0))?;
+    let listed: bool =
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM own_actors WHERE actor = ?1)", [actor.as_str()], |r| r.get(0))?;
+    if empty {
+        conn.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, 1)", [actor.as_str()])?;
+    } else if !listed {
+        return Err(LedgerError::Corrupt {
+            seq: None,
+            detail: format!("{}: meta actor {actor} is not among the ledger's own actors (own_actors)", path.display()),
+        });
+    }
     let restored: Option<i64> =
         conn.query_row("SELECT value FROM meta WHERE key = 'backup'", [], |r| r.get(0)).optional()?;
     if restored.is_some() {
@@ -664,6 +675,32 @@ mod tests {
         conn.execute("UPDATE stock_slots SET dec = dec + 1 WHERE actor = ?1 AND sku = 'SKU1'", [old.as_str()]).unwrap();
         let broken = reader.verify().unwrap().unwrap_err();
         assert!(broken.detail.starts_with(&format!("stock projection of SKU1 (actor {old})")), "{}", broken.detail);
+    }
+
+    #[test]
+    fn an_edited_list_of_own_actors_is_caught() {
+        let (live, restored) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        sell(live.path(), 0..3);
+        let old = actor(live.path());
+        LedgerReader::open(live.path()).unwrap().backup_to(&Ledger::path_in(restored.path())).unwrap();
+        sell(restored.path(), 3..4);
+        let new = actor(restored.path());
+        let conn = Connection::open(Ledger::path_in(restored.path())).unwrap();
+        let reader = LedgerReader::open(restored.path()).unwrap();
+
+        // The old actor struck from the list: its events no longer belong to the ledger.
+        conn.execute("DELETE FROM own_actors WHERE actor = ?1", [old.as_str()]).unwrap();
+        let broken = reader.verify().unwrap().unwrap_err();
+        assert_eq!(broken.seq, Some(1));
+        assert!(broken.detail.contains(&format!("stamped by actor {old}")), "{}", broken.detail);
+
+        // The new actor made to start at the first event: the old actor's events are then
+        // still fine, but a ledger whose current actor is not listed is refused at open.
+        conn.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, 1)", [old.as_str()]).unwrap();
+        assert!(reader.verify().unwrap().is_ok());
+        conn.execute("DELETE FROM own_actors WHERE actor = ?1", [new.as_str()]).unwrap();
+        let Err(e) = Ledger::open(restored.path(), &opts()) else { panic!("opened without its actor listed") };
+        assert!(e.to_string().contains("not among the ledger's own actors"), "{e}");
     }
 
     #[test]

@@ -39,17 +39,20 @@ fn broken(seq: u64, detail: impl Into<String>) -> ChainBreak {
     ChainBreak { seq: Some(seq), detail: detail.into() }
 }
 
-/// The actors the ledger wrote as (`own_actors`, which always holds the current one).
-fn own_actors(conn: &Connection) -> Result<BTreeSet<ActorId>, LedgerError> {
-    let mut stmt = conn.prepare("SELECT actor FROM own_actors")?;
-    let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    let mut own = BTreeSet::new();
-    for name in names {
-        own.insert(
-            ActorId::new(name).map_err(|e| LedgerError::Corrupt { seq: None, detail: format!("own_actors: {e}") })?,
-        );
+/// The actors the ledger wrote as, each with the first sequence number it may stamp
+/// (`own_actors`; the current actor of `meta` from the start if a ledger bound before that
+/// table was kept whole lacks it).
+fn own_actors(conn: &Connection) -> Result<BTreeMap<ActorId, u64>, LedgerError> {
+    let mut stmt = conn.prepare("SELECT actor, since_seq FROM own_actors")?;
+    let rows: Vec<(String, i64)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    let mut own = BTreeMap::new();
+    for (name, since) in rows {
+        let corrupt = |detail: String| LedgerError::Corrupt { seq: None, detail: format!("own_actors: {detail}") };
+        let actor = ActorId::new(name).map_err(|e| corrupt(e.to_string()))?;
+        let since = u64::try_from(since).map_err(|_| corrupt(format!("{actor} starts at {since}")))?;
+        own.insert(actor, since);
     }
-    own.insert(super::meta_actor(conn)?);
+    own.entry(super::meta_actor(conn)?).or_insert(1);
     Ok(own)
 }
 
@@ -107,31 +110,40 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
                 format!("kind {kind:?} does not match its body ({})", decoded.kind()),
             )));
         }
-        if own.contains(&stamp.actor) {
-            for actor in &own {
-                for (sku, merged) in decoded.own_slot_merges(&store, actor) {
-                    let slot = replayed.entry((actor.clone(), sku.clone())).or_default();
-                    *slot = slot.merge(merged);
-                }
+        // The writer stamps every event as the actor it writes as: another actor here (or one
+        // before it started) means the log or `own_actors` was edited.
+        match own.get(&stamp.actor) {
+            Some(since) if *since <= expected_seq => {}
+            _ => {
+                return Ok(Err(broken(
+                    expected_seq,
+                    format!("stamped by actor {}, which this ledger did not write as then", stamp.actor),
+                )))
             }
-            for (sku, movement) in decoded.stock_movements() {
-                let slot = replayed.entry((stamp.actor.clone(), sku.clone())).or_default();
-                match slot.apply(movement) {
-                    Some(next) => *slot = next,
-                    None => return Ok(Err(broken(expected_seq, format!("stock of {sku} overflows on replay")))),
-                }
+        }
+        for actor in own.keys() {
+            for (sku, merged) in decoded.own_slot_merges(&store, actor) {
+                let slot = replayed.entry((actor.clone(), sku.clone())).or_default();
+                *slot = slot.merge(merged);
             }
-            for row in decoded.own_escrow_rows(&store) {
-                match row {
-                    EscrowRow::Granted { key, granted: g } => {
-                        let total = granted.entry(key.sku).or_default();
-                        *total = (*total).max(g);
-                    }
-                    EscrowRow::Fulfilled { key, order } => {
-                        fulfilled.insert((key.sku, order));
-                    }
-                    EscrowRow::Released { .. } | EscrowRow::Reservation { .. } => {}
+        }
+        for (sku, movement) in decoded.stock_movements() {
+            let slot = replayed.entry((stamp.actor.clone(), sku.clone())).or_default();
+            match slot.apply(movement) {
+                Some(next) => *slot = next,
+                None => return Ok(Err(broken(expected_seq, format!("stock of {sku} overflows on replay")))),
+            }
+        }
+        for row in decoded.own_escrow_rows(&store) {
+            match row {
+                EscrowRow::Granted { key, granted: g } => {
+                    let total = granted.entry(key.sku).or_default();
+                    *total = (*total).max(g);
                 }
+                EscrowRow::Fulfilled { key, order } => {
+                    fulfilled.insert((key.sku, order));
+                }
+                EscrowRow::Released { .. } | EscrowRow::Reservation { .. } => {}
             }
         }
         prev = recomputed;
@@ -154,14 +166,15 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
         return Ok(Err(broken(events, "the last event's hash does not match the head the ledger recorded")));
     }
 
-    let mut stmt = conn.prepare(
-        "SELECT DISTINCT actor, sku FROM stock_slots WHERE store = ?1 AND actor IN (SELECT actor FROM own_actors)",
-    )?;
+    let mut stmt = conn.prepare("SELECT actor, sku FROM stock_slots WHERE store = ?1")?;
     let stored_keys: Vec<(String, String)> =
         stmt.query_map([store.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
     for (actor, sku) in stored_keys {
         let corrupt = |e: shared::IdError| LedgerError::Corrupt { seq: None, detail: e.to_string() };
-        replayed.entry((ActorId::new(actor).map_err(corrupt)?, Sku::new(sku).map_err(corrupt)?)).or_default();
+        let actor = ActorId::new(actor).map_err(corrupt)?;
+        if own.contains_key(&actor) {
+            replayed.entry((actor, Sku::new(sku).map_err(corrupt)?)).or_default();
+        }
     }
     for ((actor, sku), expected) in &replayed {
         let key = shared::SlotKey { store: store.clone(), sku: sku.clone(), actor: actor.clone() };
@@ -204,7 +217,7 @@ pub fn verify(conn: &Connection) -> Result<Result<VerifyReport, ChainBreak>, Led
         events,
         head_seq: events,
         head_hash: hex(&prev),
-        skus_checked: replayed.len() as u64,
+        skus_checked: replayed.keys().map(|(_, sku)| sku).collect::<BTreeSet<_>>().len() as u64,
         allocation_rows_checked,
     }))
 }
