@@ -182,6 +182,20 @@ pub fn render(s: &Snapshot) -> String {
             "Cloud rows refused by this store.",
             &one(sync.refused_rows as f64),
         );
+        metric(
+            &mut out,
+            "edge_sync_page_rows",
+            "gauge",
+            "Rows per sync page in use: [cloud] page_rows, or fewer for an hour after the cloud refused pages as too large.",
+            &one(f64::from(sync.page_rows)),
+        );
+        metric(
+            &mut out,
+            "edge_sync_pages_too_large_total",
+            "counter",
+            "Sync pages the cloud refused as too large (HTTP 413; raise its server.max_body_bytes or lower [cloud] page_rows).",
+            &one(sync.pages_too_large as f64),
+        );
     }
     if let Some(n) = s.labels_mismatched {
         metric(
@@ -351,6 +365,12 @@ mod tests {
         s.writer.busy_micros = 1_500;
         s.writer.commit_micros = 1_250;
         s.labels_mismatched = Some(2);
+        s.sync = Some(SyncStatus {
+            page_rows: 250,
+            configured_page_rows: 1_000,
+            pages_too_large: 2,
+            ..SyncStatus::default()
+        });
         s.writer.orders_at_risk = 2;
         s.writer.shortage_alerts = 1;
         let text = render(&s);
@@ -364,6 +384,8 @@ mod tests {
         assert!(text.contains("edge_ledger_batch_seconds_bucket{store=\"s1\",le=\"+Inf\"} 4\n"), "{text}");
         assert!(text.contains("edge_ledger_batch_seconds_count{store=\"s1\"} 4\n"), "{text}");
         assert!(text.contains("edge_sync_outbox_rows{store=\"s1\"} 7\n"));
+        assert!(text.contains("# TYPE edge_sync_page_rows gauge\nedge_sync_page_rows{store=\"s1\"} 250\n"), "{text}");
+        assert!(text.contains("edge_sync_pages_too_large_total{store=\"s1\"} 2\n"), "{text}");
         assert!(text.contains("edge_labels_mismatched{store=\"s1\"} 2\n"));
         assert!(!text.contains("edge_devices"), "no MQTT section without MQTT");
         for line in text.lines().filter(|l| !l.starts_with('#')) {

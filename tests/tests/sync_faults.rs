@@ -181,3 +181,51 @@ async fn pages_too_large_for_the_cloud_are_sent_in_smaller_pages() {
     drop(handle);
     writer.join();
 }
+
+/// The same through the daemon: `storectl sync status` tells the technician that pages were cut
+/// and what to change, and still everything reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_says_when_the_cloud_made_it_send_smaller_pages() {
+    use e2e_tests::store::{Seed, StoreFixture};
+    const EXTRA: usize = 2_000;
+    let cloud = CloudFixture::start_with(Backend::Sqlite, "max_body_bytes = 4096\n");
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, cloud.add_store("s1")).unwrap();
+    let section = format!(
+        "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 3600000\n",
+        cloud.url(),
+        token_file.display()
+    );
+    let store = StoreFixture::custom("s1", &[], "", &section, Seed::StockOnly);
+    // Received before the daemon starts: its first push (~40 KB) is ten times the cloud's limit.
+    {
+        let opts = LedgerOptions::new(StoreId::new("s1").unwrap(), Currency::new("EUR").unwrap());
+        let (handle, writer) = Ledger::open(&store.data, &opts).unwrap().start_writer(4_096).unwrap();
+        let receipts = (0..EXTRA)
+            .map(|i| (format!("extra:{i}"), Command::Receipt { sku: sku(i), quantity: 50, reference: "extra".into() }))
+            .collect();
+        submit_all(&handle, receipts).await;
+        drop(handle);
+        writer.join();
+    }
+    let daemon = store.start();
+    e2e_tests::synced::until("the cloud holds everything", || store.reader().outbox_depth().unwrap() == 0).await;
+    assert_eq!(cloud.chain_total(&sku(EXTRA - 1)).await, 50);
+
+    let out = store.storectl(&["--json", "sync", "status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = &answer["status"];
+    let (rows, configured) = (status["page_rows"].as_u64().unwrap(), status["configured_page_rows"].as_u64().unwrap());
+    assert_eq!(configured, u64::from(shared::sync::MAX_PAGE_ROWS), "{answer}");
+    assert!(rows <= u64::from(shared::sync::MAX_PAGE_ROWS) / 32, "{answer}");
+    assert!(status["pages_too_large"].as_u64().unwrap() >= 3, "{answer}");
+    let human = store.storectl(&["sync", "status"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains(&format!("pages cut to {rows} rows (of {configured})")) && text.contains("server.max_body_bytes"),
+        "{text}"
+    );
+    daemon.stop();
+}

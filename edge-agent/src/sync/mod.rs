@@ -41,6 +41,12 @@ pub struct SyncStatus {
     /// Cloud rows this store refused to merge (another store's slot, an invalid price).
     pub refused_rows: u64,
     pub sessions: u64,
+    /// Rows per sync page in use: `configured_page_rows`, or fewer for an hour after the cloud
+    /// refused pages as too large (its `server.max_body_bytes`).
+    pub page_rows: u32,
+    pub configured_page_rows: u32,
+    /// Pages the cloud refused as too large (413), each sent again in halves.
+    pub pages_too_large: u64,
 }
 
 pub type SharedStatus = Arc<Mutex<SyncStatus>>;
@@ -116,6 +122,11 @@ impl Syncer {
     /// Rows per page in use (the configured size, or less after a 413).
     pub fn page_rows(&self) -> u32 {
         self.page_size().current()
+    }
+
+    /// Rows per page as configured (`[cloud] page_rows`).
+    pub fn configured_page_rows(&self) -> u32 {
+        self.page_size().configured()
     }
 
     fn page_size(&self) -> std::sync::MutexGuard<'_, PageSize> {
@@ -236,7 +247,12 @@ pub fn start(
     let client = SyncClient::new(&cloud.url, store, token, Duration::from_millis(cloud.timeout_ms))?;
     let reader = LedgerReader::open(data_dir).map_err(|e| e.to_string())?;
     let syncer = Syncer::new(store.clone(), client, Arc::new(Mutex::new(reader)), handle.clone(), cloud.page_rows);
-    let control = SyncControl { status: SharedStatus::default(), now: Arc::new(Notify::new()) };
+    let status = SyncStatus {
+        page_rows: syncer.page_rows(),
+        configured_page_rows: syncer.configured_page_rows(),
+        ..SyncStatus::default()
+    };
+    let control = SyncControl { status: Arc::new(Mutex::new(status)), now: Arc::new(Notify::new()) };
     let timing = Timing {
         interval: Duration::from_millis(cloud.interval_ms),
         backoff_min: Duration::from_millis(cloud.backoff_min_ms),
@@ -267,6 +283,9 @@ async fn run(syncer: Syncer, timing: Timing, control: SyncControl, stop: Cancell
             let mut status = control.status.lock().unwrap_or_else(|p| p.into_inner());
             status.last_attempt_ms = Some(started);
             status.sessions += 1;
+            // After either outcome: a session that ends on a 413 has made pages smaller too.
+            status.page_rows = syncer.page_rows();
+            status.configured_page_rows = syncer.configured_page_rows();
             match outcome {
                 Ok(report) => {
                     status.last_success_ms = Some(now_ms());
@@ -275,6 +294,7 @@ async fn run(syncer: Syncer, timing: Timing, control: SyncControl, stop: Cancell
                     status.pushed_rows += report.pushed_rows as u64;
                     status.pulled_rows += report.pulled_rows as u64;
                     status.refused_rows += report.refused_rows as u64;
+                    status.pages_too_large += report.pages_too_large as u64;
                     if failing_with.take().is_some() {
                         tracing::info!(store_id = %syncer.store, "Cloud sync works again");
                     }

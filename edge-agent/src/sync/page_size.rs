@@ -48,6 +48,11 @@ impl PageSize {
     pub fn current(&self) -> u32 {
         self.current
     }
+
+    /// The configured size (`[cloud] page_rows`, at least one row).
+    pub fn configured(&self) -> u32 {
+        self.configured
+    }
 }
 
 #[cfg(test)]

@@ -895,6 +895,15 @@ fn print_sync(status: &serde_json::Value, position: &serde_json::Value, outbox: 
         status["last_error"].as_str().map(|e| format!(" (last error: {e})")).unwrap_or_default(),
         position["pushed_version"]
     );
+    if let (Some(rows), Some(configured)) = (status["page_rows"].as_u64(), status["configured_page_rows"].as_u64()) {
+        if rows < configured {
+            println!(
+                "           pages cut to {rows} rows (of {configured}): the cloud refused larger ones {} times; \
+                 raise its server.max_body_bytes or lower [cloud] page_rows",
+                status["pages_too_large"]
+            );
+        }
+    }
 }
 
 /// `storectl sync status`: the daemon's view, or the ledger's with the daemon down.
