@@ -407,12 +407,15 @@ impl LedgerReader {
                     .and_then(|f| f.sync_all())
                     .map_err(|source| LedgerError::CannotOpen { path: partial.clone(), source })
             })
-            // A link, not a rename: it fails if a file took the name meanwhile, never replaces it.
-            .and_then(|_| {
-                std::fs::hard_link(&partial, target).map_err(|source| match source.kind() {
-                    std::io::ErrorKind::AlreadyExists => exists(target),
-                    _ => LedgerError::CannotOpen { path: target.to_owned(), source },
-                })
+            // A link, not a rename: it fails if a file took the name meanwhile, never replaces
+            // it. A file system without hard links (a FAT backup stick) gets a rename after a
+            // last check that the name is free.
+            .and_then(|_| match std::fs::hard_link(&partial, target) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists(target)),
+                Err(_) if target.exists() => Err(exists(target)),
+                Err(_) => std::fs::rename(&partial, target)
+                    .map_err(|source| LedgerError::CannotOpen { path: target.to_owned(), source }),
             });
         let _ = std::fs::remove_file(&partial);
         written?;

@@ -694,8 +694,8 @@ mod tests {
         assert_eq!(broken.seq, Some(1));
         assert!(broken.detail.contains(&format!("stamped by actor {old}")), "{}", broken.detail);
 
-        // The new actor made to start at the first event: the old actor's events are then
-        // still fine, but a ledger whose current actor is not listed is refused at open.
+        // The old actor listed again: the log verifies. A ledger whose current actor is not
+        // listed is refused at open.
         conn.execute("INSERT INTO own_actors (actor, since_seq) VALUES (?1, 1)", [old.as_str()]).unwrap();
         assert!(reader.verify().unwrap().is_ok());
         conn.execute("DELETE FROM own_actors WHERE actor = ?1", [new.as_str()]).unwrap();
