@@ -2,7 +2,7 @@
 //! SQLite file of its own or on a fresh PostgreSQL database, with an HQ admin credential and
 //! the stores' tokens, and an HQ client for its JSON API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -151,6 +151,15 @@ impl CloudFixture {
     /// Registers a store and returns its bearer token.
     pub fn add_store(&self, store: &str) -> String {
         self.cli(&["store", "add", store])
+    }
+
+    /// Registers `store`, writes its token to `dir/token` and returns the store's `[cloud]`
+    /// config section for `url` (this cloud's, or a proxy's in front of it) with `settings`
+    /// (more `[cloud]` keys, one per line).
+    pub fn store_section(&self, store: &str, dir: &Path, url: &str, settings: &str) -> String {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{}\n", self.add_store(store))).unwrap();
+        format!("[cloud]\nurl = \"{url}\"\ntoken_file = \"{}\"\n{settings}", token_file.display())
     }
 
     /// Starts serving (again), on the same port once one was chosen.

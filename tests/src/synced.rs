@@ -69,14 +69,12 @@ impl SyncedStore {
     /// Registers `id` with the cloud and starts its edge-agent with one lane and `extra` config.
     pub async fn new(cloud: &CloudFixture, id: &str, extra: &str) -> SyncedStore {
         let proxy = FaultProxy::start(cloud.addr).await;
-        let token = cloud.add_store(id);
         let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("token");
-        std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        let cloud_section = format!(
-            "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 300\ntimeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n",
-            proxy.url(),
-            token_file.display()
+        let cloud_section = cloud.store_section(
+            id,
+            dir.path(),
+            &proxy.url(),
+            "interval_ms = 300\ntimeout_ms = 3000\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n",
         );
         // The stories scan baskets of identical items back to back: no double-read filter.
         let lane = "double_read_window_ms = 0\n";

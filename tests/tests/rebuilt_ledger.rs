@@ -21,6 +21,26 @@ fn store_ledger(dir: &std::path::Path) -> (LedgerHandle, WriterThread, Arc<Mutex
     (handle, writer, reader)
 }
 
+/// The real cloud with store s1 signed up; `syncer` syncs one of s1's ledgers with it.
+struct Cloud {
+    cloud: CloudFixture,
+    token: String,
+}
+
+impl Cloud {
+    fn start() -> Cloud {
+        let cloud = CloudFixture::start(Backend::Sqlite);
+        let token = cloud.add_store("s1");
+        Cloud { cloud, token }
+    }
+
+    fn syncer(&self, handle: &LedgerHandle, reader: &Arc<Mutex<LedgerReader>>) -> Syncer {
+        let store = StoreId::new("s1").unwrap();
+        let client = SyncClient::new(&self.cloud.url(), &store, self.token.clone(), Duration::from_secs(10)).unwrap();
+        Syncer::new(store, client, reader.clone(), handle.clone(), 1_000)
+    }
+}
+
 async fn adjust(handle: &LedgerHandle, key: &str, sku: &Sku, movement: i64) {
     let cmd = Command::Adjustment { sku: sku.clone(), movement, reason: "test".into() };
     handle.submit(IdempotencyKey::new(key).unwrap(), cmd).await.unwrap();
@@ -28,14 +48,8 @@ async fn adjust(handle: &LedgerHandle, key: &str, sku: &Sku, movement: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
-    let cloud = CloudFixture::start(Backend::Sqlite);
-    let token = cloud.add_store("s1");
-    let store = StoreId::new("s1").unwrap();
+    let cloud = Cloud::start();
     let sku = Sku::new("MILK-1L").unwrap();
-    let syncer = |handle: &LedgerHandle, reader: &Arc<Mutex<LedgerReader>>| {
-        let client = SyncClient::new(&cloud.url(), &store, token.clone(), Duration::from_secs(10)).unwrap();
-        Syncer::new(store.clone(), client, reader.clone(), handle.clone(), 1_000)
-    };
 
     // The old ledger: 50 received, 10 sold, all synced.
     let old_dir = tempfile::tempdir().unwrap();
@@ -43,8 +57,8 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
     let old_actor = reader.lock().unwrap().actor().unwrap();
     adjust(&handle, "receipt", &sku, 50).await;
     adjust(&handle, "sold-10", &sku, -10).await;
-    syncer(&handle, &reader).session().await.unwrap();
-    assert_eq!(cloud.chain_total(&sku).await, 40);
+    cloud.syncer(&handle, &reader).session().await.unwrap();
+    assert_eq!(cloud.cloud.chain_total(&sku).await, 40);
     drop(handle);
     writer.join();
     drop(old_dir);
@@ -54,16 +68,17 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
     let (handle, writer, reader) = store_ledger(new_dir.path());
     let new_actor = reader.lock().unwrap().actor().unwrap();
     assert_ne!(new_actor, old_actor, "a new ledger writes as a new actor");
+    let store = StoreId::new("s1").unwrap();
     assert!(new_actor.is_of_store(&store) && old_actor.is_of_store(&store));
     adjust(&handle, "sold-5", &sku, -5).await;
     assert_eq!(reader.lock().unwrap().stock(&sku).unwrap().on_hand, -5, "offline: only what it sold");
-    let sync = syncer(&handle, &reader);
+    let sync = cloud.syncer(&handle, &reader);
     sync.session().await.unwrap();
     sync.session().await.unwrap();
 
     // 35 units are on the shelf (50 - 10 - 5): the cloud and the store both say so, the store
     // holding the old ledger's slot as the cloud kept it beside its own.
-    assert_eq!(cloud.chain_total(&sku).await, 35);
+    assert_eq!(cloud.cloud.chain_total(&sku).await, 35);
     let stock = reader.lock().unwrap().stock(&sku).unwrap();
     assert_eq!(stock.on_hand, 35);
     let slot = |actor: &shared::ActorId| stock.slots.iter().find(|(a, _)| a == actor.as_str()).map(|(_, s)| *s);
@@ -75,7 +90,7 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
     // More sales after the catch-up reach the cloud on the new actor alone.
     adjust(&handle, "sold-2", &sku, -2).await;
     sync.session().await.unwrap();
-    assert_eq!(cloud.chain_total(&sku).await, 33);
+    assert_eq!(cloud.cloud.chain_total(&sku).await, 33);
     assert_eq!(reader.lock().unwrap().stock(&sku).unwrap().on_hand, 33);
     drop(sync);
     drop(handle);
@@ -88,26 +103,20 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
 /// units were sold before the backup and never reached the cloud. Returns what the cloud and
 /// the restored store say after it sold 5 and synced.
 async fn restore_and_sell(sold_after_backup: i64, unsynced_in_backup: i64) -> (i64, i64) {
-    let cloud = CloudFixture::start(Backend::Sqlite);
-    let token = cloud.add_store("s1");
-    let store = StoreId::new("s1").unwrap();
+    let cloud = Cloud::start();
     let sku = Sku::new("MILK-1L").unwrap();
-    let syncer = |handle: &LedgerHandle, reader: &Arc<Mutex<LedgerReader>>| {
-        let client = SyncClient::new(&cloud.url(), &store, token.clone(), Duration::from_secs(10)).unwrap();
-        Syncer::new(store.clone(), client, reader.clone(), handle.clone(), 1_000)
-    };
 
     let (lost_dir, restored_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (handle, writer, reader) = store_ledger(lost_dir.path());
     adjust(&handle, "receipt", &sku, 50).await;
-    syncer(&handle, &reader).session().await.unwrap();
+    cloud.syncer(&handle, &reader).session().await.unwrap();
     if unsynced_in_backup > 0 {
         adjust(&handle, "before-backup", &sku, -unsynced_in_backup).await;
     }
     reader.lock().unwrap().backup_to(&Ledger::path_in(restored_dir.path())).unwrap();
     if sold_after_backup > 0 {
         adjust(&handle, "after-backup", &sku, -sold_after_backup).await;
-        syncer(&handle, &reader).session().await.unwrap();
+        cloud.syncer(&handle, &reader).session().await.unwrap();
     }
     let lost_actor = reader.lock().unwrap().actor().unwrap();
     drop(handle);
@@ -118,12 +127,12 @@ async fn restore_and_sell(sold_after_backup: i64, unsynced_in_backup: i64) -> (i
     let (handle, writer, reader) = store_ledger(restored_dir.path());
     assert_ne!(reader.lock().unwrap().actor().unwrap(), lost_actor, "a restored ledger writes as a new actor");
     adjust(&handle, "sold-5", &sku, -5).await;
-    let sync = syncer(&handle, &reader);
+    let sync = cloud.syncer(&handle, &reader);
     sync.session().await.unwrap();
     sync.session().await.unwrap();
     assert!(reader.lock().unwrap().verify().unwrap().is_ok());
     let on_hand = reader.lock().unwrap().stock(&sku).unwrap().on_hand;
-    let held = cloud.chain_total(&sku).await;
+    let held = cloud.cloud.chain_total(&sku).await;
     drop(sync);
     drop(handle);
     writer.join();

@@ -150,13 +150,7 @@ async fn an_offline_store_converges_with_the_cloud_and_its_labels_follow() {
 async fn a_change_just_before_a_planned_stop_reaches_the_cloud() {
     let cloud = CloudFixture::start(Backend::Sqlite);
     let token_dir = tempfile::tempdir().unwrap();
-    let token_file = token_dir.path().join("token");
-    std::fs::write(&token_file, cloud.add_store("s1")).unwrap();
-    let section = format!(
-        "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 3600000\n",
-        cloud.url(),
-        token_file.display()
-    );
+    let section = cloud.store_section("s1", token_dir.path(), &cloud.url(), "interval_ms = 3600000\n");
     let store = StoreFixture::custom("s1", &[], "", &section, Seed::StockOnly);
     let daemon = store.start();
     // The first session runs at start: the opening stock reaches the cloud.

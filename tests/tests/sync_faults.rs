@@ -190,13 +190,7 @@ async fn the_daemon_says_when_the_cloud_made_it_send_smaller_pages() {
     const EXTRA: usize = 2_000;
     let cloud = CloudFixture::start_with(Backend::Sqlite, "max_body_bytes = 4096\n");
     let token_dir = tempfile::tempdir().unwrap();
-    let token_file = token_dir.path().join("token");
-    std::fs::write(&token_file, cloud.add_store("s1")).unwrap();
-    let section = format!(
-        "[cloud]\nurl = \"{}\"\ntoken_file = \"{}\"\ninterval_ms = 3600000\n",
-        cloud.url(),
-        token_file.display()
-    );
+    let section = cloud.store_section("s1", token_dir.path(), &cloud.url(), "interval_ms = 3600000\n");
     let store = StoreFixture::custom("s1", &[], "", &section, Seed::StockOnly);
     // Received before the daemon starts: its first push (~40 KB) is ten times the cloud's limit.
     {

@@ -473,7 +473,7 @@ fn write_as_new_actor(conn: &Connection, store: &StoreId, old: &ActorId) -> Resu
 /// counts as not caught up with the cloud (`bootstrapped = 0`): whenever it is restored, the
 /// cloud has moved on (orders reserved, cancelled, handed over), so it neither grants nor
 /// hands over until its first complete sync.
-pub fn mark_as_backup(path: &Path) -> Result<(), LedgerError> {
+pub(crate) fn mark_as_backup(path: &Path) -> Result<(), LedgerError> {
     let mut conn = Connection::open(path).map_err(|e| classify(path, e))?;
     let tx = conn.transaction()?;
     tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('backup', 1), ('bootstrapped', 0)", [])?;
