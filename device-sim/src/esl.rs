@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use firmware_proto as fp;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Request, Subscribe};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LabelStats {
@@ -62,8 +62,12 @@ impl EslFleet {
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    // Ahead of the acks waiting in the request queue, and never refused by it
+                    // when full (as `edge_agent::mqtt::link` does for the hub).
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = fleet_client.try_subscribe(cmd_filter.clone(), QoS::AtLeastOnce);
+                        eventloop
+                            .pending
+                            .push_front(Request::Subscribe(Subscribe::new(cmd_filter.clone(), QoS::AtLeastOnce)));
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let Ok(env) = fp::payload::decode(&p.payload) else { continue };

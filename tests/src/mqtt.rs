@@ -120,9 +120,19 @@ impl Mosquitto {
 
     /// Stops and starts it again on the same port (a broker restart).
     pub fn restart(&mut self, down_for: Duration) {
+        self.kill();
+        std::thread::sleep(down_for);
+        self.start_again();
+    }
+
+    /// Kills it (a broker crash); [`Mosquitto::start_again`] brings it back on the same port.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        std::thread::sleep(down_for);
+    }
+
+    /// Starts it again after [`Mosquitto::kill`], and waits until it listens.
+    pub fn start_again(&mut self) {
         self.child = Self::spawn(&self.conf);
         self.wait_listening();
     }

@@ -148,10 +148,19 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
         // A broker restart in the middle of a 5,000-label change.
         if kind == BrokerKind::Mosquitto {
             let before: u32 = fleet.snapshot().values().map(|s| s.commands).sum();
+            let decided_before = labels_board.lock().unwrap().last_command_id;
             set_price(&ledger, "MILK", 139, "p3").await;
             tokio::time::sleep(Duration::from_millis(150)).await;
             broker.mosquitto.as_mut().unwrap().restart(Duration::from_millis(500));
             until("every milk label shows 1.39 after the restart", || all_show(&fleet, "milk-", 139)).await;
+            // And the hub hears them say so (its session subscribed again after the restart): a
+            // board from after the 1.39 commands were decided counts every answering label
+            // up to date.
+            until("the hub knows every answering label shows 1.39", || {
+                let board = labels_board.lock().unwrap();
+                board.last_command_id > decided_before && board.stages.up_to_date == answering
+            })
+            .await;
             let sent: u32 = fleet.snapshot().values().map(|s| s.commands).sum::<u32>() - before;
             // Commands lost with the broker are sent again; none beyond that.
             assert!(

@@ -1,14 +1,18 @@
 //! MQTT stories, each against the daemon's embedded broker and against a real mosquitto:
 //! the retained hub state, an Impinj reader's JSON through the broker raising an exit alarm
 //! under the right GTIN, and garbage, truncated envelopes and a 10 MB payload refused without
-//! disturbing anything else.
+//! disturbing anything else. And the hub's MQTT session after a broker restart that found its
+//! publish queue full: it still hears its devices.
 
 use std::time::Duration;
 
-use e2e_tests::mqtt::{brokers, sgtin, Broker, TestClient};
+use e2e_tests::mqtt::{brokers, sgtin, Broker, BrokerKind, Mosquitto, TestClient};
 use e2e_tests::store::StoreFixture;
+use edge_agent::mqtt::link::{self, LinkSettings, REQUEST_QUEUE};
 use firmware_proto as fp;
 use rumqttc::QoS;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -127,4 +131,106 @@ async fn a_native_reader_at_the_exit_duplicates_overflow_and_foreign_tags() {
         assert!(log.contains("Device online") && log.contains("gate-2"), "{kind:?}:\n{log}");
         daemon.stop();
     }
+}
+
+/// Whether the hub hears `payload` that the device publishes on its ack topic (published again
+/// every half second while the device's own session may still be reconnecting).
+async fn heard(hub: &mut link::MqttLink, device: &TestClient, payload: &[u8]) -> bool {
+    let topic = "se/v1/s1/dev/esl/esl-1/ack";
+    for _ in 0..60 {
+        let _ = device.client.try_publish(topic, QoS::AtLeastOnce, false, payload.to_vec());
+        let wait = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(batch) = hub.incoming.recv().await {
+                if batch.iter().any(|m| m.topic == topic && m.payload.as_ref() == payload) {
+                    return true;
+                }
+            }
+            false
+        });
+        if wait.await == Ok(true) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A broker restart while the hub's publish queue is full (a 5,000-label change going out as the
+/// broker went down) must not leave the hub deaf: on reconnecting it subscribes again and says
+/// `online` ahead of everything queued. A CI run once lost the subscription this way: the hub
+/// sent label commands but never heard an ack again, so an increase was never confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_hears_its_devices_again_after_a_broker_restart_that_found_its_queue_full() {
+    if !brokers().contains(&BrokerKind::Mosquitto) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path());
+    let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+    let settings = LinkSettings {
+        host: "127.0.0.1".into(),
+        port: mosquitto.port,
+        client_id: "hub-s1".into(),
+        credentials: None,
+        max_payload: 65_536,
+        state_topic: "se/v1/s1/hub/state".into(),
+        subscriptions: vec!["se/v1/s1/dev/+/+/ack".into()],
+        tls: None,
+    };
+    let mut hub = link::spawn(settings, &tasks, stop.clone());
+    hub.connected.wait_for(|up| *up).await.unwrap();
+    let device = TestClient::connect(mosquitto.port, "esl-1", &[]).await;
+    assert!(heard(&mut hub, &device, b"before").await, "the hub hears a device before the restart");
+
+    mosquitto.kill();
+    hub.connected.wait_for(|up| !*up).await.unwrap();
+    // Down, the hub's session reads nothing from its queue: fill it to the brim.
+    let mut queued = 0;
+    while hub.client.try_publish("se/v1/s1/dev/esl/esl-9/cmd", QoS::AtLeastOnce, false, vec![0u8; 16]).is_ok() {
+        queued += 1;
+    }
+    assert_eq!(queued, REQUEST_QUEUE, "the hub's publish queue is full while the broker is down");
+    tokio::task::block_in_place(|| mosquitto.start_again());
+    hub.connected.wait_for(|up| *up).await.unwrap();
+
+    assert!(
+        heard(&mut hub, &device, b"after").await,
+        "the hub subscribed again after the restart and hears the device"
+    );
+    // The restarted broker kept no retained messages (no persistence): `online` is the hub's new one.
+    let mut watcher = TestClient::connect(mosquitto.port, "watcher", &["se/v1/s1/hub/state"]).await;
+    watcher.wait_for("se/v1/s1/hub/state", Duration::from_secs(10), |p| p == b"online").await;
+
+    // Stopping the hub while its session waits for a broker that does not answer, with the
+    // queue full, ends the session at once (its goodbye used to wait for room in the queue,
+    // which nothing drained any more), and frees a publisher waiting for room, as the label
+    // task may be. Something that accepts connections but never answers stands in for the
+    // broker: once the hub's attempt arrives, its session waits in the event loop for a
+    // CONNACK (5 s) when told to stop.
+    mosquitto.kill();
+    hub.connected.wait_for(|up| !*up).await.unwrap();
+    let silent_broker = std::net::TcpListener::bind(("127.0.0.1", mosquitto.port)).unwrap();
+    let _hub_attempt = tokio::task::block_in_place(|| loop {
+        let (mut conn, _) = silent_broker.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut connect = [0u8; 256];
+        let n = std::io::Read::read(&mut conn, &mut connect).unwrap_or(0);
+        if connect[..n].windows(6).any(|w| w == b"hub-s1") {
+            break conn;
+        }
+    });
+    while hub.client.try_publish("se/v1/s1/dev/esl/esl-9/cmd", QoS::AtLeastOnce, false, vec![0u8; 16]).is_ok() {}
+    let client = hub.client.clone();
+    let waiting = tokio::spawn(async move {
+        client.publish("se/v1/s1/dev/esl/esl-9/cmd", QoS::AtLeastOnce, false, vec![0u8; 16]).await
+    });
+    stop.cancel();
+    tasks.close();
+    let ended = tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await;
+    assert!(
+        ended.is_ok(),
+        "the hub's MQTT session ends when stopped while the broker does not answer and its queue is full"
+    );
+    drop(hub);
+    let freed = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+    assert!(matches!(freed, Ok(Ok(Err(_)))), "a publisher waiting for room is told the session ended: {freed:?}");
 }

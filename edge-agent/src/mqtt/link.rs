@@ -1,15 +1,19 @@
 //! The MQTT session, owned by one task. The rumqttc event loop is polled only here (a task that
 //! both polls and publishes can stall: rumqttc issue #1025); everyone else publishes through the
 //! cloned `AsyncClient`, whose request queue is bounded. On every (re)connection the task
-//! publishes the retained `hub/state` `online` (the last will says `offline`) and subscribes
-//! again; after an error it waits with capped, jittered backoff before polling on, so a broker
-//! restart does not meet every store at once. With `tls` the session runs over TLS (rustls,
+//! subscribes again and publishes the retained `hub/state` `online` (the last will says
+//! `offline`), ahead of whatever waits in the request queue; after an error it waits with
+//! capped, jittered backoff before polling on, so a broker restart does not meet every store at
+//! once. With `tls` the session runs over TLS (rustls,
 //! configured by `mqtt::tls`); a failed handshake is logged as such, with what to check, and
 //! retried like any other failure.
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectionError, Disconnect, Event, LastWill, MqttOptions, Packet, Publish, QoS, Request, Subscribe,
+    TlsConfiguration, Transport,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,6 +72,13 @@ pub struct MqttLink {
     pub connected: watch::Receiver<bool>,
 }
 
+/// The retained hub state message (`online` or `offline`).
+fn hub_state(topic: &str, state: &str) -> Publish {
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, state);
+    publish.retain = true;
+    publish
+}
+
 pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> MqttLink {
     let mut options = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
     options.set_keep_alive(Duration::from_secs(15));
@@ -86,7 +97,6 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
     let (connected_tx, connected) = watch::channel(false);
-    let publisher = client.clone();
     tasks.spawn(async move {
         let (min, max) = (Duration::from_millis(200), Duration::from_secs(15));
         let mut backoff = min;
@@ -99,9 +109,11 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
         loop {
             let event = tokio::select! {
                 _ = &mut cancelled => {
-                    // A clean goodbye: the broker keeps `offline` retained (the will covers crashes).
-                    let _ = publisher.publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "offline").await;
-                    let _ = publisher.disconnect().await;
+                    // A clean goodbye: the broker keeps `offline` retained (the will covers
+                    // crashes). Ahead of anything still queued, and not through the queue:
+                    // waiting for room in a full one would never end, as nothing polls it now.
+                    eventloop.pending.push_front(Request::Disconnect(Disconnect));
+                    eventloop.pending.push_front(Request::Publish(hub_state(&s.state_topic, "offline")));
                     let _ = tokio::time::timeout(Duration::from_secs(2), async { while eventloop.poll().await.is_ok() {} }).await;
                     return;
                 }
@@ -114,17 +126,22 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     failed_attempts = 0;
                     let _ = connected_tx.send(true);
                     tracing::info!(broker = %format!("{}:{}", s.host, s.port), "MQTT connected");
-                    // From inside the poll loop only queue (try_*): awaiting here could wait on
-                    // the very loop that drains the queue.
                     // Subscribe first, then say "online": the broker handles one connection's
                     // packets in order, so whoever sees "online" can publish to the hub and
                     // be heard (the other order lost a reader's first read in a test).
-                    for topic in &s.subscriptions {
-                        if let Err(e) = publisher.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(topic = %topic, error = %e, error_code = "MQTT_SUBSCRIBE", "MQTT subscribe not queued");
-                        }
+                    // Both go to the head of the event loop's own pending list, which it sends
+                    // before anything in the request queue: not through the queue, which can be
+                    // full after an outage (publishers kept queueing while the broker was
+                    // down), and a subscription refused there left the hub deaf for good.
+                    let mut first: Vec<Request> = s
+                        .subscriptions
+                        .iter()
+                        .map(|topic| Request::Subscribe(Subscribe::new(topic.clone(), QoS::AtLeastOnce)))
+                        .collect();
+                    first.push(Request::Publish(hub_state(&s.state_topic, "online")));
+                    for request in first.into_iter().rev() {
+                        eventloop.pending.push_front(request);
                     }
-                    let _ = publisher.try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "online");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let mut batch = vec![Incoming { topic: p.topic, payload: p.payload }];
