@@ -1,6 +1,7 @@
 //! Brokers for the MQTT stories: the daemon's embedded rumqttd, or a real mosquitto the test
 //! starts on a free loopback port (so it can restart it at will), optionally with a TLS
-//! listener beside the plain one, and a test client.
+//! listener beside the plain one, a test client, and a relay that stalls and cuts a client's
+//! connection to the broker.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -215,6 +216,82 @@ async fn pump(mut eventloop: EventLoop, tx: tokio::sync::mpsc::UnboundedSender<(
             }
             Ok(_) => {}
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A loopback TCP relay in front of a broker: it forwards both ways until told to hold what
+/// clients send (the broker then neither gets nor acknowledges it) or to cut every connection,
+/// which plays a session dropping with publishes in flight, while the broker and its other
+/// clients run on.
+pub struct Relay {
+    pub port: u16,
+    held: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, c) = (held.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let task = tokio::spawn(relay(client, upstream, h.subscribe()));
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Relay { port, held, connections, accept }
+    }
+
+    /// From now on what clients send waits in their sockets.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Closes every connection (both sides), then forwards again for new ones.
+    pub fn cut(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+        self.held.send_replace(false);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+async fn relay(
+    mut client: tokio::net::TcpStream,
+    upstream: u16,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut broker = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_broker, mut to_broker) = broker.split();
+    let (mut up, mut down) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    loop {
+        let hold = *held.borrow_and_update();
+        tokio::select! {
+            n = from_client.read(&mut up), if !hold => match n? {
+                0 => return Ok(()),
+                n => to_broker.write_all(&up[..n]).await?,
+            },
+            n = from_broker.read(&mut down) => match n? {
+                0 => return Ok(()),
+                n => to_client.write_all(&down[..n]).await?,
+            },
+            changed = held.changed() => if changed.is_err() { return Ok(()) },
         }
     }
 }

@@ -1,12 +1,14 @@
 //! MQTT stories, each against the daemon's embedded broker and against a real mosquitto:
 //! the retained hub state, an Impinj reader's JSON through the broker raising an exit alarm
 //! under the right GTIN, and garbage, truncated envelopes and a 10 MB payload refused without
-//! disturbing anything else. And the hub's MQTT session after a broker restart that found its
-//! publish queue full: it still hears its devices.
+//! disturbing anything else. And the hub's MQTT session when it drops: after a broker restart
+//! that found its publish queue full it still hears its devices, and what it had not delivered
+//! goes out on the next session.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use e2e_tests::mqtt::{brokers, sgtin, Broker, BrokerKind, Mosquitto, TestClient};
+use e2e_tests::mqtt::{brokers, sgtin, Broker, BrokerKind, Mosquitto, Relay, TestClient};
 use e2e_tests::store::StoreFixture;
 use edge_agent::mqtt::link::{self, LinkSettings, REQUEST_QUEUE};
 use firmware_proto as fp;
@@ -233,4 +235,66 @@ async fn the_hub_hears_its_devices_again_after_a_broker_restart_that_found_its_q
     drop(hub);
     let freed = tokio::time::timeout(Duration::from_secs(30), waiting).await;
     assert!(matches!(freed, Ok(Ok(Err(_)))), "a publisher waiting for room is told the session ended: {freed:?}");
+}
+
+/// QoS 1 publishes the hub had sent without an acknowledgement, or still had queued, when its
+/// session dropped go out on the next session (rumqttc forgets them at a clean-session
+/// reconnect; exit alarms published as the broker restarted were lost). A relay between the hub
+/// and mosquitto holds what the hub sends, then cuts the connection; a watcher on the broker
+/// itself gets every alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_hub_had_not_delivered_when_its_session_dropped_goes_out_on_the_next() {
+    if !brokers().contains(&BrokerKind::Mosquitto) {
+        return;
+    }
+    const ALARMS: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start(dir.path());
+    let relay = Relay::start(mosquitto.port).await;
+    let mut watcher = TestClient::connect(mosquitto.port, "watcher", &["se/v1/s1/hub/alarm"]).await;
+    let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+    let settings = LinkSettings {
+        host: "127.0.0.1".into(),
+        port: relay.port,
+        client_id: "hub-s1".into(),
+        credentials: None,
+        max_payload: 65_536,
+        state_topic: "se/v1/s1/hub/state".into(),
+        subscriptions: vec!["se/v1/s1/dev/+/+/ack".into()],
+        tls: None,
+    };
+    let mut hub = link::spawn(settings, &tasks, stop.clone());
+    hub.connected.wait_for(|up| *up).await.unwrap();
+    hub.client.publish("se/v1/s1/hub/alarm", QoS::AtLeastOnce, false, "alarm-first").await.unwrap();
+    watcher.wait_for("se/v1/s1/hub/alarm", WAIT, |p| p == b"alarm-first").await;
+
+    // More alarms than the in-flight window: some sent and never acknowledged, the rest queued.
+    relay.hold();
+    for i in 0..ALARMS {
+        hub.client.publish("se/v1/s1/hub/alarm", QoS::AtLeastOnce, false, format!("alarm-{i}")).await.unwrap();
+    }
+    relay.cut();
+    hub.connected.wait_for(|up| !*up).await.unwrap();
+    hub.connected.wait_for(|up| *up).await.unwrap();
+
+    let mut missing: HashSet<String> = (0..ALARMS).map(|i| format!("alarm-{i}")).collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, watcher.rx.recv()).await {
+            Ok(Some((_, payload))) => {
+                missing.remove(&String::from_utf8_lossy(&payload).into_owned());
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {ALARMS} alarms never reached the broker, e.g. {:?}",
+        missing.len(),
+        missing.iter().next()
+    );
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
 }

@@ -2,11 +2,11 @@
 //! both polls and publishes can stall: rumqttc issue #1025); everyone else publishes through the
 //! cloned `AsyncClient`, whose request queue is bounded. On every (re)connection the task
 //! subscribes again and publishes the retained `hub/state` `online` (the last will says
-//! `offline`), ahead of whatever waits in the request queue; after an error it waits with
-//! capped, jittered backoff before polling on, so a broker restart does not meet every store at
-//! once. With `tls` the session runs over TLS (rustls,
-//! configured by `mqtt::tls`); a failed handshake is logged as such, with what to check, and
-//! retried like any other failure.
+//! `offline`), ahead of whatever waits in the request queue, then sends again what the last
+//! session left undelivered (`carry`). After an error it waits with capped, jittered backoff
+//! before polling on, so a broker restart does not meet every store at once. With `tls` the
+//! session runs over TLS (rustls, configured by `mqtt::tls`); a failed handshake is logged as
+//! such, with what to check, and retried like any other failure.
 
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::carry::Carried;
 use crate::devices::serial::next_backoff;
 
 /// Publishes queued for the event loop; publishers wait when it is full.
@@ -27,6 +28,8 @@ pub const REQUEST_QUEUE: usize = 4096;
 pub const INCOMING_QUEUE: usize = 1024;
 /// Most messages in one batch (rumqttc reads at most 10 packets from the network at a time).
 pub const BATCH_MAX: usize = 64;
+/// QoS 1 publishes sent and not yet acknowledged by the broker (rumqttc's default).
+pub const INFLIGHT_MAX: u16 = 100;
 /// Largest MQTT packet read from the broker (a bound on memory per message).
 pub const INCOMING_PACKET_MAX: usize = 16 * 1024 * 1024;
 
@@ -83,6 +86,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
     let mut options = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_clean_session(true);
+    options.set_inflight(INFLIGHT_MAX);
     // Oversized payloads are refused (and counted) by the router, not by the client: rumqttc
     // drops the whole connection on a packet over its limit, which would disturb everything
     // else. Up to this many bytes are read in; a broker should cap messages lower.
@@ -102,6 +106,8 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
         let mut backoff = min;
         let mut logged_down = false;
         let mut failed_attempts: u64 = 0;
+        let mut up = false;
+        let mut carried = Carried::default();
         // Made once: a fresh `cancelled()` per event would register and drop a waiter each
         // time, for every packet (measured: `cargo bench --bench mqtt_ingest`).
         let cancelled = stop.cancelled();
@@ -124,6 +130,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     backoff = min;
                     logged_down = false;
                     failed_attempts = 0;
+                    up = true;
                     let _ = connected_tx.send(true);
                     tracing::info!(broker = %format!("{}:{}", s.host, s.port), "MQTT connected");
                     // Subscribe first, then say "online": the broker handles one connection's
@@ -167,6 +174,12 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                 Ok(_) => {}
                 Err(e) => {
                     let _ = connected_tx.send(false);
+                    up = false;
+                    let dropped = carried.take(&mut eventloop.pending);
+                    if dropped > 0 {
+                        tracing::warn!(dropped, total_dropped = carried.dropped, error_code = "MQTT_CARRIED_DROPPED",
+                            "MQTT publishes not delivered before the session dropped were too many to keep; the oldest are lost");
+                    }
                     failed_attempts += 1;
                     let broker = format!("{}:{}", s.host, s.port);
                     if !logged_down {
@@ -186,6 +199,14 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = next_backoff(backoff, min, max);
+                }
+            }
+            // What the last session left undelivered goes out again one at a time, ahead of
+            // the request queue, while the in-flight window has room.
+            if up && !carried.is_empty() && eventloop.pending.is_empty() {
+                let room = eventloop.state.inflight() < INFLIGHT_MAX && eventloop.state.collision.is_none();
+                if let Some(publish) = carried.next(room) {
+                    eventloop.pending.push_back(Request::Publish(publish));
                 }
             }
         }

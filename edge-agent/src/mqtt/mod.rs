@@ -2,6 +2,7 @@
 //! and the router that turns device messages into registry updates and RFID presence.
 
 pub mod broker;
+pub mod carry;
 pub mod link;
 pub mod router;
 pub mod tls;
