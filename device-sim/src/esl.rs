@@ -45,8 +45,9 @@ impl EslFleet {
             Arc::new(Mutex::new(labels.iter().map(|l| (l.clone(), LabelStats::default())).collect()));
         let boot: u32 = rand::random();
         let seq = Arc::new(std::sync::atomic::AtomicU32::new(1));
-        // Check-ins are queued before the command subscription (which is sent at ConnAck), so a
-        // label never reports "blank" after it applied a command.
+        // Check-ins are queued before the event loop runs, so they go out before any ack (an ack
+        // is queued only once a command came in, through the subscription sent at ConnAck ahead
+        // of them): a label never reports "blank" after it applied a command.
         for label in labels {
             let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let body = fp::Body::LabelCheckIn(fp::LabelCheckIn { shown_hash: 0, battery_pct: 90, rssi_dbm: -60 });

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Request, Subscribe};
 
 /// The SGTIN-96 EPC of GTIN 80614141123458 (the EPC Tag Data Standard's example) with this
 /// serial number.
@@ -185,10 +185,8 @@ impl TestClient {
         opts.set_keep_alive(Duration::from_secs(10));
         let (client, eventloop) = AsyncClient::new(opts, 1024);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(pump(eventloop, tx));
-        for topic in subscribe {
-            client.subscribe(*topic, QoS::AtLeastOnce).await.unwrap();
-        }
+        let topics = subscribe.iter().map(|t| t.to_string()).collect();
+        tokio::spawn(pump(eventloop, topics, tx));
         TestClient { client, rx }
     }
 
@@ -206,9 +204,20 @@ impl TestClient {
     }
 }
 
-async fn pump(mut eventloop: EventLoop, tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>) {
+/// Polls the client's event loop; subscribes on every connection (so a client kept across a
+/// broker restart keeps hearing), ahead of anything queued.
+async fn pump(
+    mut eventloop: EventLoop,
+    topics: Vec<String>,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+) {
     loop {
         match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                for topic in topics.iter().rev() {
+                    eventloop.pending.push_front(Request::Subscribe(Subscribe::new(topic.clone(), QoS::AtLeastOnce)));
+                }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send((p.topic, p.payload.to_vec())).is_err() {
                     return;

@@ -12,8 +12,10 @@ fn device_sim_plays_a_scanner_and_a_lane_that_pays() {
     let store = StoreFixture::new(&["lane-1"]);
     let daemon = store.start();
 
+    // The lane pays 12 s after its HELLO, the scanner scans after 3 s: room for the hub to
+    // find the scanner's pty late (its retry backoff grows while the pty does not exist yet).
     let mut lane = Command::new(workspace_bin("device-sim"));
-    lane.args(["lane", "--name", "lane-1-display", "--tender", "card", "--tender-after-ms", "6000", "--pty"])
+    lane.args(["lane", "--name", "lane-1-display", "--tender", "card", "--tender-after-ms", "12000", "--pty"])
         .arg(store.device_path("lane-1", "display"));
     let lane = Running::spawn(lane, false);
 

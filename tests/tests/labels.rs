@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 const MILK_LABELS: usize = 5_000;
 const WAIT: Duration = Duration::from_secs(60);
+const INCREASE_DEADLINE_MS: u64 = 3_000;
 
 async fn set_price(ledger: &LedgerHandle, sku: &str, cents: i64, key: &str) {
     let cmd = Command::PriceChange {
@@ -68,7 +69,7 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
             // The acks of a 5,000-label wave sometimes take seconds to come back on this 2-core
             // machine under load; with the default 2 s the planner would rightly retry, and this
             // story counts every re-tell. Retry late instead.
-            "{}[labels]\nbindings = \"{}\"\nincrease_deadline_ms = 3000\nretry_after_ms = 15000\n",
+            "{}[labels]\nbindings = \"{}\"\nincrease_deadline_ms = {INCREASE_DEADLINE_MS}\nretry_after_ms = 15000\n",
             broker.config_section(),
             bindings.display()
         );
@@ -171,9 +172,15 @@ async fn price_changes_reach_till_and_shelf_in_the_lawful_order() {
 
         // A label that never answers holds an increase only until the deadline.
         set_price(&ledger, "BREAD", 300, "p4").await;
+        // The deadline runs from the till's first lookup of the new price, just below.
+        let held_since = std::time::Instant::now();
         assert_eq!(till_price(&catalog, "96385074"), 250);
         until("bread-1 shows 3.00", || fleet.snapshot()["bread-1"].last_price_minor == Some(300)).await;
-        assert_eq!(till_price(&catalog, "96385074"), 250, "{kind:?}: one label still shows the old price");
+        let charged = till_price(&catalog, "96385074");
+        // Unless bread-1 took longer than the deadline to show it (a loaded machine).
+        if held_since.elapsed() < Duration::from_millis(INCREASE_DEADLINE_MS) {
+            assert_eq!(charged, 250, "{kind:?}: one label still shows the old price");
+        }
         until("the deadline passes and the till charges 3.00", || till_price(&catalog, "96385074") == 300).await;
         // The label that never answers is on the mismatch list for staff, and only it.
         until("the mismatch list names the silent label", || {

@@ -43,6 +43,13 @@ fn quarantined(d: &Value) -> Vec<String> {
     d["quarantined"].as_array().into_iter().flatten().filter_map(|q| q["id"].as_str().map(str::to_owned)).collect()
 }
 
+/// Waits until the hub says `online` (it subscribes before it says so): a device message sent
+/// earlier, while a restarted hub is still connecting, would reach no subscriber.
+async fn hub_online(port: u16, watcher_id: &str) {
+    let mut watcher = TestClient::connect(port, watcher_id, &["se/v1/s1/hub/state"]).await;
+    watcher.wait_for("se/v1/s1/hub/state", WAIT, |p| p == b"online").await;
+}
+
 async fn send(client: &TestClient, id: &str, seq: u32, body: fp::Body) {
     let env = fp::Envelope::new(id, 7, seq, body).unwrap();
     let topic = format!("se/v1/s1/dev/esl/{id}/status");
@@ -106,6 +113,7 @@ async fn the_registry_is_known_after_a_restart_and_a_damaged_file_only_empties_i
         let table = String::from_utf8_lossy(&store.storectl(&["devices"]).stdout).into_owned();
         assert!(table.contains("1 devices, 0 online") && table.contains("OFFLINE"), "{table}");
         // It comes back online when it speaks.
+        hub_online(broker.port, "watcher-2").await;
         send(&label, "esl-1", 3, fp::Body::Heartbeat(heartbeat)).await;
         devices_until(&store, "the label is online again", |d| device(d, "esl-1").is_some_and(|x| x["online"] == true))
             .await;
@@ -129,6 +137,7 @@ async fn the_registry_is_known_after_a_restart_and_a_damaged_file_only_empties_i
             "{kind:?}: the ledger is untouched: {}",
             String::from_utf8_lossy(&verify.stdout)
         );
+        hub_online(broker.port, "watcher-3").await;
         send(&label, "esl-1", 4, fp::Body::Heartbeat(heartbeat)).await;
         devices_until(&store, "the label is known again", |d| device(d, "esl-1").is_some()).await;
         daemon.stop();

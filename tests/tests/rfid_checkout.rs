@@ -12,6 +12,25 @@ use firmware_proto as fp;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Waits until the hub has taken in `n` tag reads in all (the router publishes its counters
+/// once a second): a read still on its way over MQTT could otherwise arrive after the lane
+/// input that follows it on the display's serial line.
+async fn reads_taken(store: &StoreFixture, n: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = store.storectl(&["--json", "devices"]);
+        let taken = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["counters"]["tag_reads"].as_u64())
+            .unwrap_or(0);
+        if taken >= n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the hub took in {taken} tag reads, not {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_sold_at_the_lane_passes_the_exit_and_an_unpaid_one_alarms() {
     for kind in brokers() {
@@ -38,7 +57,7 @@ async fn a_tag_sold_at_the_lane_passes_the_exit_and_an_unpaid_one_alarms() {
 
         // The customer's tagged item lies at the lane while they pay.
         checkout.read(&[sgtin(1001)], 1, 1).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        reads_taken(&store, 1).await;
         scanner.scan("4006381333931").await.unwrap();
         display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor: 119, .. })).await.unwrap();
         display.input(fp::LaneInput::Tender(fp::TenderKind::Card)).await.unwrap();
@@ -60,7 +79,7 @@ async fn a_tag_sold_at_the_lane_passes_the_exit_and_an_unpaid_one_alarms() {
         // it; the next customer pays at the same lane. Only tags that came to the lane during
         // a basket are sold with it: the walked-off item still alarms.
         checkout.read(&[sgtin(1004)], 1, 1).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        reads_taken(&store, 4).await;
         scanner.scan("96385074").await.unwrap();
         display.wait_display(WAIT, |d| matches!(d, fp::LaneDisplay::Total { amount_minor: 250, .. })).await.unwrap();
         display.input(fp::LaneInput::VoidBasket).await.unwrap();

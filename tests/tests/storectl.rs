@@ -27,7 +27,8 @@ async fn storectl_writes_through_the_daemon_and_reads_without_it() {
     std::fs::write(&bindings, "label,sku\nmilk-1,MILK\nmilk-2,MILK\n").unwrap();
     let metrics_port = free_port();
     let extra = format!(
-        "[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n[labels]\nbindings = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        // Retries late: an ack slower than the default 2 s would add a retry to the count below.
+        "[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n[labels]\nbindings = \"{}\"\nretry_after_ms = 15000\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
         bindings.display()
     );
     let store = StoreFixture::with_config(&[], &extra);

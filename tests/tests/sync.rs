@@ -72,8 +72,11 @@ async fn offline_store_converges(backend: Backend) {
     until("A's milk labels show 1.19", || shows(119) == milk_labels.len()).await;
 
     // A goes offline; HQ raises milk; B gets it.
+    let faulted = a.proxy.counts().faulted;
     a.proxy.set(Fault::Down);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A's exchanges run one at a time: once one is refused, none forwarded is still in flight
+    // (one could otherwise pull after the change below).
+    until("A's next exchange is refused", || a.proxy.counts().faulted > faulted).await;
     set_chain_price(&cloud, "MILK", "1.29").await;
     until("B has the new milk price", || chain_price(&b.fixture, "MILK") == Some(129)).await;
     assert_eq!(chain_price(&a.fixture, "MILK"), Some(119), "A is offline and cannot know yet");

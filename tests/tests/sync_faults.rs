@@ -89,14 +89,16 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
     let proxy = FaultProxy::start(cloud.addr).await;
 
     let opened = OpenedStore::open(SKUS).await;
-    let syncer = opened.syncer(&proxy.url(), token, Duration::from_millis(1_500), PAGE);
+    // The store gives up on an answer after 4 s: long enough for a debug cloud on a loaded
+    // machine to answer a full page, short enough to wait out the slow fault below.
+    let syncer = opened.syncer(&proxy.url(), token, Duration::from_secs(4), PAGE);
     let OpenedStore { _dir, store: _, handle, writer, reader } = opened;
     let outbox = || reader.lock().unwrap().outbox_depth().unwrap();
 
     // Each fault fails the session; the outbox keeps everything not acknowledged; sales go on.
     let faults = [
         (Fault::Status500, "SYNC_UNAVAILABLE"),
-        (Fault::Slow(Duration::from_secs(3)), "SYNC_UNREACHABLE"),
+        (Fault::Slow(Duration::from_secs(6)), "SYNC_UNREACHABLE"),
         (Fault::Truncate, "SYNC_BAD_ANSWER"),
         (Fault::Down, "SYNC_UNREACHABLE"),
     ];
@@ -108,7 +110,7 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
         sell_round(&handle, round).await;
     }
     // The slow request reaches the cloud after the store gave up on it: a duplicate to come.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
 
     // Killed in the middle of a multi-page sync.
     proxy.set(Fault::None);
@@ -117,7 +119,9 @@ async fn nothing_is_lost_or_counted_twice_when_the_cloud_fails() {
         let outcome = syncer.session().await;
         (syncer, outcome)
     });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while proxy.counts().forwarded < forwarded + 2 {
+        assert!(std::time::Instant::now() < deadline, "the session never got to its second exchange");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     cloud.kill();

@@ -233,10 +233,12 @@ fn assert_stops_cleanly(daemon: &mut Supervised, notify: &NotifySocket) {
 fn edge_agent_notifies_ready_pings_the_watchdog_and_stops() {
     let store = StoreFixture::new(&[]);
     let notify = NotifySocket::bind();
+    // Taken before the start: when the test reads READY late, the pings queued meanwhile still
+    // fit in the time counted (an upper bound on the time since READY).
+    let ready_at = Instant::now();
     let mut daemon = Supervised::start("edge-agent", &["run"], &store.config, &notify, true);
 
     let first = notify.recv(WAIT).expect("a notification once the daemon is ready");
-    let ready_at = Instant::now();
     assert!(has_line(&first, "READY=1"), "the first notification must be READY=1, got {first:?}");
     assert!(has_line(&first, "STATUS=Serving store s1: 0 lanes, 0 serial devices, MQTT off, cloud none"), "{first:?}");
     // The daemon logs that it is ready before it says so.
@@ -300,10 +302,10 @@ fn cloud_sync_notifies_ready_once_listening_pings_and_stops() {
     let config = cloud_config(dir.path(), "127.0.0.1:0");
     let notify = NotifySocket::bind();
     // stdout: the "listening on" line.
+    let ready_at = Instant::now(); // before the start, as above
     let mut cloud = Supervised::start("cloud-sync", &["serve"], &config, &notify, false);
 
     let first = notify.recv(WAIT).expect("a notification once the service listens");
-    let ready_at = Instant::now();
     assert!(has_line(&first, "READY=1"), "the first notification must be READY=1, got {first:?}");
     // "listening on" was printed before READY, and the address answers at once.
     let seen = cloud.run.wait_for("listening on ", Duration::from_secs(5));
