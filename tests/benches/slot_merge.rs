@@ -90,6 +90,7 @@ async fn cloud<S: Storage>(storage: S, n: usize) -> Vec<Duration> {
                 Push { from_version: from, to_version: version, rows: Rows { stock: vec![page], ..Rows::default() } };
             let report = SyncReport {
                 store: &store,
+                sender: ActorId::for_store(&store),
                 push: Some(&push),
                 head_version: version,
                 cursor: Cursor::default(),

@@ -86,6 +86,11 @@ async fn sales_of_a_rebuilt_ledger_before_its_first_sync_are_counted() {
     assert_eq!(slot(&new_actor), Some(shared::Slot { inc: 0, dec: 5 }), "{stock:?}");
     // The new ledger's own chain is intact.
     assert!(reader.lock().unwrap().verify().unwrap().is_ok());
+    // HQ sees which ledger the store syncs with now, and that it has pulled everything.
+    let (status, stores) = cloud.cloud.hq("GET", "/v1/hq/stores", None).await;
+    assert_eq!(status, 200, "{stores}");
+    let s1 = &stores["stores"][0];
+    assert_eq!((s1["ledger_actor"].as_str(), s1["pending_rows"].as_u64()), (Some(new_actor.as_str()), Some(0)), "{s1}");
 
     // More sales after the catch-up reach the cloud on the new actor alone.
     adjust(&handle, "sold-2", &sku, -2).await;

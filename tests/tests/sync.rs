@@ -129,9 +129,11 @@ async fn offline_store_converges(backend: Backend) {
     }
     let (status, stores) = cloud.hq("GET", "/v1/hq/stores", None).await;
     assert_eq!(status, 200);
-    for status in stores["stores"].as_array().unwrap() {
+    for (status, store) in stores["stores"].as_array().unwrap().iter().zip([&a, &b]) {
         assert_eq!(status["push_lag_versions"].as_u64(), Some(0), "{status}");
         assert_eq!(status["pending_rows"].as_u64(), Some(0), "{status}");
+        let actor = store.fixture.reader().actor().unwrap();
+        assert_eq!(status["ledger_actor"].as_str(), Some(actor.as_str()), "the ledger that syncs: {status}");
     }
 
     a.daemon.take().unwrap().stop();

@@ -166,6 +166,7 @@ async fn exchange<S: Storage>(
         .storage
         .push(SyncReport {
             store,
+            sender: request.sent_at.actor.clone(),
             push: request.push.as_ref(),
             head_version: request.head_version,
             cursor: request.cursor,

@@ -49,6 +49,10 @@ pub(crate) fn parse_store(what: &str, text: String) -> Result<StoreId, StorageEr
     StoreId::new(text).map_err(|e| corrupt(what, e))
 }
 
+pub(crate) fn parse_actor(what: &str, text: String) -> Result<ActorId, StorageError> {
+    ActorId::new(text).map_err(|e| corrupt(what, e))
+}
+
 pub(crate) fn parse_sku(what: &str, text: String) -> Result<Sku, StorageError> {
     Sku::new(text).map_err(|e| corrupt(what, e))
 }

@@ -45,7 +45,7 @@ use shared::{
 use crate::orders::OrderState;
 
 /// The schema version this build writes (both backends migrate to the same meaning).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -90,6 +90,9 @@ pub struct Page {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncReport<'a> {
     pub store: &'a StoreId,
+    /// The sending ledger's actor (one of the store's, checked by the caller): the status
+    /// counts as pending what this ledger would pull, the other ledgers' slots included.
+    pub sender: ActorId,
     pub push: Option<&'a Push>,
     /// The store's latest local change version.
     pub head_version: u64,
@@ -162,7 +165,11 @@ pub struct StoreStatus {
     /// The store's version the cloud holds: `head_version - acked_version` is the push lag.
     pub acked_version: u64,
     pub cursor: Cursor,
-    /// Cloud rows for this store it has not pulled yet (as of its last cursor).
+    /// The actor of the ledger the store last synced with (`None` before its first sync).
+    /// It changes when the store starts a new ledger or restores a backup.
+    pub ledger_actor: Option<ActorId>,
+    /// Cloud rows this ledger has not pulled yet (as of its last cursor), the slots of the
+    /// store's earlier ledgers included.
     pub pending_rows: u64,
     /// Rows refused from this store, ever.
     pub refused_rows: u64,

@@ -22,8 +22,8 @@ use shared::{
 use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::codec::{
-    self, invariant, parse_order, parse_reason, parse_sku, parse_store, price_partition, store_partition, to_i64,
-    to_u64, CatalogColumns, EscrowColumns, EscrowId, PriceColumns, SlotColumns, StampColumns, CHAIN,
+    self, invariant, parse_actor, parse_order, parse_reason, parse_sku, parse_store, price_partition, store_partition,
+    to_i64, to_u64, CatalogColumns, EscrowColumns, EscrowId, PriceColumns, SlotColumns, StampColumns, CHAIN,
     CLOUD_ESCROW_KINDS,
 };
 use super::pg_pool::Pool;
@@ -191,6 +191,8 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO escrow_totals (store, sku, reserved, last_seq)
         SELECT store, sku, sum(units), max(seq) FROM escrow_rows WHERE kind = 'reservation' GROUP BY store, sku;
     "#,
+    // 4: the actor of the ledger each store last synced with (as SQLite's).
+    "ALTER TABLE sync_state ADD COLUMN ledger_actor TEXT COLLATE \"C\";",
 ];
 
 const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION, "one migration per schema version");
@@ -618,7 +620,7 @@ async fn record_sync(tx: &Transaction<'_>, r: &SyncReport<'_>) -> Result<u64, St
     let acked = plan::next_acked(acked, r.push);
     tx.execute(
         "UPDATE sync_state SET head_version = $2, acked_version = $3, cursor_chain = $4, cursor_store = $5,
-                last_seen_ms = $6 WHERE store = $1",
+                last_seen_ms = $6, ledger_actor = $7 WHERE store = $1",
         &[
             &store,
             &to_i64("head version", r.head_version)?,
@@ -626,6 +628,7 @@ async fn record_sync(tx: &Transaction<'_>, r: &SyncReport<'_>) -> Result<u64, St
             &to_i64("cursor", r.cursor.chain)?,
             &to_i64("cursor", r.cursor.store)?,
             &to_i64("time", r.now_ms)?,
+            &r.sender.as_str(),
         ],
     )
     .await?;
@@ -755,14 +758,19 @@ async fn pull(
     Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
-/// Rows `store` would pull at `cursor`, the slots of all its ledgers left out: the status does
-/// not know which of them sends. (A store that started a new ledger or restored a backup still
-/// pulls its earlier ledgers' slots, which this count leaves out.)
-async fn pending_rows(tx: &Transaction<'_>, store: &StoreId, cursor: Cursor) -> Result<u64, StorageError> {
+/// Rows the ledger `store` last synced with would pull at `cursor` (the slots of all the
+/// store's ledgers left out before its first sync, when that ledger is not known).
+async fn pending_rows(
+    tx: &Transaction<'_>,
+    store: &StoreId,
+    cursor: Cursor,
+    ledger: Option<&ActorId>,
+) -> Result<u64, StorageError> {
     let row = tx
         .query_one(
             "SELECT (SELECT count(*) FROM stock_slots WHERE store = $1 AND version > $2
-                            AND actor <> $3 AND NOT starts_with(actor, $3 || ':'))
+                            AND CASE WHEN $7::text IS NULL THEN actor <> $3 AND NOT starts_with(actor, $3 || ':')
+                                     ELSE actor <> $7 END)
                   + (SELECT count(*) FROM prices WHERE partition = $4 AND version > $2)
                   + (SELECT count(*) FROM prices WHERE partition = 'chain' AND version > $5)
                   + (SELECT count(*) FROM catalog WHERE version > $5)
@@ -775,6 +783,7 @@ async fn pending_rows(tx: &Transaction<'_>, store: &StoreId, cursor: Cursor) -> 
                 &store_partition(store),
                 &to_i64("cursor", cursor.chain)?,
                 &CLOUD_ESCROW_KINDS.to_vec(),
+                &ledger.map(ActorId::as_str),
             ],
         )
         .await?;
@@ -1183,13 +1192,16 @@ async fn status_from(tx: &Transaction<'_>, row: &Row) -> Result<StoreStatus, Sto
     let what = format!("sync state of {store}");
     let last_seen: Option<i64> = row.try_get(2)?;
     let cursor = Cursor { chain: to_u64(&what, row.try_get(5)?)?, store: to_u64(&what, row.try_get(6)?)? };
+    let ledger_actor: Option<String> = row.try_get(8)?;
+    let ledger_actor = ledger_actor.map(|a| parse_actor(&what, a)).transpose()?;
     Ok(StoreStatus {
         created_at_ms: to_u64(&what, row.try_get(1)?)?,
         last_seen_ms: last_seen.map(|v| to_u64(&what, v)).transpose()?,
         head_version: to_u64(&what, row.try_get(3)?)?,
         acked_version: to_u64(&what, row.try_get(4)?)?,
         cursor,
-        pending_rows: pending_rows(tx, &store, cursor).await?,
+        pending_rows: pending_rows(tx, &store, cursor, ledger_actor.as_ref()).await?,
+        ledger_actor,
         refused_rows: to_u64(&what, row.try_get(7)?)?,
         store,
     })
@@ -1199,7 +1211,8 @@ async fn stores(tx: &Transaction<'_>) -> Result<Vec<StoreStatus>, StorageError> 
     let rows = tx
         .query(
             "SELECT s.id, s.created_ms, y.last_seen_ms, coalesce(y.head_version, 0), coalesce(y.acked_version, 0),
-                    coalesce(y.cursor_chain, 0), coalesce(y.cursor_store, 0), coalesce(y.refused_rows, 0)
+                    coalesce(y.cursor_chain, 0), coalesce(y.cursor_store, 0), coalesce(y.refused_rows, 0),
+                    y.ledger_actor
                FROM stores s LEFT JOIN sync_state y ON y.store = s.id ORDER BY s.id",
             &[],
         )

@@ -16,8 +16,8 @@ use shared::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    self, invariant, parse_order, parse_reason, parse_sku, parse_store, price_partition, store_partition, to_i64,
-    to_u64, CatalogColumns, EscrowColumns, EscrowId, PriceColumns, SlotColumns, StampColumns, CHAIN,
+    self, invariant, parse_actor, parse_order, parse_reason, parse_sku, parse_store, price_partition, store_partition,
+    to_i64, to_u64, CatalogColumns, EscrowColumns, EscrowId, PriceColumns, SlotColumns, StampColumns, CHAIN,
     CLOUD_ESCROW_KINDS,
 };
 use super::plan::{self, CatalogKey, Pulled, PulledRow, Versions};
@@ -192,6 +192,9 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO escrow_totals (store, sku, reserved, last_seq)
         SELECT store, sku, sum(units), max(seq) FROM escrow_rows WHERE kind = 'reservation' GROUP BY store, sku;
     ",
+    // 4: the actor of the ledger each store last synced with, so its pending rows are what
+    // that ledger would pull.
+    "ALTER TABLE sync_state ADD COLUMN ledger_actor TEXT;",
 ];
 
 const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION, "one migration per schema version");
@@ -599,6 +602,7 @@ fn merge_registers(
 /// [`SyncReport`] owned, to cross to the database thread.
 struct Report {
     store: StoreId,
+    sender: ActorId,
     push: Option<Push>,
     head_version: u64,
     cursor: Cursor,
@@ -622,11 +626,13 @@ fn record_sync(tx: &Transaction, r: &Report) -> Result<u64, StorageError> {
     let acked = to_u64(&format!("acked version of {}", r.store), acked.unwrap_or(0))?;
     let acked = plan::next_acked(acked, r.push.as_ref());
     tx.prepare_cached(
-        "INSERT INTO sync_state (store, head_version, acked_version, cursor_chain, cursor_store, last_seen_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO sync_state (store, head_version, acked_version, cursor_chain, cursor_store, last_seen_ms,
+                                 ledger_actor)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (store) DO UPDATE SET head_version = excluded.head_version,
              acked_version = excluded.acked_version, cursor_chain = excluded.cursor_chain,
-             cursor_store = excluded.cursor_store, last_seen_ms = excluded.last_seen_ms",
+             cursor_store = excluded.cursor_store, last_seen_ms = excluded.last_seen_ms,
+             ledger_actor = excluded.ledger_actor",
     )?
     .execute(params![
         r.store.as_str(),
@@ -634,7 +640,8 @@ fn record_sync(tx: &Transaction, r: &Report) -> Result<u64, StorageError> {
         to_i64("acked version", acked)?,
         to_i64("cursor", r.cursor.chain)?,
         to_i64("cursor", r.cursor.store)?,
-        to_i64("time", r.now_ms)?
+        to_i64("time", r.now_ms)?,
+        r.sender.as_str()
     ])?;
     Ok(acked)
 }
@@ -737,14 +744,22 @@ fn pull(
     Ok(plan::page(cursor, store_rows, chain_rows, max, heads))
 }
 
-/// Rows `store` would pull at `cursor`, the slots of all its ledgers left out: the status does
-/// not know which of them sends. (A store that started a new ledger or restored a backup still
-/// pulls its earlier ledgers' slots, which this count leaves out.)
-fn pending_rows(tx: &Transaction, store: &StoreId, cursor: Cursor) -> Result<u64, StorageError> {
+/// Rows the ledger `store` last synced with would pull at `cursor`: every slot but that
+/// ledger's own, so a store that started a new ledger or restored a backup counts its earlier
+/// ledgers' slots as pending until it has pulled them.
+fn pending_rows(
+    tx: &Transaction,
+    store: &StoreId,
+    cursor: Cursor,
+    ledger: Option<&ActorId>,
+) -> Result<u64, StorageError> {
+    // Before its first sync that ledger is not known: the slots of all the store's ledgers are
+    // left out.
     let n: i64 = tx
         .prepare_cached(
             "SELECT (SELECT count(*) FROM stock_slots WHERE store = ?1 AND version > ?2
-                        AND actor <> ?3 AND substr(actor, 1, length(?3) + 1) <> ?3 || ':')
+                        AND CASE WHEN ?8 IS NULL THEN actor <> ?3 AND substr(actor, 1, length(?3) + 1) <> ?3 || ':'
+                                 ELSE actor <> ?8 END)
               + (SELECT count(*) FROM prices WHERE partition = ?4 AND version > ?2)
               + (SELECT count(*) FROM prices WHERE partition = 'chain' AND version > ?5)
               + (SELECT count(*) FROM catalog WHERE version > ?5)
@@ -759,7 +774,8 @@ fn pending_rows(tx: &Transaction, store: &StoreId, cursor: Cursor) -> Result<u64
                 store_partition(store),
                 to_i64("cursor", cursor.chain)?,
                 CLOUD_ESCROW_KINDS[0],
-                CLOUD_ESCROW_KINDS[1]
+                CLOUD_ESCROW_KINDS[1],
+                ledger.map(ActorId::as_str)
             ],
             |r| r.get(0),
         )?;
@@ -1091,13 +1107,16 @@ fn status_from(tx: &Transaction, row: &Row) -> Result<StoreStatus, StorageError>
     let what = format!("sync state of {store}");
     let last_seen: Option<i64> = row.get(2)?;
     let cursor = Cursor { chain: to_u64(&what, row.get(5)?)?, store: to_u64(&what, row.get(6)?)? };
+    let ledger_actor: Option<String> = row.get(8)?;
+    let ledger_actor = ledger_actor.map(|a| parse_actor(&what, a)).transpose()?;
     Ok(StoreStatus {
         created_at_ms: to_u64(&what, row.get(1)?)?,
         last_seen_ms: last_seen.map(|v| to_u64(&what, v)).transpose()?,
         head_version: to_u64(&what, row.get(3)?)?,
         acked_version: to_u64(&what, row.get(4)?)?,
         cursor,
-        pending_rows: pending_rows(tx, &store, cursor)?,
+        pending_rows: pending_rows(tx, &store, cursor, ledger_actor.as_ref())?,
+        ledger_actor,
         refused_rows: to_u64(&what, row.get(7)?)?,
         store,
     })
@@ -1106,7 +1125,7 @@ fn status_from(tx: &Transaction, row: &Row) -> Result<StoreStatus, StorageError>
 fn stores(tx: &Transaction) -> Result<Vec<StoreStatus>, StorageError> {
     let mut stmt = tx.prepare_cached(
         "SELECT s.id, s.created_ms, y.last_seen_ms, coalesce(y.head_version, 0), coalesce(y.acked_version, 0),
-                coalesce(y.cursor_chain, 0), coalesce(y.cursor_store, 0), coalesce(y.refused_rows, 0)
+                coalesce(y.cursor_chain, 0), coalesce(y.cursor_store, 0), coalesce(y.refused_rows, 0), y.ledger_actor
            FROM stores s LEFT JOIN sync_state y ON y.store = s.id ORDER BY s.id",
     )?;
     collect(&mut stmt, [], |row| status_from(tx, row))
@@ -1173,6 +1192,7 @@ impl Storage for SqliteStorage {
     async fn push(&self, report: SyncReport<'_>) -> Result<u64, StorageError> {
         let report = Report {
             store: report.store.clone(),
+            sender: report.sender,
             push: report.push.cloned(),
             head_version: report.head_version,
             cursor: report.cursor,
