@@ -186,7 +186,13 @@ impl TestClient {
         let (client, eventloop) = AsyncClient::new(opts, 1024);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let topics = subscribe.iter().map(|t| t.to_string()).collect();
-        tokio::spawn(pump(eventloop, topics, tx));
+        let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
+        tokio::spawn(pump(eventloop, topics, tx, subscribed_tx));
+        // The broker acknowledged every subscription: what is published from now on is heard.
+        if !subscribe.is_empty() {
+            let acked = tokio::time::timeout(Duration::from_secs(30), subscribed.wait_for(|s| *s)).await;
+            assert!(matches!(acked, Ok(Ok(_))), "{id}: the broker on {port} did not acknowledge {subscribe:?}");
+        }
         TestClient { client, rx }
     }
 
@@ -210,12 +216,21 @@ async fn pump(
     mut eventloop: EventLoop,
     topics: Vec<String>,
     tx: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    subscribed: tokio::sync::watch::Sender<bool>,
 ) {
+    let mut acked = 0;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                acked = 0;
                 for topic in topics.iter().rev() {
                     eventloop.pending.push_front(Request::Subscribe(Subscribe::new(topic.clone(), QoS::AtLeastOnce)));
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                acked += 1;
+                if acked == topics.len() {
+                    subscribed.send_replace(true);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -289,11 +304,19 @@ async fn relay(
     let (mut from_client, mut to_client) = client.split();
     let (mut from_broker, mut to_broker) = broker.split();
     let (mut up, mut down) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    // What the client sent while held (a read can complete as the hold begins): never
+    // forwarded unless the hold ends.
+    let mut stash: Vec<u8> = Vec::new();
     loop {
         let hold = *held.borrow_and_update();
+        if !hold && !stash.is_empty() {
+            to_broker.write_all(&stash).await?;
+            stash.clear();
+        }
         tokio::select! {
             n = from_client.read(&mut up), if !hold => match n? {
                 0 => return Ok(()),
+                n if *held.borrow() => stash.extend_from_slice(&up[..n]),
                 n => to_broker.write_all(&up[..n]).await?,
             },
             n = from_broker.read(&mut down) => match n? {

@@ -205,18 +205,29 @@ impl Drop for Supervised {
     }
 }
 
-/// After READY: several watchdog pings, and never faster than every half `WATCHDOG_USEC`.
-fn assert_watchdog_pings(notify: &NotifySocket, ready_at: Instant) {
+/// After READY: watchdog pings, several and never faster than every half `WATCHDOG_USEC`. They
+/// are counted over a window that starts once what queued up before it was read (a test thread
+/// that woke late would otherwise find pings sent before it started counting).
+fn assert_watchdog_pings(notify: &NotifySocket) {
+    let period = Duration::from_micros(WATCHDOG_USEC / 2);
+    let early = notify.recv(WAIT).expect("a watchdog ping after READY");
+    assert!(has_line(&early, "WATCHDOG=1"), "unexpected notification {early:?}");
+    while let Some(queued) = notify.recv(Duration::ZERO) {
+        assert!(has_line(&queued, "WATCHDOG=1"), "unexpected notification {queued:?}");
+    }
+    let window = 10 * period;
+    let started = Instant::now();
     let mut pings = 0u32;
-    while pings < 4 {
-        let message = notify.recv(WAIT).unwrap_or_else(|| panic!("{pings} watchdog pings, then none for {WAIT:?}"));
+    while let Some(left) = window.checked_sub(started.elapsed()) {
+        let Some(message) = notify.recv(left) else { break };
         assert!(has_line(&message, "WATCHDOG=1"), "unexpected notification {message:?}");
         pings += 1;
     }
-    // A slow machine pings less often, never more: at most one at READY plus one per period.
-    let period = Duration::from_micros(WATCHDOG_USEC / 2);
-    let allowed = ready_at.elapsed().as_micros() / period.as_micros() + 2;
-    assert!(u128::from(pings) <= allowed, "{pings} pings in {:?}: the loop pings too often", ready_at.elapsed());
+    // A slow machine pings less often, never more: at most one per period, plus one at each end.
+    let elapsed = started.elapsed();
+    assert!(pings >= 4, "only {pings} watchdog pings in {elapsed:?}");
+    let allowed = elapsed.as_micros() / period.as_micros() + 2;
+    assert!(u128::from(pings) <= allowed, "{pings} pings in {elapsed:?}: the loop pings too often");
 }
 
 /// SIGTERM: STOPPING=1, no ping after it, exit 0.
@@ -233,9 +244,6 @@ fn assert_stops_cleanly(daemon: &mut Supervised, notify: &NotifySocket) {
 fn edge_agent_notifies_ready_pings_the_watchdog_and_stops() {
     let store = StoreFixture::new(&[]);
     let notify = NotifySocket::bind();
-    // Taken before the start: when the test reads READY late, the pings queued meanwhile still
-    // fit in the time counted (an upper bound on the time since READY).
-    let ready_at = Instant::now();
     let mut daemon = Supervised::start("edge-agent", &["run"], &store.config, &notify, true);
 
     let first = notify.recv(WAIT).expect("a notification once the daemon is ready");
@@ -243,7 +251,7 @@ fn edge_agent_notifies_ready_pings_the_watchdog_and_stops() {
     assert!(has_line(&first, "STATUS=Serving store s1: 0 lanes, 0 serial devices, MQTT off, cloud none"), "{first:?}");
     // The daemon logs that it is ready before it says so.
     daemon.run.wait_for("edge-agent ready", Duration::from_secs(5));
-    assert_watchdog_pings(&notify, ready_at);
+    assert_watchdog_pings(&notify);
     assert_stops_cleanly(&mut daemon, &notify);
     daemon.run.wait_for("edge-agent stopped cleanly", Duration::from_secs(5));
 }
@@ -302,7 +310,6 @@ fn cloud_sync_notifies_ready_once_listening_pings_and_stops() {
     let config = cloud_config(dir.path(), "127.0.0.1:0");
     let notify = NotifySocket::bind();
     // stdout: the "listening on" line.
-    let ready_at = Instant::now(); // before the start, as above
     let mut cloud = Supervised::start("cloud-sync", &["serve"], &config, &notify, false);
 
     let first = notify.recv(WAIT).expect("a notification once the service listens");
@@ -318,7 +325,7 @@ fn cloud_sync_notifies_ready_once_listening_pings_and_stops() {
     stream.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    assert_watchdog_pings(&notify, ready_at);
+    assert_watchdog_pings(&notify);
     assert_stops_cleanly(&mut cloud, &notify);
 }
 

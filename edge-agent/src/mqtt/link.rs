@@ -76,8 +76,8 @@ pub struct MqttLink {
 }
 
 /// The retained hub state message (`online` or `offline`).
-fn hub_state(topic: &str, state: &str) -> Publish {
-    let mut publish = Publish::new(topic, QoS::AtLeastOnce, state);
+fn hub_state(topic: &str, state: &str, qos: QoS) -> Publish {
+    let mut publish = Publish::new(topic, qos, state);
     publish.retain = true;
     publish
 }
@@ -101,6 +101,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
     let (connected_tx, connected) = watch::channel(false);
+    let publisher = client.clone();
     tasks.spawn(async move {
         let (min, max) = (Duration::from_millis(200), Duration::from_secs(15));
         let mut backoff = min;
@@ -116,10 +117,20 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
             let event = tokio::select! {
                 _ = &mut cancelled => {
                     // A clean goodbye: the broker keeps `offline` retained (the will covers
-                    // crashes). Ahead of anything still queued, and not through the queue:
-                    // waiting for room in a full one would never end, as nothing polls it now.
-                    eventloop.pending.push_front(Request::Disconnect(Disconnect));
-                    eventloop.pending.push_front(Request::Publish(hub_state(&s.state_topic, "offline")));
+                    // crashes). After what is still queued when there is room; otherwise at
+                    // the head of the event loop's own list: waiting for room would never
+                    // end, as nothing polls the queue now. There `offline` goes at QoS 0: it
+                    // skips the in-flight window, and a QoS 1 publish sent with the window
+                    // full would be parked on a packet id in use while the disconnect went
+                    // out, and the broker, told goodbye, would drop the will too.
+                    let queued = publisher
+                        .try_publish(s.state_topic.clone(), QoS::AtLeastOnce, true, "offline")
+                        .and_then(|()| publisher.try_disconnect());
+                    if queued.is_err() {
+                        eventloop.pending.push_front(Request::Disconnect(Disconnect));
+                        let offline = hub_state(&s.state_topic, "offline", QoS::AtMostOnce);
+                        eventloop.pending.push_front(Request::Publish(offline));
+                    }
                     let _ = tokio::time::timeout(Duration::from_secs(2), async { while eventloop.poll().await.is_ok() {} }).await;
                     return;
                 }
@@ -145,7 +156,9 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                         .iter()
                         .map(|topic| Request::Subscribe(Subscribe::new(topic.clone(), QoS::AtLeastOnce)))
                         .collect();
-                    first.push(Request::Publish(hub_state(&s.state_topic, "online")));
+                    // The in-flight window is empty after a clean session starts: no packet
+                    // id in use for `online` to collide with.
+                    first.push(Request::Publish(hub_state(&s.state_topic, "online", QoS::AtLeastOnce)));
                     for request in first.into_iter().rev() {
                         eventloop.pending.push_front(request);
                     }
@@ -175,6 +188,12 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                 Err(e) => {
                     let _ = connected_tx.send(false);
                     up = false;
+                    // A publish parked on a packet id still in use (the broker acked out of
+                    // order) is in neither list rumqttc hands back, and left there it would
+                    // stop the next session from reading its queue.
+                    if let Some(parked) = eventloop.state.collision.take() {
+                        eventloop.pending.push_back(Request::Publish(parked));
+                    }
                     let dropped = carried.take(&mut eventloop.pending);
                     if dropped > 0 {
                         tracing::warn!(dropped, total_dropped = carried.dropped, error_code = "MQTT_CARRIED_DROPPED",
