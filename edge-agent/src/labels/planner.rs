@@ -85,6 +85,9 @@ struct Desired {
     attempts: u32,
     stage: Stage,
     command_id: Option<u32>,
+    /// The id of its first attempt: an ack of an earlier command (sent before this content was
+    /// wanted) says nothing about whether this one will land.
+    first_command: Option<u32>,
     due_ms: u64,
     /// Made due by a check-in (not by the retry interval), for [`SendCounts`].
     after_check_in: bool,
@@ -100,9 +103,15 @@ impl Desired {
             attempts: 0,
             stage: Stage::Pending,
             command_id: None,
+            first_command: None,
             due_ms: now_ms,
             after_check_in: false,
         }
+    }
+
+    /// Whether `command_id` is one of its own attempts (ids go up by one per command, wrapping).
+    fn sent_as(&self, command_id: u32) -> bool {
+        self.first_command.is_some_and(|first| command_id.wrapping_sub(first) < u32::MAX / 2)
     }
 }
 
@@ -279,6 +288,7 @@ impl Planner {
             d.attempts += 1;
             d.stage = Stage::Sent;
             d.command_id = Some(command_id);
+            d.first_command.get_or_insert(command_id);
             d.due_ms = due_again;
             out.push(RenderCommand { label: first.1.clone(), command_id, hash: d.hash, content: d.content.clone() });
             self.due.insert((due_again, first.1));
@@ -301,10 +311,26 @@ impl Planner {
                 state.displayed = Some(h);
             }
         }
-        let Some(d) = state.desired.as_mut() else { return false };
+        let Some(d) = state.desired.as_mut() else {
+            // It applied a command after its content was settled (a content changed back while
+            // the change was on its way): it shows something else now, so it is sent its
+            // content again, as at a check-in.
+            if let (Some((content, hash)), Some(shown)) = (state.target.clone(), state.displayed) {
+                if stage == AckStage::Applied && shown != hash {
+                    state.desired = Some(Desired { after_check_in: true, ..Desired::new(content, hash, now_ms) });
+                    self.due.insert((now_ms, label.clone()));
+                    let sku = state.sku.clone();
+                    self.mark(&sku, 1);
+                }
+            }
+            return false;
+        };
         if d.command_id != Some(command_id) {
-            // An ack of a superseded command: only what it says the label shows counts.
-            return state.displayed == Some(d.hash) && self.settle(label);
+            // An ack of an earlier attempt of this content: what it says the label shows
+            // counts. An ack of a command sent before this content was wanted (another
+            // content, or the same one before a repush) does not settle it: a command sent
+            // after it may still land, or the label's state was put in doubt.
+            return d.sent_as(command_id) && state.displayed == Some(d.hash) && self.settle(label);
         }
         match stage {
             AckStage::Queued => d.stage = Stage::Queued,
@@ -488,6 +514,47 @@ mod tests {
             p.bind(id(&format!("esl-{i}")), Sku::new("MILK").unwrap());
         }
         p
+    }
+
+    #[test]
+    fn a_late_ack_of_an_earlier_command_does_not_cancel_a_repush() {
+        let mut p = planner(10);
+        let label = id("esl-0");
+        p.set_content(&label, content(119), 0);
+        let first = p.next_batch(0).into_iter().find(|c| c.label == label).unwrap();
+        // A check-in crossing the first command makes the hub send it again; the first ack
+        // settles it, the second ack is still on its way.
+        p.on_check_in(&label, 0, 1);
+        let again = p.next_batch(1).into_iter().find(|c| c.label == label).unwrap();
+        assert!(p.on_ack(&label, first.command_id, AckStage::Applied, Some(first.hash), 2));
+        // A repush, then the late ack: the repush is still sent.
+        p.forget_displayed(&label);
+        assert!(p.set_content(&label, content(119), 3));
+        assert!(!p.on_ack(&label, again.command_id, AckStage::Applied, Some(again.hash), 4));
+        let repush = p.next_batch(4).into_iter().find(|c| c.label == label).expect("the repush goes out");
+        assert!(repush.command_id > again.command_id);
+        assert!(p.on_ack(&label, repush.command_id, AckStage::Applied, Some(repush.hash), 5));
+    }
+
+    #[test]
+    fn a_label_that_applies_a_change_after_it_was_undone_is_sent_its_content_again() {
+        let mut p = planner(10);
+        let label = id("esl-0");
+        p.set_content(&label, content(119), 0);
+        let a = p.next_batch(0).into_iter().find(|c| c.label == label).unwrap();
+        p.on_ack(&label, a.command_id, AckStage::Applied, Some(a.hash), 1);
+        // 1.19 -> 0.99 -> 1.19 while the 0.99 command is on its way.
+        p.set_content(&label, content(99), 2);
+        let b = p.next_batch(2).into_iter().find(|c| c.label == label).unwrap();
+        assert!(!p.set_content(&label, content(119), 3), "it was last seen showing 1.19");
+        assert_eq!(p.stage(&label), Some(Stage::Applied));
+        // The 0.99 command lands: the label shows 0.99, not what it should.
+        p.on_ack(&label, b.command_id, AckStage::Applied, Some(b.hash), 4);
+        assert_eq!(p.mismatched(), vec![(label.clone(), Sku::new("MILK").unwrap())]);
+        let fix = p.next_batch(4).into_iter().find(|c| c.label == label).expect("1.19 is sent again");
+        assert_eq!((fix.hash, fix.content.price.minor), (a.hash, 119));
+        assert!(p.on_ack(&label, fix.command_id, AckStage::Applied, Some(fix.hash), 5));
+        assert!(p.mismatched().is_empty());
     }
 
     #[test]
