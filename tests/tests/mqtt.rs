@@ -144,6 +144,23 @@ async fn a_native_reader_at_the_exit_duplicates_overflow_and_foreign_tags() {
     }
 }
 
+/// The hub's MQTT session (store s1, hearing label acks) with the broker on `port`, connected.
+async fn connected_hub(port: u16, tasks: &TaskTracker, stop: &CancellationToken) -> link::MqttLink {
+    let settings = LinkSettings {
+        host: "127.0.0.1".into(),
+        port,
+        client_id: "hub-s1".into(),
+        credentials: None,
+        max_payload: 65_536,
+        state_topic: "se/v1/s1/hub/state".into(),
+        subscriptions: vec!["se/v1/s1/dev/+/+/ack".into()],
+        tls: None,
+    };
+    let mut hub = link::spawn(settings, tasks, stop.clone());
+    hub.connected.wait_for(|up| *up).await.unwrap();
+    hub
+}
+
 /// Whether the hub hears `payload` that the device publishes on its ack topic (published again
 /// every half second while the device's own session may still be reconnecting).
 async fn heard(hub: &mut link::MqttLink, device: &TestClient, payload: &[u8]) -> bool {
@@ -177,18 +194,7 @@ async fn the_hub_hears_its_devices_again_after_a_broker_restart_that_found_its_q
     let dir = tempfile::tempdir().unwrap();
     let mut mosquitto = Mosquitto::start(dir.path());
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-    let settings = LinkSettings {
-        host: "127.0.0.1".into(),
-        port: mosquitto.port,
-        client_id: "hub-s1".into(),
-        credentials: None,
-        max_payload: 65_536,
-        state_topic: "se/v1/s1/hub/state".into(),
-        subscriptions: vec!["se/v1/s1/dev/+/+/ack".into()],
-        tls: None,
-    };
-    let mut hub = link::spawn(settings, &tasks, stop.clone());
-    hub.connected.wait_for(|up| *up).await.unwrap();
+    let mut hub = connected_hub(mosquitto.port, &tasks, &stop).await;
     let device = TestClient::connect(mosquitto.port, "esl-1", &[]).await;
     assert!(heard(&mut hub, &device, b"before").await, "the hub hears a device before the restart");
 
@@ -262,18 +268,7 @@ async fn what_the_hub_had_not_delivered_when_its_session_dropped_goes_out_on_the
     let relay = Relay::start(mosquitto.port).await;
     let mut watcher = TestClient::connect(mosquitto.port, "watcher", &["se/v1/s1/hub/alarm"]).await;
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-    let settings = LinkSettings {
-        host: "127.0.0.1".into(),
-        port: relay.port,
-        client_id: "hub-s1".into(),
-        credentials: None,
-        max_payload: 65_536,
-        state_topic: "se/v1/s1/hub/state".into(),
-        subscriptions: vec!["se/v1/s1/dev/+/+/ack".into()],
-        tls: None,
-    };
-    let mut hub = link::spawn(settings, &tasks, stop.clone());
-    hub.connected.wait_for(|up| *up).await.unwrap();
+    let mut hub = connected_hub(relay.port, &tasks, &stop).await;
     hub.client.publish("se/v1/s1/hub/alarm", QoS::AtLeastOnce, false, "alarm-first").await.unwrap();
     watcher.wait_for("se/v1/s1/hub/alarm", WAIT, |p| p == b"alarm-first").await;
 

@@ -516,24 +516,34 @@ mod tests {
         p
     }
 
+    /// The command the next batch at `now` sends `label`, if any.
+    fn sent_to(p: &mut Planner, label: &DeviceId, now: u64) -> Option<RenderCommand> {
+        p.next_batch(now).into_iter().find(|c| &c.label == label)
+    }
+
+    /// `label` acks `cmd` as applied; whether that settled it.
+    fn applied(p: &mut Planner, label: &DeviceId, cmd: &RenderCommand, now: u64) -> bool {
+        p.on_ack(label, cmd.command_id, AckStage::Applied, Some(cmd.hash), now)
+    }
+
     #[test]
     fn a_late_ack_of_an_earlier_command_does_not_cancel_a_repush() {
         let mut p = planner(10);
         let label = id("esl-0");
         p.set_content(&label, content(119), 0);
-        let first = p.next_batch(0).into_iter().find(|c| c.label == label).unwrap();
+        let first = sent_to(&mut p, &label, 0).unwrap();
         // A check-in crossing the first command makes the hub send it again; the first ack
         // settles it, the second ack is still on its way.
         p.on_check_in(&label, 0, 1);
-        let again = p.next_batch(1).into_iter().find(|c| c.label == label).unwrap();
-        assert!(p.on_ack(&label, first.command_id, AckStage::Applied, Some(first.hash), 2));
+        let again = sent_to(&mut p, &label, 1).unwrap();
+        assert!(applied(&mut p, &label, &first, 2));
         // A repush, then the late ack: the repush is still sent.
         p.forget_displayed(&label);
         assert!(p.set_content(&label, content(119), 3));
-        assert!(!p.on_ack(&label, again.command_id, AckStage::Applied, Some(again.hash), 4));
-        let repush = p.next_batch(4).into_iter().find(|c| c.label == label).expect("the repush goes out");
+        assert!(!applied(&mut p, &label, &again, 4));
+        let repush = sent_to(&mut p, &label, 4).expect("the repush goes out");
         assert!(repush.command_id > again.command_id);
-        assert!(p.on_ack(&label, repush.command_id, AckStage::Applied, Some(repush.hash), 5));
+        assert!(applied(&mut p, &label, &repush, 5));
     }
 
     #[test]
@@ -541,19 +551,19 @@ mod tests {
         let mut p = planner(10);
         let label = id("esl-0");
         p.set_content(&label, content(119), 0);
-        let a = p.next_batch(0).into_iter().find(|c| c.label == label).unwrap();
-        p.on_ack(&label, a.command_id, AckStage::Applied, Some(a.hash), 1);
+        let a = sent_to(&mut p, &label, 0).unwrap();
+        applied(&mut p, &label, &a, 1);
         // 1.19 -> 0.99 -> 1.19 while the 0.99 command is on its way.
         p.set_content(&label, content(99), 2);
-        let b = p.next_batch(2).into_iter().find(|c| c.label == label).unwrap();
+        let b = sent_to(&mut p, &label, 2).unwrap();
         assert!(!p.set_content(&label, content(119), 3), "it was last seen showing 1.19");
         assert_eq!(p.stage(&label), Some(Stage::Applied));
         // The 0.99 command lands: the label shows 0.99, not what it should.
-        p.on_ack(&label, b.command_id, AckStage::Applied, Some(b.hash), 4);
+        applied(&mut p, &label, &b, 4);
         assert_eq!(p.mismatched(), vec![(label.clone(), Sku::new("MILK").unwrap())]);
-        let fix = p.next_batch(4).into_iter().find(|c| c.label == label).expect("1.19 is sent again");
+        let fix = sent_to(&mut p, &label, 4).expect("1.19 is sent again");
         assert_eq!((fix.hash, fix.content.price.minor), (a.hash, 119));
-        assert!(p.on_ack(&label, fix.command_id, AckStage::Applied, Some(fix.hash), 5));
+        assert!(applied(&mut p, &label, &fix, 5));
         assert!(p.mismatched().is_empty());
     }
 
@@ -562,8 +572,8 @@ mod tests {
         let mut p = planner(10);
         let label = id("esl-0");
         p.set_content(&label, content(119), 0);
-        let cmd = p.next_batch(0).into_iter().find(|c| c.label == label).unwrap();
-        p.on_ack(&label, cmd.command_id, AckStage::Applied, Some(cmd.hash), 1);
+        let cmd = sent_to(&mut p, &label, 0).unwrap();
+        applied(&mut p, &label, &cmd, 1);
         assert!(!p.set_content(&label, content(119), 2), "it shows it: nothing to send");
         assert!(p.forget_displayed(&label));
         assert!(p.set_content(&label, content(119), 3), "forgotten: sent again");

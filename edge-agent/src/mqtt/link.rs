@@ -107,7 +107,6 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
         let mut backoff = min;
         let mut logged_down = false;
         let mut failed_attempts: u64 = 0;
-        let mut up = false;
         let mut carried = Carried::default();
         // Made once: a fresh `cancelled()` per event would register and drop a waiter each
         // time, for every packet (measured: `cargo bench --bench mqtt_ingest`).
@@ -141,7 +140,6 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                     backoff = min;
                     logged_down = false;
                     failed_attempts = 0;
-                    up = true;
                     let _ = connected_tx.send(true);
                     tracing::info!(broker = %format!("{}:{}", s.host, s.port), "MQTT connected");
                     // Subscribe first, then say "online": the broker handles one connection's
@@ -187,7 +185,6 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
                 Ok(_) => {}
                 Err(e) => {
                     let _ = connected_tx.send(false);
-                    up = false;
                     // A publish parked on a packet id still in use (the broker acked out of
                     // order) is in neither list rumqttc hands back, and left there it would
                     // stop the next session from reading its queue.
@@ -222,7 +219,7 @@ pub fn spawn(s: LinkSettings, tasks: &TaskTracker, stop: CancellationToken) -> M
             }
             // What the last session left undelivered goes out again one at a time, ahead of
             // the request queue, while the in-flight window has room.
-            if up && !carried.is_empty() && eventloop.pending.is_empty() {
+            if !carried.is_empty() && eventloop.pending.is_empty() && *connected_tx.borrow() {
                 let room = eventloop.state.inflight() < INFLIGHT_MAX && eventloop.state.collision.is_none();
                 if let Some(publish) = carried.next(room) {
                     eventloop.pending.push_back(Request::Publish(publish));
